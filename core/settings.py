@@ -1,0 +1,199 @@
+"""All configuration, from `KOBOT_*` environment variables and an env file (`.env` by default)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from dotenv import dotenv_values
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from core.messages import ContextScope
+
+ENV_PREFIX = "KOBOT_"
+ENV_FILE_VARIABLE = "KOBOT_ENV_FILE"
+DEFAULT_PERSONA = "다음은 친절하고 예의 바른 AI 챗봇과 사용자의 대화입니다."
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+IdList = Annotated[list[int], NoDecode]
+TextList = Annotated[list[str], NoDecode]
+
+
+class ConfigError(Exception):
+    """A bad setting. The message names the variable and what is allowed, one line each."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    # Model and generation
+    model: str = Field("skt/kogpt2-base-v2", min_length=1)
+    backend: Literal["local"] = "local"
+    device: str = "auto"
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    max_new_tokens: int = Field(64, ge=1, le=512)
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_k: int = Field(50, ge=0, le=1000)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    repetition_penalty: float = Field(1.2, ge=1.0, le=3.0)
+    no_repeat_ngram_size: int = Field(3, ge=0, le=16)
+    generation_timeout_s: float = Field(120.0, gt=0, le=3600)
+    persona: str = Field(DEFAULT_PERSONA, max_length=1000)
+
+    # Dialogue
+    context_scope: ContextScope = ContextScope.USER_IN_CHAT
+    history_turns: int = Field(40, ge=2, le=1000)
+    max_message_chars: int = Field(20000, ge=100, le=1_000_000)
+    lock_timeout_s: float = Field(300.0, gt=0, le=3600)
+    rate_limit_per_minute: int = Field(20, ge=0, le=10000)
+
+    # Storage
+    database_url: str = Field("sqlite+aiosqlite:///kobot.db", min_length=1)
+    redis_url: str | None = None
+    redis_ttl_s: int = Field(86400, ge=60, le=30 * 86400)
+    redis_window_turns: int = Field(80, ge=2, le=10000)
+    history_retention_days: int = Field(0, ge=0, le=36500)
+
+    # Operations
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # Telegram
+    telegram_token: SecretStr | None = None
+    telegram_base_url: str = "https://api.telegram.org/bot"
+    telegram_webhook_url: str | None = None
+    telegram_webhook_listen: str = "0.0.0.0"
+    telegram_webhook_port: int = Field(8443, ge=1, le=65535)
+    telegram_webhook_secret: SecretStr | None = None
+    telegram_allowed_users: IdList = Field(default_factory=list)
+    telegram_allowed_chats: IdList = Field(default_factory=list)
+    telegram_admin_ids: IdList = Field(default_factory=list)
+
+    # Discord
+    discord_token: SecretStr | None = None
+    discord_api_url: str | None = None
+    discord_gateway_url: str | None = None
+    discord_channels: IdList = Field(default_factory=list)
+    discord_guilds: IdList = Field(default_factory=list)
+    discord_shards: str = "1"
+    discord_allowed_guilds: IdList = Field(default_factory=list)
+    discord_allowed_channels: IdList = Field(default_factory=list)
+    discord_allowed_roles: IdList = Field(default_factory=list)
+    discord_admin_ids: IdList = Field(default_factory=list)
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "must start with sqlite+aiosqlite:// or postgresql+asyncpg:// (async drivers)"
+            )
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("discord_shards")
+    @classmethod
+    def _check_shards(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto" and not (value.isdigit() and 1 <= int(value) <= 10000):
+            raise ValueError("must be auto or a number of shards from 1")
+        return value
+
+    @field_validator(
+        "telegram_allowed_users",
+        "telegram_allowed_chats",
+        "telegram_admin_ids",
+        "discord_channels",
+        "discord_guilds",
+        "discord_allowed_guilds",
+        "discord_allowed_channels",
+        "discord_allowed_roles",
+        "discord_admin_ids",
+        mode="before",
+    )
+    @classmethod
+    def _split_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    def masked(self) -> dict[str, str]:
+        """Every setting as `KOBOT_NAME -> text`, secrets shown as `********`."""
+        shown: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                text = "********"
+            elif name in {"database_url", "redis_url"} and value:
+                text = mask_url_password(str(value))
+            elif isinstance(value, list):
+                text = ",".join(str(item) for item in value)
+            else:
+                text = "" if value is None else str(value)
+            shown[f"{ENV_PREFIX}{name.upper()}"] = text
+        return shown
+
+
+def mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", url)
+
+
+def known_variables() -> set[str]:
+    return {f"{ENV_PREFIX}{name.upper()}" for name in Settings.model_fields} | {ENV_FILE_VARIABLE}
+
+
+def _unknown_variables(names: Iterable[str]) -> list[str]:
+    known = known_variables()
+    return sorted(n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = error.get("loc") or ()
+    field = str(location[0]) if location else "?"
+    variable = f"{ENV_PREFIX}{field.upper()}"
+    given = error.get("input")
+    shown = "" if isinstance(given, dict) or field.endswith(("token", "secret")) else f" (got {given!r})"
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    return f"{variable}: {message}{shown}"
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings, or raise ConfigError with one line per bad variable."""
+    chosen = Path(env_file or os.environ.get(ENV_FILE_VARIABLE) or ".env")
+    explicit = bool(env_file or os.environ.get(ENV_FILE_VARIABLE))
+    if explicit and not chosen.is_file():
+        raise ConfigError(f"{ENV_FILE_VARIABLE}: file {str(chosen)!r} does not exist")
+    file_keys = dotenv_values(chosen).keys() if chosen.is_file() else []
+    unknown = _unknown_variables([*os.environ, *file_keys])
+    if unknown:
+        raise ConfigError("\n".join(f"{name}: unknown setting (see .env.example)" for name in unknown))
+    try:
+        return Settings(_env_file=chosen, **overrides)  # type: ignore[call-arg]
+    except ValidationError as error:
+        raise ConfigError("\n".join(_describe(e) for e in error.errors())) from None
