@@ -42,6 +42,7 @@ class FinishReason(StrEnum):
     STOP = "stop"
     LENGTH = "length"
     EOS = "eos"
+    FALLBACK = "fallback"
 
 
 @dataclass(frozen=True, slots=True)
