@@ -62,6 +62,7 @@ class IncomingMessage:
     message_id: str = ""
     sent_at: datetime = field(default_factory=utc_now)
     is_private: bool = True
+    is_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

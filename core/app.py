@@ -1,0 +1,26 @@
+"""Wiring: settings → storage, locks, backend → one DialogueManager."""
+
+from __future__ import annotations
+
+import asyncio
+
+from core.dialogue import DialogueManager
+from core.generation.base import GenerationBackend
+from core.generation.factory import build_backend
+from core.locks import build_locks
+from core.settings import Settings
+from storage.factory import build_storage
+
+
+async def build_dialogue_manager(
+    settings: Settings, backend: GenerationBackend | None = None
+) -> DialogueManager:
+    """Connect storage, load the model (off the event loop) and return a ready manager."""
+    storage = await build_storage(settings)
+    try:
+        if backend is None:
+            backend = await asyncio.to_thread(build_backend, settings)
+        return DialogueManager(settings, storage, backend, build_locks(settings))
+    except BaseException:
+        await storage.close()
+        raise

@@ -1,0 +1,120 @@
+"""The commands every adapter offers, their names (Korean aliases too) and help texts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Command(StrEnum):
+    START = "start"
+    HELP = "help"
+    RESET = "reset"
+    PERSONA = "persona"
+    FORGET = "forget"
+    EXPORT = "export"
+    STATS = "stats"
+    ABOUT = "about"
+
+
+ALIASES: dict[str, Command] = {
+    **{command.value: command for command in Command},
+    "도움말": Command.HELP,
+    "초기화": Command.RESET,
+    "페르소나": Command.PERSONA,
+    "잊어줘": Command.FORGET,
+    "forgetme": Command.FORGET,
+    "내보내기": Command.EXPORT,
+    "통계": Command.STATS,
+    "정보": Command.ABOUT,
+}
+
+# (Korean, English) one-line descriptions, also used for Telegram's and Discord's command menus.
+DESCRIPTIONS: dict[Command, tuple[str, str]] = {
+    Command.START: ("봇 시작 인사", "Start and say hello"),
+    Command.HELP: ("사용법 보기", "Show how to use the bot"),
+    Command.RESET: ("대화 맥락 초기화", "Start a fresh conversation context"),
+    Command.PERSONA: ("페르소나 보기/설정/해제", "Show, set or clear this chat's persona"),
+    Command.FORGET: ("내 기록 모두 삭제", "Delete everything stored about me"),
+    Command.EXPORT: ("내 대화 기록 JSON 받기", "Get my history as a JSON file"),
+    Command.STATS: ("통계 (관리자)", "Statistics (admins)"),
+    Command.ABOUT: ("모델과 라이선스 정보", "About the model and its licence"),
+}
+
+PERSONA_CLEAR_WORDS = frozenset({"clear", "reset", "off", "none", "초기화", "해제", "삭제"})
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedCommand:
+    name: str
+    command: Command | None
+    argument: str
+
+
+def parse_command(text: str) -> ParsedCommand | None:
+    """`/name@bot args` → ParsedCommand; None when the text is not a command at all."""
+    stripped = text.strip()
+    if not stripped.startswith("/") or stripped.startswith("//") or len(stripped) == 1:
+        return None
+    head, _, argument = stripped[1:].partition(" ")
+    name = head.split("@", 1)[0].lower()
+    if not name:
+        return None
+    return ParsedCommand(name, ALIASES.get(name), argument.strip())
+
+
+def help_text() -> str:
+    lines = ["🤖 kobot 사용법 (How to use)", "그냥 말을 걸면 대답해요. (Just talk to me.)"]
+    for command, (korean, english) in DESCRIPTIONS.items():
+        if command is not Command.STATS:
+            lines.append(f"/{command.value} — {korean} ({english})")
+    lines.append("/persona <설명> 으로 이 대화의 페르소나를 정하고, /persona clear 로 해제해요.")
+    return "\n".join(lines)
+
+
+START_TEXT = (
+    "안녕하세요! KoGPT2로 대화하는 kobot이에요. 편하게 말을 걸어 주세요. "
+    "사용법은 /help 를 입력하세요. (Hi! Talk to me in Korean; /help shows the commands.)"
+)
+ABOUT_TEXT = (
+    "kobot은 SKT의 KoGPT2 (skt/kogpt2-base-v2) 모델로 대답해요. 모델은 CC-BY-NC-SA 4.0 "
+    "라이선스(비상업적 이용, 동일조건변경허락)를 따르며, 대답은 사실과 다를 수 있어요. "
+    "(Powered by KoGPT2, licensed CC-BY-NC-SA 4.0; replies may be wrong.)"
+)
+EMPTY_TEXT = "메시지가 비어 있어요. 하고 싶은 말을 적어 주세요. (Your message is empty.)"
+RESET_TEXT = "대화 맥락을 초기화했어요. 새로 시작해요! (Context cleared; starting fresh.)"
+FORGET_TEXT = (
+    "저장된 회원님의 대화 기록과 페르소나를 모두 삭제했어요 ({count}개 항목). "
+    "(Deleted everything stored about you.)"
+)
+EXPORT_TEXT = "대화 기록을 JSON 파일로 보내 드려요. (Here is your history as JSON.)"
+PERSONA_SHOW = "현재 페르소나: {persona}\n(/persona <설명> 으로 바꾸고 /persona clear 로 해제해요.)"
+PERSONA_SET = "이 대화의 페르소나를 바꿨어요: {persona} (Persona set.)"
+PERSONA_CLEARED = "페르소나를 기본값으로 되돌렸어요. (Persona reset to the default.)"
+PERSONA_TOO_LONG = "페르소나가 너무 길어요. {limit}자 이내로 적어 주세요. (Persona too long.)"
+UNKNOWN_COMMAND = (
+    "알 수 없는 명령이에요: /{name}. /help 로 사용법을 볼 수 있어요. "
+    "(Unknown command; try /help.)"
+)
+NOT_ADMIN = "관리자만 쓸 수 있는 명령이에요. (Admins only.)"
+RATE_LIMITED = (
+    "메시지가 너무 빨라요. {seconds}초 뒤에 다시 보내 주세요. "
+    "(Too many messages; please wait {seconds}s.)"
+)
+TRIMMED_NOTE = "(메시지가 길어서 끝부분만 읽었어요. Your message was long; I read its end.) "
+BUSY_TEXT = (
+    "지금 이 대화에서 이전 메시지에 답하는 중이에요. 잠시 후 다시 보내 주세요. "
+    "(Still answering your previous message; please try again shortly.)"
+)
+GENERATION_FAILED = {
+    "out_of_memory": "지금 서버가 바빠서 답을 만들지 못했어요. 잠시 후 다시 시도해 주세요. "
+    "(The server is out of memory; please retry.)",
+    "timeout": "답을 만드는 데 너무 오래 걸렸어요. 조금 뒤에 다시 물어봐 주세요. "
+    "(Generation timed out; please retry.)",
+    "default": "죄송해요, 답을 만드는 중에 문제가 생겼어요. 잠시 후 다시 시도해 주세요. "
+    "(Sorry, something went wrong; please retry.)",
+}
+STORAGE_FAILED = (
+    "죄송해요, 대화 기록 저장소에 문제가 있어요. 잠시 후 다시 시도해 주세요. "
+    "(Storage is unavailable; please retry.)"
+)

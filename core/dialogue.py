@@ -1,0 +1,256 @@
+"""The platform-neutral dialogue manager: one message in, one reply out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from core import commands as texts
+from core.commands import Command, ParsedCommand, parse_command
+from core.generation.base import (
+    GenerationBackend,
+    GenerationError,
+    GenerationRequest,
+    SamplingParams,
+)
+from core.locks import ConversationLocks, LockTimeout
+from core.messages import (
+    Attachment,
+    ConversationKey,
+    IncomingMessage,
+    Reply,
+    ReplyKind,
+    Role,
+    Turn,
+)
+from core.prompt import STOP_STRINGS, PromptBuilder
+from core.ratelimit import RateLimiter
+from core.settings import Settings
+from core.text import remove_control_characters, to_single_line
+from core.trimming import TrimmedPrompt, token_budget
+from storage.base import Storage, StorageError
+
+log = logging.getLogger(__name__)
+PERSONA_MAX_CHARS = 500
+
+
+@dataclass
+class DialogueStats:
+    messages: int = 0
+    replies: int = 0
+    commands: int = 0
+    trimmed: int = 0
+    errors: int = 0
+    in_flight: int = 0
+
+
+def sampling_params(settings: Settings) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=settings.max_new_tokens,
+        temperature=settings.temperature,
+        top_k=settings.top_k,
+        top_p=settings.top_p,
+        repetition_penalty=settings.repetition_penalty,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        do_sample=settings.temperature > 0,
+    )
+
+
+class DialogueManager:
+    """Keeps per-conversation context, builds trimmed prompts and asks the backend for replies.
+
+    Adapters hold one instance and call `handle`; everything platform-specific stays with them.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        storage: Storage,
+        backend: GenerationBackend,
+        locks: ConversationLocks,
+    ) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.backend = backend
+        self.locks = locks
+        self.prompts = PromptBuilder(backend.tokenizer)
+        self.params = sampling_params(settings)
+        self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+        self.stats = DialogueStats()
+        self.last_prompt: TrimmedPrompt | None = None
+
+    async def handle(self, message: IncomingMessage) -> Reply:
+        """Answer one message: a command, a chat turn, or a polite explanation."""
+        self.stats.messages += 1
+        command = parse_command(message.text)
+        try:
+            if command is not None:
+                self.stats.commands += 1
+                return await self._run_command(message, command)
+            return await self._chat(message)
+        except StorageError:
+            log.exception("storage failed while handling a message")
+            self.stats.errors += 1
+            return Reply(texts.STORAGE_FAILED, ReplyKind.ERROR)
+
+    def key_for(self, message: IncomingMessage) -> ConversationKey:
+        return ConversationKey.for_message(message, self.settings.context_scope)
+
+    async def _chat(self, message: IncomingMessage) -> Reply:
+        text, cut = self._clean_input(message.text)
+        if not to_single_line(text):
+            return Reply(texts.EMPTY_TEXT, ReplyKind.NOTICE)
+        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
+            return self._rate_limited(message)
+        key = self.key_for(message)
+        self.stats.in_flight += 1
+        try:
+            async with self.locks.lock(key):
+                return await self._chat_locked(key, message, text, cut)
+        except LockTimeout:
+            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
+        finally:
+            self.stats.in_flight -= 1
+
+    def _clean_input(self, text: str) -> tuple[str, bool]:
+        """Control characters out, length bounded (keeping the end, which trimming keeps too)."""
+        cleaned = remove_control_characters(text).strip()
+        limit = self.settings.max_message_chars
+        return cleaned[-limit:], len(cleaned) > limit
+
+    def _rate_limited(self, message: IncomingMessage) -> Reply:
+        wait = self.rate_limiter.retry_after(f"{message.platform}:{message.user_id}")
+        return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
+
+    async def _chat_locked(
+        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
+    ) -> Reply:
+        if message.message_id:
+            earlier = await self.storage.find_reply(key, message.message_id)
+            if earlier is not None:
+                return Reply(earlier.text, duplicate=True)
+        history = await self.storage.recent(key, self.settings.history_turns)
+        persona = await self.persona_for(key)
+        prompt = self.prompts.build(persona, history, text, self.budget)
+        self.last_prompt = prompt
+        try:
+            reply_text = await self._generate(prompt)
+        except GenerationError as error:
+            return self._generation_failed(error)
+        await self.storage.append(key, self._exchange(message, text, reply_text))
+        return self._chat_reply(reply_text, prompt, cut)
+
+    async def _generate(self, prompt: TrimmedPrompt) -> str:
+        started = time.perf_counter()
+        request = GenerationRequest(prompt.prompt_ids, self.params, STOP_STRINGS)
+        result = await self.backend.generate(request)
+        log.debug(
+            "generated %d tokens from a %d-token prompt in %.3fs (%s)",
+            result.new_tokens,
+            prompt.n_tokens,
+            time.perf_counter() - started,
+            result.finish_reason,
+        )
+        return result.text
+
+    def _generation_failed(self, error: GenerationError) -> Reply:
+        log.warning("generation failed: %s", error)
+        self.stats.errors += 1
+        text = texts.GENERATION_FAILED.get(str(error.kind), texts.GENERATION_FAILED["default"])
+        return Reply(text, ReplyKind.ERROR)
+
+    def _exchange(self, message: IncomingMessage, text: str, reply: str) -> list[Turn]:
+        user = Turn(Role.USER, text, message.user_id, message.sent_at, message.message_id)
+        return [user, Turn(Role.AI, reply, message.user_id)]
+
+    def _chat_reply(self, reply_text: str, prompt: TrimmedPrompt, cut_before: bool) -> Reply:
+        self.stats.replies += 1
+        trimmed = prompt.newest_trimmed or cut_before
+        if trimmed:
+            self.stats.trimmed += 1
+            reply_text = texts.TRIMMED_NOTE + reply_text
+        return Reply(reply_text, ReplyKind.CHAT, trimmed=trimmed)
+
+    async def persona_for(self, key: ConversationKey) -> str:
+        return await self.storage.get_persona(key) or self.settings.persona
+
+    async def _run_command(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
+        handlers = {
+            Command.START: self._start,
+            Command.HELP: self._help,
+            Command.RESET: self._reset,
+            Command.PERSONA: self._persona,
+            Command.FORGET: self._forget,
+            Command.EXPORT: self._export,
+            Command.STATS: self._stats,
+            Command.ABOUT: self._about,
+        }
+        if parsed.command is None:
+            name = to_single_line(parsed.name)[:32]
+            return Reply(texts.UNKNOWN_COMMAND.format(name=name), ReplyKind.NOTICE)
+        return await handlers[parsed.command](message, parsed.argument)
+
+    async def _start(self, message: IncomingMessage, argument: str) -> Reply:
+        return Reply(texts.START_TEXT, ReplyKind.COMMAND)
+
+    async def _help(self, message: IncomingMessage, argument: str) -> Reply:
+        return Reply(texts.help_text(), ReplyKind.COMMAND)
+
+    async def _about(self, message: IncomingMessage, argument: str) -> Reply:
+        return Reply(texts.ABOUT_TEXT, ReplyKind.COMMAND)
+
+    async def _reset(self, message: IncomingMessage, argument: str) -> Reply:
+        key = self.key_for(message)
+        async with self.locks.lock(key):
+            await self.storage.clear(key)
+        return Reply(texts.RESET_TEXT, ReplyKind.COMMAND)
+
+    async def _persona(self, message: IncomingMessage, argument: str) -> Reply:
+        key = self.key_for(message)
+        persona = to_single_line(argument)
+        if not persona:
+            current = await self.persona_for(key)
+            return Reply(texts.PERSONA_SHOW.format(persona=current), ReplyKind.COMMAND)
+        if persona.lower() in texts.PERSONA_CLEAR_WORDS:
+            await self.storage.set_persona(key, None)
+            return Reply(texts.PERSONA_CLEARED, ReplyKind.COMMAND)
+        if len(persona) > PERSONA_MAX_CHARS:
+            return Reply(texts.PERSONA_TOO_LONG.format(limit=PERSONA_MAX_CHARS), ReplyKind.NOTICE)
+        await self.storage.set_persona(key, persona)
+        return Reply(texts.PERSONA_SET.format(persona=persona), ReplyKind.COMMAND)
+
+    async def _forget(self, message: IncomingMessage, argument: str) -> Reply:
+        key = self.key_for(message)
+        async with self.locks.lock(key):
+            count = await self.storage.delete_user(message.platform, message.user_id)
+        return Reply(texts.FORGET_TEXT.format(count=count), ReplyKind.COMMAND)
+
+    async def _export(self, message: IncomingMessage, argument: str) -> Reply:
+        exported = await self.storage.export_user(message.platform, message.user_id)
+        data = json.dumps(exported.as_dict(), ensure_ascii=False, indent=2).encode("utf-8")
+        filename = f"kobot-history-{message.platform}-{message.user_id}.json"
+        return Reply(texts.EXPORT_TEXT, ReplyKind.COMMAND, attachment=Attachment(filename, data))
+
+    async def _stats(self, message: IncomingMessage, argument: str) -> Reply:
+        if not message.is_admin:
+            return Reply(texts.NOT_ADMIN, ReplyKind.NOTICE)
+        return Reply(await self.stats_text(), ReplyKind.COMMAND)
+
+    async def stats_text(self) -> str:
+        stored = await self.storage.stats()
+        live = self.stats
+        return (
+            f"메시지 {live.messages} / 답장 {live.replies} / 명령 {live.commands} / "
+            f"오류 {live.errors} / 잘린 메시지 {live.trimmed}\n"
+            f"처리 중 {live.in_flight}\n"
+            f"저장됨: 대화 {stored.get('conversations', 0)}, 턴 {stored.get('turns', 0)}, "
+            f"사용자 {stored.get('users', 0)}"
+        )
+
+    async def close(self) -> None:
+        await self.backend.close()
+        await self.storage.close()
+        await self.locks.close()
