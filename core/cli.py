@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from core.errors import StartupError
 from core.settings import ConfigError, Settings, load_settings
 
 log = logging.getLogger("kobot")
@@ -94,10 +95,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StartupError as error:
         print(f"kobot: {error}", file=sys.stderr)
         return 1
-
-
-class StartupError(Exception):
-    """A failure at start-up that is explained in one message (no traceback)."""
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ def remove_control_characters(text: str) -> str:
 
 def to_single_line(text: str) -> str:
     """Flatten text to one line so nothing inside it can start a new `User:`/`AI:` turn."""
-    flat = _LINE_BREAKS.sub(" ", remove_control_characters(text))
+    flat = remove_control_characters(_LINE_BREAKS.sub(" ", text))
     return _SPACES.sub(" ", flat).strip()
 
 
