@@ -114,3 +114,21 @@ def test_secret_values_are_not_echoed_in_errors(monkeypatch: pytest.MonkeyPatch)
         load_settings()
     assert "very-secret" not in str(caught.value)
     assert "KOBOT_TELEGRAM_WEBHOOK_PORT" in str(caught.value)
+
+
+def test_env_example_lists_every_setting_and_loads_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    names = {
+        line.split("=", 1)[0].lstrip("# ").strip()
+        for line in example.read_text(encoding="utf-8").splitlines()
+        if "=" in line and line.lstrip("# ").startswith("KOBOT_")
+    }
+    expected = {f"KOBOT_{name.upper()}" for name in Settings.model_fields}
+    assert expected - names == set(), "settings missing from .env.example"
+    assert names - expected - {"KOBOT_ENV_FILE"} == set(), ".env.example names unknown settings"
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(example)
+    assert settings.telegram_token is None and settings.redis_url is None
+    assert settings.masked() == Settings(_env_file=None).masked()  # type: ignore[call-arg]
