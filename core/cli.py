@@ -22,6 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("telegram", help="run the Telegram bot")
     sub.add_parser("discord", help="run the Discord bot")
     sub.add_parser("config", help="print the effective settings, secrets masked")
+    new_model = sub.add_parser("new-model", help="write an untrained model with KoGPT2's tokenizer")
+    new_model.add_argument("out", help="folder to create (then set KOBOT_MODEL to it)")
+    new_model.add_argument("--tokenizer", required=True, help="folder holding tokenizer.json")
+    new_model.add_argument("--layers", type=int, default=2)
+    new_model.add_argument("--dim", type=int, default=64)
+    new_model.add_argument("--heads", type=int, default=2)
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="upgrade: apply schema migrations")
     return parser
@@ -71,12 +77,21 @@ def _run_db(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _new_model(settings: Settings, args: argparse.Namespace) -> int:
+    from core.generation.model_files import create_random_model
+
+    out = create_random_model(args.out, args.tokenizer, args.layers, args.dim, args.heads)
+    print(f"만들었어요 (created): {out}\nKOBOT_MODEL={out}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "chat": _run_chat,
     "telegram": _run_telegram,
     "discord": _run_discord,
     "config": _print_config,
     "db": _run_db,
+    "new-model": _new_model,
 }
 
 

@@ -1,0 +1,126 @@
+"""In-process storage: the embedded default without a database, and the reference for tests.
+
+Everything lives in dictionaries of one process and is lost when it exits. No method awaits
+while it changes state, so every operation is atomic within the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+from core.messages import ConversationKey, Role, Turn
+from storage.base import Storage, UserExport
+
+
+def to_utc(moment: datetime) -> datetime:
+    """The same instant as an aware UTC datetime; a naive datetime is taken to be UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+@dataclass(slots=True)
+class _Conversation:
+    key: ConversationKey
+    persona: str | None = None
+    context_start: int = 0
+    turns: list[tuple[int, Turn]] = field(default_factory=list)
+
+    def belongs_to(self, platform: str, user_id: str) -> bool:
+        return self.key.platform == platform and self.key.user_id == user_id
+
+
+class MemoryStorage(Storage):
+    """Conversations in a dict; turn ids from one counter that never goes back (like SQL)."""
+
+    def __init__(self) -> None:
+        self._conversations: dict[str, _Conversation] = {}
+        self._last_turn_id = 0
+
+    def _conversation(self, key: ConversationKey) -> _Conversation:
+        return self._conversations.setdefault(key.as_id(), _Conversation(key))
+
+    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+        if not turns:
+            return
+        conversation = self._conversation(key)
+        for turn in turns:
+            self._last_turn_id += 1
+            stored = replace(turn, created_at=to_utc(turn.created_at))
+            conversation.turns.append((self._last_turn_id, stored))
+
+    async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
+        conversation = self._conversations.get(key.as_id())
+        if conversation is None or limit <= 0:
+            return []
+        visible = [t for turn_id, t in conversation.turns if turn_id > conversation.context_start]
+        return visible[-limit:]
+
+    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
+        conversation = self._conversations.get(key.as_id())
+        if conversation is None or not message_id:
+            return None
+        turns = [turn for _, turn in conversation.turns]
+        for index in range(len(turns) - 1, -1, -1):
+            if turns[index].role is Role.USER and turns[index].message_id == message_id:
+                following = turns[index + 1] if index + 1 < len(turns) else None
+                return following if following and following.role is Role.AI else None
+        return None
+
+    async def clear(self, key: ConversationKey) -> None:
+        conversation = self._conversation(key)
+        conversation.context_start = conversation.turns[-1][0] if conversation.turns else 0
+
+    async def delete_user(self, platform: str, user_id: str) -> int:
+        deleted = 0
+        for conversation_id, conversation in list(self._conversations.items()):
+            if conversation.belongs_to(platform, user_id):
+                deleted += len(conversation.turns)
+                del self._conversations[conversation_id]
+            elif conversation.key.platform == platform:
+                kept = [(i, t) for i, t in conversation.turns if t.user_id != user_id]
+                deleted += len(conversation.turns) - len(kept)
+                conversation.turns = kept
+        return deleted
+
+    async def export_user(self, platform: str, user_id: str) -> UserExport:
+        export = UserExport(platform, user_id)
+        ordered = sorted(
+            (turn_id, conversation_id, turn)
+            for conversation_id, conversation in self._conversations.items()
+            if conversation.key.platform == platform
+            for turn_id, turn in conversation.turns
+            if turn.user_id == user_id
+        )
+        for _, conversation_id, turn in ordered:
+            export.conversations.setdefault(conversation_id, []).append(turn)
+        for conversation_id, conversation in self._conversations.items():
+            if conversation.belongs_to(platform, user_id) and conversation.persona is not None:
+                export.personas[conversation_id] = conversation.persona
+        return export
+
+    async def get_persona(self, key: ConversationKey) -> str | None:
+        conversation = self._conversations.get(key.as_id())
+        return conversation.persona if conversation else None
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        self._conversation(key).persona = persona
+
+    async def purge_before(self, cutoff: datetime) -> int:
+        cutoff = to_utc(cutoff)
+        deleted = 0
+        for conversation in self._conversations.values():
+            kept = [(i, t) for i, t in conversation.turns if t.created_at >= cutoff]
+            deleted += len(conversation.turns) - len(kept)
+            conversation.turns = kept
+        return deleted
+
+    async def stats(self) -> dict[str, int]:
+        turns = [(c.key.platform, t) for c in self._conversations.values() for _, t in c.turns]
+        return {
+            "turns": len(turns),
+            "users": len({(platform, turn.user_id) for platform, turn in turns}),
+            "conversations": len(self._conversations),
+        }

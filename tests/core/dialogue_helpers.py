@@ -1,0 +1,64 @@
+"""Building a real DialogueManager (SQLite, tiny model) for tests, plus a recording backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from core.app import build_dialogue_manager
+from core.dialogue import DialogueManager
+from core.generation.base import (
+    BackendInfo,
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+    TokenCounter,
+)
+from core.messages import IncomingMessage
+from core.settings import Settings
+
+
+class RecordingBackend(GenerationBackend):
+    """Wraps a real backend and keeps every request it was given (a spy, not a fake)."""
+
+    def __init__(self, inner: GenerationBackend) -> None:
+        self.inner = inner
+        self.requests: list[GenerationRequest] = []
+
+    @property
+    def tokenizer(self) -> TokenCounter:
+        return self.inner.tokenizer
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        return await self.inner.generate(request)
+
+    def info(self) -> BackendInfo:
+        return self.inner.info()
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+def make_settings(model_dir: Path, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "model": str(model_dir),
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'kobot.db'}",
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "device": "cpu",
+        "rate_limit_per_minute": 0,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def make_manager(settings: Settings) -> tuple[DialogueManager, RecordingBackend]:
+    from core.generation.factory import build_backend
+
+    backend = RecordingBackend(build_backend(settings))
+    return await build_dialogue_manager(settings, backend), backend
+
+
+def message(text: str, user: str = "u1", chat: str = "c1", **fields: Any) -> IncomingMessage:
+    return IncomingMessage(platform="test", user_id=user, chat_id=chat, text=text, **fields)
