@@ -74,7 +74,7 @@ def run(pairs: list[tuple[str, str]], tokenizer: KoGPT2Tokenizer, history_turns:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--turns", type=int, default=300, help="messages in the conversation")
-    parser.add_argument("--history-turns", type=int, default=40)
+    parser.add_argument("--history-turns", type=int, default=100)
     parser.add_argument("--tokenizer", type=Path, default=SHARED / "kogpt2-base-v2")
     parser.add_argument("--data", type=Path, default=SHARED / "chatbot-data" / "ChatbotData.csv")
     args = parser.parse_args()

@@ -93,7 +93,10 @@ async def test_prompts_hold_the_first_turn_until_reset(tiny_model_dir: Path, tmp
     finally:
         await manager.close()
     tokenizer = backend.inner.tokenizer
-    prompts = [tokenizer.decode(list(r.prompt_ids)) for r in backend.requests]  # type: ignore[attr-defined]
+    prompts = [
+        tokenizer.decode(list(r.prompt_ids)).replace("\n ", "\n")  # type: ignore[attr-defined]
+        for r in backend.requests
+    ]
     assert len(prompts) == 3 and len(out.getvalue().splitlines()) == 4
     assert "User: 안녕하세요\nAI:" in prompts[1]
     assert "안녕하세요" not in prompts[2]

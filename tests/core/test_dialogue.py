@@ -27,8 +27,10 @@ async def chat(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[
 
 
 def decoded_prompts(backend: RecordingBackend) -> list[str]:
+    """The prompts as text. Each line is tokenized on its own, so it decodes with a leading space."""
     tokenizer = backend.inner.tokenizer
-    return [tokenizer.decode(list(r.prompt_ids)) for r in backend.requests]  # type: ignore[attr-defined]
+    texts = [tokenizer.decode(list(r.prompt_ids)) for r in backend.requests]  # type: ignore[attr-defined]
+    return [text.replace("\n ", "\n") for text in texts]
 
 
 async def test_a_reply_is_generated_and_both_turns_are_stored(chat) -> None:
@@ -124,16 +126,20 @@ async def test_a_huge_message_keeps_its_end_and_the_reply_says_so(chat) -> None:
     assert user_turn.text.endswith("마지막 질문이에요")
 
 
-async def test_300_turns_never_overflow_the_window(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_a_long_conversation_fills_the_window_but_never_overflows_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     settings = make_settings(tiny_model_dir, tmp_path, history_turns=1000, max_new_tokens=4)
     manager, backend = await make_manager(settings)
+    long_text = "오늘 기분은 어때요? 😀 걔는 쫌 삔 듯해요. 날씨가 정말 좋네요. " * 6
     try:
-        for index in range(300):
-            await manager.handle(message(f"{index}번째 메시지예요. 오늘 기분은 어때요? 😀 걔는 쫌 삔 듯"))
+        for index in range(30):
+            await manager.handle(message(f"{index}번째 메시지예요. {long_text}"))
         sizes = [len(r.prompt_ids) for r in backend.requests]
         assert max(sizes) + 4 <= 1024
-        assert max(sizes) >= 1024 - 4 - 40  # the window really was full
-        assert "299번째" in decoded_prompts(backend)[-1]
+        assert max(sizes) >= 1024 - 4 - 150  # the window really was full: old turns were dropped
+        assert "29번째" in decoded_prompts(backend)[-1]
+        assert "0번째" not in decoded_prompts(backend)[-1]
     finally:
         await manager.close()
 
