@@ -18,11 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer  # noqa: E402
-from core.messages import Role, Turn  # noqa: E402
-from core.prompt import PromptBuilder, render_prompt_text  # noqa: E402
-from core.settings import DEFAULT_PERSONA  # noqa: E402
-from core.trimming import token_budget  # noqa: E402
+from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
+from core.messages import Role, Turn
+from core.prompt import PromptBuilder, render_prompt_text
+from core.settings import DEFAULT_PERSONA
+from core.trimming import token_budget
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from core.errors import StartupError
 from core.settings import ConfigError, Settings, load_settings
+from storage.base import StorageError
 
 log = logging.getLogger("kobot")
 
@@ -107,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](settings, args)
     except KeyboardInterrupt:
         return 130
-    except StartupError as error:
+    except (StartupError, StorageError) as error:
         print(f"kobot: {error}", file=sys.stderr)
         return 1
 

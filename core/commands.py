@@ -93,8 +93,7 @@ PERSONA_SET = "이 대화의 페르소나를 바꿨어요: {persona} (Persona se
 PERSONA_CLEARED = "페르소나를 기본값으로 되돌렸어요. (Persona reset to the default.)"
 PERSONA_TOO_LONG = "페르소나가 너무 길어요. {limit}자 이내로 적어 주세요. (Persona too long.)"
 UNKNOWN_COMMAND = (
-    "알 수 없는 명령이에요: /{name}. /help 로 사용법을 볼 수 있어요. "
-    "(Unknown command; try /help.)"
+    "알 수 없는 명령이에요: /{name}. /help 로 사용법을 볼 수 있어요. (Unknown command; try /help.)"
 )
 NOT_ADMIN = "관리자만 쓸 수 있는 명령이에요. (Admins only.)"
 RATE_LIMITED = (

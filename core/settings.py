@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -174,12 +174,16 @@ def _unknown_variables(names: Iterable[str]) -> list[str]:
     return sorted(n for n in names if n.upper().startswith(ENV_PREFIX) and n.upper() not in known)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: Mapping[str, Any]) -> str:
     location = error.get("loc") or ()
     field = str(location[0]) if location else "?"
     variable = f"{ENV_PREFIX}{field.upper()}"
     given = error.get("input")
-    shown = "" if isinstance(given, dict) or field.endswith(("token", "secret")) else f" (got {given!r})"
+    shown = (
+        ""
+        if isinstance(given, dict) or field.endswith(("token", "secret"))
+        else f" (got {given!r})"
+    )
     message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
     return f"{variable}: {message}{shown}"
 
@@ -193,7 +197,9 @@ def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Setti
     file_keys = dotenv_values(chosen).keys() if chosen.is_file() else []
     unknown = _unknown_variables([*os.environ, *file_keys])
     if unknown:
-        raise ConfigError("\n".join(f"{name}: unknown setting (see .env.example)" for name in unknown))
+        raise ConfigError(
+            "\n".join(f"{name}: unknown setting (see .env.example)" for name in unknown)
+        )
     try:
         return Settings(_env_file=chosen, **overrides)  # type: ignore[call-arg]
     except ValidationError as error:

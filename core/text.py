@@ -15,9 +15,7 @@ _KEEP_CONTROLS = {"\n", "\t"}
 def remove_control_characters(text: str) -> str:
     """Drop C0/C1 controls (NUL included) and lone surrogates; keep newlines, tabs and ZWJ."""
     return "".join(
-        ch
-        for ch in text
-        if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in {"Cc", "Cs"}
+        ch for ch in text if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in {"Cc", "Cs"}
     )
 
 

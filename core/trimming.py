@@ -40,7 +40,9 @@ def token_budget(n_positions: int, max_new_tokens: int) -> int:
     """How many prompt tokens fit so that the prompt plus the reply stays inside the window."""
     budget = n_positions - max_new_tokens
     if budget < 8:
-        raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room in a {n_positions} window")
+        raise ValueError(
+            f"max_new_tokens {max_new_tokens} leaves no room in a {n_positions} window"
+        )
     return budget
 
 
@@ -71,9 +73,7 @@ def _fit_persona(persona: tuple[int, ...], limit: int) -> tuple[tuple[int, ...],
     return persona[:limit], True
 
 
-def _first_kept_turn(
-    parts: PromptParts, room: int, budget: int, low_water: int | None
-) -> int:
+def _first_kept_turn(parts: PromptParts, room: int, budget: int, low_water: int | None) -> int:
     """Index of the oldest history turn that is kept."""
     total = sum(len(turn) for turn in parts.turns)
     if total <= room:

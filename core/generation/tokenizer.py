@@ -13,11 +13,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_session
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
+
+from core.errors import StartupError
 
 KOGPT2_SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "</s>",
@@ -31,10 +36,21 @@ MODEL_VARIABLE = "KOBOT_MODEL"
 _CONTROL_TOKEN = re.compile(r"<[^<>\s]+>")
 _ENCODE_CACHE_SIZE = 4096
 _CACHE_MAX_CHARS = 1024
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(StartupError):
     """The model or its tokenizer cannot be loaded; the message says how to fix KOBOT_MODEL."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSource:
+    """Where a model comes from: `name` is what `from_pretrained` gets."""
+
+    model: str
+    name: str
+    is_folder: bool
+    local_files_only: bool = False
 
 
 def looks_like_path(model: str) -> bool:
@@ -47,34 +63,54 @@ def looks_like_path(model: str) -> bool:
     )
 
 
-def resolve_model_source(model: str) -> str:
-    """The local folder for `model` if there is one, else the hub id; a missing folder fails."""
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """One quick request to the hub (proxy settings honoured), so that an offline start fails in
+    seconds instead of minutes of download retries. False when HF_HUB_OFFLINE is set."""
+    if hf_constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(hf_constants.ENDPOINT, timeout=timeout_s)
+    except Exception:
+        return False
+    return True
+
+
+def resolve_model_source(model: str) -> ModelSource:
+    """The local folder for `model` if there is one, else the hub id (cache only when the hub
+    cannot be reached); a name that can only be a folder but does not exist fails."""
     folder = Path(model).expanduser()
     if folder.is_dir():
-        return str(folder)
+        return ModelSource(model, str(folder), is_folder=True)
     if looks_like_path(model):
         raise ModelLoadError(
             f"{MODEL_VARIABLE}: folder {model!r} does not exist. Set {MODEL_VARIABLE} to a folder "
             "holding config.json, tokenizer.json and the weights, or to a Hugging Face model id "
             f"such as {DEFAULT_MODEL}."
         )
-    return model
+    return ModelSource(model, model, is_folder=False, local_files_only=not hub_reachable())
 
 
-def load_error(model: str, source: str, error: BaseException) -> ModelLoadError:
+def load_error(source: ModelSource, error: BaseException) -> ModelLoadError:
     """A ModelLoadError that says what failed and how to set KOBOT_MODEL."""
-    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error) else ''}"
-    if Path(source).is_dir():
-        where = f"the folder {source!r}"
-        hint = "It must hold config.json, tokenizer.json and the weights (save_pretrained format)."
-    else:
-        where = f"{model!r} from the Hugging Face hub (offline or unreachable?)"
-        hint = (
-            f"Without network access, set {MODEL_VARIABLE} to a local folder holding config.json, "
-            "tokenizer.json and the weights (model.safetensors or pytorch_model.bin), or download "
-            "the model once while online so it is in the Hugging Face cache."
+    lines = str(error).strip().splitlines()
+    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    if source.is_folder:
+        return ModelLoadError(
+            f"{MODEL_VARIABLE}: could not load the folder {source.name!r} ({reason}). It must hold "
+            "config.json, tokenizer.json and the weights (the save_pretrained format)."
         )
-    return ModelLoadError(f"{MODEL_VARIABLE}: could not load {where} ({reason[:300]}). {hint}")
+    where = (
+        "the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) and it is not in the "
+        "local cache"
+        if source.local_files_only
+        else "not found on the Hugging Face hub"
+    )
+    return ModelLoadError(
+        f"{MODEL_VARIABLE}: could not load {source.model!r}: {where} ({reason}). Without network "
+        f"access, set {MODEL_VARIABLE} to a local folder holding config.json, tokenizer.json and "
+        "the weights (model.safetensors or pytorch_model.bin), or start once while online so the "
+        "model is downloaded into the Hugging Face cache."
+    )
 
 
 def control_token_ids(hf: PreTrainedTokenizerFast) -> frozenset[int]:
@@ -102,6 +138,7 @@ class KoGPT2Tokenizer:
         self.hf = hf
         self.control_ids = control_token_ids(hf)
         self._plain = plain_text_tokenizer(hf, self.control_ids)
+        self._size = self._plain.get_vocab_size(with_added_tokens=True)
         self._cached = lru_cache(maxsize=cache_size)(self._encode_uncached)
 
     @property
@@ -139,8 +176,7 @@ class KoGPT2Tokenizer:
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, leaving out control tokens (emoticons and emoji are kept)."""
-        size = self._plain.get_vocab_size(with_added_tokens=True)
-        kept = [int(i) for i in ids if int(i) not in self.control_ids and 0 <= int(i) < size]
+        kept = [i for i in map(int, ids) if 0 <= i < self._size and i not in self.control_ids]
         return str(self._plain.decode(kept, skip_special_tokens=False))
 
 
@@ -152,15 +188,21 @@ def apply_missing_special_tokens(hf: PreTrainedTokenizerFast) -> None:
 
 
 def load_tokenizer(model: str) -> KoGPT2Tokenizer:
-    """KoGPT2's tokenizer from a hub id or a local folder; ModelLoadError when unavailable.
+    """KoGPT2's tokenizer from a hub id or a local folder; ModelLoadError when unavailable."""
+    return tokenizer_from_source(resolve_model_source(model))
+
+
+def tokenizer_from_source(source: ModelSource) -> KoGPT2Tokenizer:
+    """The tokenizer of a resolved source.
 
     `PreTrainedTokenizerFast` reads `tokenizer.json` as is. (`AutoTokenizer` is wrong here: for a
     folder without `tokenizer_config.json`, like the hub's, transformers 5 picks the byte-level
     `GPT2Tokenizer` from `config.json` and tokenizes Korean into garbage.)
     """
-    source = resolve_model_source(model)
     try:
-        hf = PreTrainedTokenizerFast.from_pretrained(source)
+        hf = PreTrainedTokenizerFast.from_pretrained(
+            source.name, local_files_only=source.local_files_only
+        )
     except Exception as error:
-        raise load_error(model, source, error) from error
+        raise load_error(source, error) from error
     return KoGPT2Tokenizer(hf)

@@ -16,7 +16,9 @@ from tests.core.dialogue_helpers import make_manager, make_settings
 SCRIPT = "안녕하세요\n오늘 날씨 어때?\n/reset\n오늘 날씨 어때?\n"
 
 
-def run_chat(tiny_model_dir: Path, workdir: Path, stdin: str, *args: str) -> subprocess.CompletedProcess[str]:
+def run_chat(
+    tiny_model_dir: Path, workdir: Path, stdin: str, *args: str
+) -> subprocess.CompletedProcess[str]:
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("KOBOT_")},
         "KOBOT_MODEL": str(tiny_model_dir),
@@ -66,7 +68,9 @@ def test_multi_line_replies_stay_on_one_line_and_user_is_chosen(
     assert "비어" in lines[1]
 
 
-def test_a_bad_setting_stops_start_up_with_one_clear_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_a_bad_setting_stops_start_up_with_one_clear_line(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     (tmp_path / ".env").write_text("KOBOT_TEMPERATURE=hot\n", encoding="utf-8")
     result = run_chat(tiny_model_dir, tmp_path, "안녕\n")
     assert result.returncode == 2
@@ -85,7 +89,9 @@ async def lines_of(text: str) -> AsyncIterator[str]:
         yield line
 
 
-async def test_prompts_hold_the_first_turn_until_reset(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_prompts_hold_the_first_turn_until_reset(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     manager, backend = await make_manager(make_settings(tiny_model_dir, tmp_path))
     out = io.StringIO()
     try:

@@ -18,16 +18,16 @@ SPECIAL_IDS = set(range(0, 109)) - {5}  # KoGPT2's control/unused ids; 5 (<unk>)
 
 
 @pytest.fixture
-async def chat(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[
-    tuple[DialogueManager, RecordingBackend]
-]:
+async def chat(
+    tiny_model_dir: Path, tmp_path: Path
+) -> AsyncIterator[tuple[DialogueManager, RecordingBackend]]:
     manager, backend = await make_manager(make_settings(tiny_model_dir, tmp_path))
     yield manager, backend
     await manager.close()
 
 
 def decoded_prompts(backend: RecordingBackend) -> list[str]:
-    """The prompts as text. Each line is tokenized on its own, so it decodes with a leading space."""
+    """The prompts as text (each line is tokenized alone, so it decodes with a leading space)."""
     tokenizer = backend.inner.tokenizer
     texts = [tokenizer.decode(list(r.prompt_ids)) for r in backend.requests]  # type: ignore[attr-defined]
     return [text.replace("\n ", "\n") for text in texts]
@@ -63,7 +63,9 @@ async def test_each_user_has_their_own_context_in_a_group(chat) -> None:
     assert "철수" not in decoded_prompts(backend)[1]
 
 
-async def test_chat_scope_shares_one_context_in_a_group(tiny_model_dir: Path, tmp_path: Path) -> None:
+async def test_chat_scope_shares_one_context_in_a_group(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
     settings = make_settings(tiny_model_dir, tmp_path, context_scope="chat")
     manager, backend = await make_manager(settings)
     try:
@@ -168,9 +170,12 @@ async def test_forget_me_deletes_only_my_data_and_export_is_json(chat) -> None:
     assert "내 비밀" in texts_in_export and "남의 말" not in texts_in_export
     forgot = await manager.handle(message("/forget", user="me"))
     assert forgot.kind is ReplyKind.COMMAND
-    assert json.loads((await manager.handle(message("/export", user="me"))).attachment.data)[
-        "conversations"
-    ] == {}
+    assert (
+        json.loads((await manager.handle(message("/export", user="me"))).attachment.data)[
+            "conversations"
+        ]
+        == {}
+    )
     assert await manager.storage.recent(ConversationKey("test", "c1", "other"), 10)
 
 

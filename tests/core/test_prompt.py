@@ -60,7 +60,9 @@ def test_300_turns_never_exceed_the_window_and_keep_the_newest(tokenizer: KoGPT2
     assert text.startswith(DEFAULT_PERSONA) and text.rstrip().endswith("질문 298\n AI:")
 
 
-def test_the_count_is_exact_against_a_fresh_encoding_of_each_line(tokenizer: KoGPT2Tokenizer) -> None:
+def test_the_count_is_exact_against_a_fresh_encoding_of_each_line(
+    tokenizer: KoGPT2Tokenizer,
+) -> None:
     builder = PromptBuilder(tokenizer)
     history = conversation(10)
     prompt = builder.build(DEFAULT_PERSONA, history, "마지막", 960)
@@ -71,7 +73,9 @@ def test_the_count_is_exact_against_a_fresh_encoding_of_each_line(tokenizer: KoG
     assert prompt.n_tokens == expected
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     st.lists(KOREAN, max_size=30),
     KOREAN,

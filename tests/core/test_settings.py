@@ -45,7 +45,7 @@ def test_a_missing_env_file_named_explicitly_is_an_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("KOBOT_ENV_FILE", str(tmp_path / "nope.env"))
-    with pytest.raises(ConfigError, match="KOBOT_ENV_FILE: file .* does not exist"):
+    with pytest.raises(ConfigError, match=r"KOBOT_ENV_FILE: file .* does not exist"):
         load_settings()
 
 
@@ -78,7 +78,7 @@ def test_unknown_keys_in_the_env_file_are_rejected_but_other_programs_keys_are_n
 ) -> None:
     monkeypatch.chdir(tmp_path)
     write_env(tmp_path, "POSTGRES_PASSWORD=x\nKOBOT_TEMPRATURE=1\n")
-    with pytest.raises(ConfigError, match="^KOBOT_TEMPRATURE: unknown setting"):
+    with pytest.raises(ConfigError, match=r"^KOBOT_TEMPRATURE: unknown setting"):
         load_settings()
     write_env(tmp_path, "POSTGRES_PASSWORD=x\n")
     assert load_settings().temperature == 0.8

@@ -1,0 +1,48 @@
+"""Building the backend from the settings."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.generation.base import GenerationBackend
+from core.generation.factory import UnknownBackendError, build_backend
+from core.generation.local import LocalBackend
+from core.generation.tokenizer import ModelLoadError
+from core.settings import Settings
+
+
+def settings(**values: Any) -> Settings:
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+async def test_builds_the_local_backend_off_the_loop(tiny_model_dir: Path) -> None:
+    backend = await asyncio.to_thread(
+        build_backend, settings(model=str(tiny_model_dir), device="cpu", generation_timeout_s=9)
+    )
+    try:
+        assert isinstance(backend, LocalBackend) and isinstance(backend, GenerationBackend)
+        info = backend.info()
+        assert (info.name, info.model, info.device, info.dtype) == (
+            "local",
+            str(tiny_model_dir),
+            "cpu",
+            "fp32",
+        )
+    finally:
+        await backend.close()
+
+
+def test_unknown_backend_names_the_variable() -> None:
+    bad = settings().model_copy(update={"backend": "vllm"})
+    with pytest.raises(UnknownBackendError, match="KOBOT_BACKEND: unknown backend 'vllm'"):
+        build_backend(bad)
+    assert issubclass(UnknownBackendError, ModelLoadError)
+
+
+def test_missing_model_folder_fails(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="KOBOT_MODEL"):
+        build_backend(settings(model=str(tmp_path / "nothing"), device="cpu"))
