@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 import logging
 import time
 from dataclasses import dataclass
@@ -58,6 +59,36 @@ def sampling_params(settings: Settings) -> SamplingParams:
     )
 
 
+class ContextStarts:
+    """Per conversation, the oldest turn still in the prompt after the last trim.
+
+    Once old turns are dropped they stay dropped, so consecutive prompts share a prefix and a
+    backend can reuse its KV cache until the next trim (see `trim_prompt`'s `low_water`).
+    """
+
+    def __init__(self, max_conversations: int = 10_000) -> None:
+        self._first: OrderedDict[ConversationKey, Turn] = OrderedDict()
+        self._max = max_conversations
+
+    def since(self, key: ConversationKey, history: list[Turn]) -> list[Turn]:
+        first = self._first.get(key)
+        if first is None or first not in history:
+            return history
+        return history[history.index(first) :]
+
+    def update(self, key: ConversationKey, history: list[Turn], prompt: TrimmedPrompt) -> None:
+        if prompt.dropped_turns and prompt.kept_turns:
+            self._first[key] = history[prompt.dropped_turns]
+            self._first.move_to_end(key)
+        elif prompt.dropped_turns:
+            self._first.pop(key, None)
+        while len(self._first) > self._max:
+            self._first.popitem(last=False)
+
+    def forget(self, key: ConversationKey) -> None:
+        self._first.pop(key, None)
+
+
 class DialogueManager:
     """Keeps per-conversation context, builds trimmed prompts and asks the backend for replies.
 
@@ -80,7 +111,8 @@ class DialogueManager:
         self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.stats = DialogueStats()
-        self.last_prompt: TrimmedPrompt | None = None
+        self.low_water = int(self.budget * settings.trim_low_water)
+        self.context_starts = ContextStarts()
 
     async def handle(self, message: IncomingMessage) -> Reply:
         """Answer one message: a command, a chat turn, or a polite explanation."""
@@ -133,19 +165,22 @@ class DialogueManager:
             if earlier is not None:
                 return Reply(earlier.text, duplicate=True)
         history = await self.storage.recent(key, self.settings.history_turns)
+        history = self.context_starts.since(key, history)
         persona = await self.persona_for(key)
-        prompt = self.prompts.build(persona, history, text, self.budget)
-        self.last_prompt = prompt
+        prompt = self.prompts.build(persona, history, text, self.budget, self.low_water)
+        self.context_starts.update(key, history, prompt)
         try:
-            reply_text = await self._generate(prompt)
+            reply_text = await self._generate(prompt, key)
         except GenerationError as error:
             return self._generation_failed(error)
         await self.storage.append(key, self._exchange(message, text, reply_text))
         return self._chat_reply(reply_text, prompt, cut)
 
-    async def _generate(self, prompt: TrimmedPrompt) -> str:
+    async def _generate(self, prompt: TrimmedPrompt, key: ConversationKey) -> str:
         started = time.perf_counter()
-        request = GenerationRequest(prompt.prompt_ids, self.params, STOP_STRINGS)
+        request = GenerationRequest(
+            prompt.prompt_ids, self.params, STOP_STRINGS, cache_key=key.as_id()
+        )
         result = await self.backend.generate(request)
         log.debug(
             "generated %d tokens from a %d-token prompt in %.3fs (%s)",
@@ -206,6 +241,7 @@ class DialogueManager:
         key = self.key_for(message)
         async with self.locks.lock(key):
             await self.storage.clear(key)
+        self.context_starts.forget(key)
         return Reply(texts.RESET_TEXT, ReplyKind.COMMAND)
 
     async def _persona(self, message: IncomingMessage, argument: str) -> Reply:

@@ -55,6 +55,7 @@ class Settings(BaseSettings):
     # Dialogue
     context_scope: ContextScope = ContextScope.USER_IN_CHAT
     history_turns: int = Field(40, ge=2, le=1000)
+    trim_low_water: float = Field(0.75, ge=0.1, le=1.0)
     max_message_chars: int = Field(20000, ge=100, le=1_000_000)
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)

@@ -36,6 +36,8 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     stop_strings: tuple[str, ...] = ("User:",)
     seed: int | None = None
+    cache_key: str | None = None
+    """Identifies the conversation, so a backend may keep its KV cache between turns."""
 
 
 class FinishReason(StrEnum):

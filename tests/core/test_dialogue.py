@@ -142,6 +142,16 @@ async def test_a_long_conversation_fills_the_window_but_never_overflows_it(
         assert max(sizes) >= 1024 - 4 - 150  # the window really was full: old turns were dropped
         assert "29번째" in decoded_prompts(backend)[-1]
         assert "0번째" not in decoded_prompts(backend)[-1]
+        suffix = len(backend.tokenizer.encode_text("AI:"))
+        prompts = [r.prompt_ids for r in backend.requests]
+        restarts = sum(
+            1
+            for before, after in zip(prompts, prompts[1:])
+            if after[: len(before) - suffix] != before[:-suffix]
+        )
+        # Trimming to the low-water mark keeps prompts growing for ~2 turns between re-reads here;
+        # trimming exactly would re-read the whole prompt on each of the ~22 turns after it filled.
+        assert 1 <= restarts <= 10
     finally:
         await manager.close()
 
