@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from core import commands as texts
@@ -135,9 +135,12 @@ class DialogueManager:
         text, cut = self._clean_input(message.text)
         if not to_single_line(text):
             return Reply(texts.EMPTY_TEXT, ReplyKind.NOTICE)
+        key = self.key_for(message)
+        earlier = await self._earlier_reply(key, message)
+        if earlier is not None:
+            return earlier
         if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
             return self._rate_limited(message)
-        key = self.key_for(message)
         self.stats.in_flight += 1
         try:
             async with self.locks.lock(key):
@@ -160,10 +163,9 @@ class DialogueManager:
     async def _chat_locked(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
     ) -> Reply:
-        if message.message_id:
-            earlier = await self.storage.find_reply(key, message.message_id)
-            if earlier is not None:
-                return Reply(earlier.text, duplicate=True)
+        earlier = await self._earlier_reply(key, message)
+        if earlier is not None:
+            return earlier
         history = await self.storage.recent(key, self.settings.history_turns)
         history = self.context_starts.since(key, history)
         persona = await self.persona_for(key)
@@ -175,6 +177,13 @@ class DialogueManager:
             return self._generation_failed(error)
         await self.storage.append(key, self._exchange(message, text, reply_text))
         return self._chat_reply(reply_text, prompt, cut)
+
+    async def _earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
+        """The stored answer when this very message was handled before (a repeated delivery)."""
+        if not message.message_id:
+            return None
+        earlier = await self.storage.find_reply(key, message.message_id)
+        return None if earlier is None else Reply(earlier.text, duplicate=True)
 
     async def _generate(self, prompt: TrimmedPrompt, key: ConversationKey) -> str:
         started = time.perf_counter()

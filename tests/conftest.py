@@ -13,6 +13,17 @@ KOGPT2_DIR = Path(os.environ.get("TEST_KOGPT2_DIR", SHARED / "kogpt2-base-v2"))
 CHATBOT_CSV = Path(os.environ.get("TEST_CHATBOT_CSV", SHARED / "chatbot-data" / "ChatbotData.csv"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tiny test model is fastest on one thread, and CI machines have two busy cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def kogpt2_dir() -> Path:
     if not (KOGPT2_DIR / "tokenizer.json").is_file():

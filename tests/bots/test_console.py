@@ -25,6 +25,7 @@ def run_chat(
         "KOBOT_MAX_NEW_TOKENS": "8",
         "KOBOT_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
         [sys.executable, "-m", "core.cli", "chat", *args],

@@ -1,0 +1,443 @@
+"""`kobot telegram`: people chat with KoGPT2 on Telegram through python-telegram-bot 22.
+
+The adapter holds a DialogueManager and translates: Telegram update → IncomingMessage →
+`manager.handle` → Reply → paced, split, plain-text Telegram messages. Policies decided here:
+
+* Who is answered: see `bots.telegram_routing` (private chats always; groups on a mention, a
+  reply to the bot or a command; never bots; allowlists; admins for `/stats`).
+* Edited messages are ignored: the bot does not ask Telegram for them (`allowed_updates`), and
+  PTB's handler only takes new messages. The original was answered already; an edit keeps its
+  message id, so the core's restart dedup would return the old stored reply anyway, and answering
+  every typo fix would double the bot's messages in a group.
+* Delivery is at least once, answering at most once: an update is confirmed to Telegram only
+  after it was handled (`bots.telegram_updates`); a repeated delivery finds the stored turn
+  (message id `"<chat>:<message>"`) and the core marks its reply a duplicate, which is not sent
+  again. What is lost in a crash is only a reply whose turn was stored but not yet sent.
+* Flood limits: sends are paced per chat and overall, a 429 is waited out and retried, and a
+  send that still fails is logged; the turn stays stored (`bots.telegram_delivery`).
+* `/export` in a group is sent to the user's private chat: the history is theirs alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from telegram import BotCommand, Message, Update
+from telegram.error import InvalidToken, TelegramError
+from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
+
+from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
+from bots.telegram_logging import SecretRedactor, telegram_secrets
+from bots.telegram_routing import (
+    NON_TEXT_REPLY,
+    AccessPolicy,
+    BotIdentity,
+    Decision,
+    Route,
+    decide,
+    is_private,
+    to_incoming,
+)
+from bots.telegram_updates import (
+    ALLOWED_UPDATES,
+    Poller,
+    PollingConfig,
+    UpdateDispatcher,
+    WebhookServer,
+)
+from core import commands as texts
+from core.app import build_dialogue_manager
+from core.commands import DESCRIPTIONS, Command, parse_command
+from core.dialogue import DialogueManager
+from core.errors import StartupError
+from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.settings import Settings
+from core.text import split_message, utf16_length
+
+log = logging.getLogger(__name__)
+TelegramApp = Application[Any, Any, Any, Any, Any, Any]
+Context = CallbackContext[Any, Any, Any, Any]
+
+MESSAGE_LIMIT = 4096
+CAPTION_LIMIT = 1024
+MENU = (
+    Command.START,
+    Command.HELP,
+    Command.RESET,
+    Command.PERSONA,
+    Command.FORGET,
+    Command.EXPORT,
+    Command.ABOUT,
+)
+EMPTY_REPLY = "…"
+EXPORT_SENT_PRIVATELY = (
+    "대화 기록은 개인 채팅으로 보내 드렸어요. (I sent your history to you in a private chat.)"
+)
+EXPORT_NEEDS_PRIVATE_CHAT = (
+    "대화 기록을 보내려면 먼저 저와 개인 채팅을 시작해 주세요(/start). "
+    "(Please start a private chat with me first, then try /export again.)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TelegramOptions:
+    """Timing knobs; the defaults suit production, tests shorten some of them."""
+
+    polling: PollingConfig = field(default_factory=PollingConfig)
+    pacing: Pacing = field(default_factory=Pacing)
+    typing_interval_s: float = 4.0
+    drain_timeout_s: float = 30.0
+    webhook_reply_timeout_s: float = 50.0
+    max_concurrent_updates: int = 64
+    send_attempts: int = 4
+
+
+def require_token(settings: Settings) -> str:
+    token = settings.telegram_token
+    if token is None or not token.get_secret_value().strip():
+        raise StartupError("KOBOT_TELEGRAM_TOKEN is not set (get a token from @BotFather)")
+    return token.get_secret_value().strip()
+
+
+def build_application(settings: Settings) -> TelegramApp:
+    """A PTB Application without PTB's Updater (our poller confirms updates after handling).
+
+    PTB logs the API URLs, token included, at DEBUG while building the bot: hence the redactor.
+    """
+    builder = ApplicationBuilder().token(require_token(settings))
+    builder = builder.base_url(settings.telegram_base_url).updater(None)
+    builder = builder.job_queue(None)  # type: ignore[arg-type]  # None is documented: no jobs
+    with SecretRedactor(telegram_secrets(settings)).installed():
+        return builder.build()
+
+
+def api_host(base_url: str) -> str:
+    return urlsplit(base_url).netloc or base_url
+
+
+async def connect(application: TelegramApp, settings: Settings) -> BotIdentity:
+    """Check the token with `getMe`; a failure becomes a one-line StartupError."""
+    try:
+        await application.initialize()
+    except InvalidToken:
+        await application.bot.shutdown()
+        raise StartupError(
+            "KOBOT_TELEGRAM_TOKEN was rejected by the Telegram Bot API: "
+            "check the token (from @BotFather) and KOBOT_TELEGRAM_BASE_URL"
+        ) from None
+    except TelegramError as error:
+        await application.bot.shutdown()
+        where = api_host(settings.telegram_base_url)
+        reason = SecretRedactor(telegram_secrets(settings)).redact(str(error))
+        raise StartupError(f"cannot reach the Telegram Bot API at {where}: {reason}") from None
+    return BotIdentity.create(application.bot.id, application.bot.username)
+
+
+def target_for(message: Message) -> Target:
+    """Reply in the same chat (and forum topic); in groups, quote the user's message."""
+    group = not is_private(message)
+    return Target(
+        chat_id=message.chat.id,
+        is_group=group,
+        thread_id=message.message_thread_id if message.is_topic_message else None,
+        reply_to=message.message_id if group else None,
+    )
+
+
+def chunks(text: str) -> list[str]:
+    """Plain-text pieces within Telegram's limit (UTF-16 units), cut at sentence or line ends."""
+    return split_message(text, MESSAGE_LIMIT, utf16_length) or [EMPTY_REPLY]
+
+
+def menu(language: int) -> list[BotCommand]:
+    """The command menu; `language` 0 is Korean, 1 English (as in `DESCRIPTIONS`)."""
+    return [BotCommand(command.value, DESCRIPTIONS[command][language]) for command in MENU]
+
+
+def is_stats(text: str) -> bool:
+    parsed = parse_command(text)
+    return parsed is not None and parsed.command is Command.STATS
+
+
+class TelegramAdapter:
+    """Runs the Telegram side of kobot: updates in, replies out; holds a DialogueManager."""
+
+    def __init__(
+        self,
+        manager: DialogueManager,
+        settings: Settings,
+        application: TelegramApp | None = None,
+        options: TelegramOptions | None = None,
+    ) -> None:
+        self.manager = manager
+        self.settings = settings
+        self.options = options or TelegramOptions()
+        self.application = application or build_application(settings)
+        self.bot = self.application.bot
+        self.access = AccessPolicy(
+            frozenset(settings.telegram_allowed_users),
+            frozenset(settings.telegram_allowed_chats),
+            frozenset(settings.telegram_admin_ids),
+        )
+        self.dispatcher = UpdateDispatcher(
+            self.application.process_update, self.options.max_concurrent_updates
+        )
+        self.sender = Sender(self.bot, ChatPacer(self.options.pacing), self.options.send_attempts)
+        self.redactor = SecretRedactor(telegram_secrets(settings))
+        self.me: BotIdentity | None = None
+        self.webhook: WebhookServer | None = None
+        self._poller: Poller | None = None
+        self._poll_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
+        self.application.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self._on_message))
+        self.application.add_error_handler(self._on_error)
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Check the token, register the command menu, then poll or listen for the webhook."""
+        self.redactor.install()
+        try:
+            self.me = await connect(self.application, self.settings)
+            await self.application.start()
+            await self._register_commands()
+            if self.settings.telegram_webhook_url:
+                await self._start_webhook(self.settings.telegram_webhook_url)
+            else:
+                await self._start_polling()
+        except BaseException:
+            if self.webhook is not None:
+                await self.webhook.stop(0)
+            await self._shutdown_application()
+            raise
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, serve until `stop` is set (or polling fails for good), then stop cleanly."""
+        await self.start()
+        try:
+            await self._serve_until(stop)
+        finally:
+            await self.stop()
+
+    async def stop(self) -> None:
+        """Stop taking updates, let running ones finish (up to the drain timeout), shut down."""
+        try:
+            if self.webhook is not None:
+                await self.webhook.stop(self.options.drain_timeout_s)
+            else:
+                await self._stop_polling()
+        finally:
+            await self._shutdown_application()
+
+    async def _serve_until(self, stop: asyncio.Event) -> None:
+        stopped = asyncio.ensure_future(stop.wait())
+        waiters: set[asyncio.Future[Any]] = {stopped}
+        if self._poll_task is not None:
+            waiters.add(self._poll_task)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+
+    async def _start_polling(self) -> None:
+        """Remove any webhook (pending updates stay queued at Telegram), then poll."""
+        try:
+            await self.bot.delete_webhook(drop_pending_updates=False)
+        except TelegramError as error:
+            reason = self.redactor.redact(str(error))
+            raise StartupError(f"deleteWebhook failed, cannot start polling: {reason}") from None
+        self._poller = Poller(self.bot, self.dispatcher, self.options.polling)
+        self._poll_task = asyncio.create_task(self._poller.run(self._stopping))
+        log.info("telegram: long polling as @%s", self._username())
+
+    async def _stop_polling(self) -> None:
+        self._stopping.set()
+        failure = await self._finish_poll_task()
+        await self.dispatcher.drain(self.options.drain_timeout_s)
+        if self._poller is not None and failure is None:
+            await self._poller.confirm()
+        if isinstance(failure, InvalidToken):
+            raise StartupError("KOBOT_TELEGRAM_TOKEN was rejected while polling (revoked?)")
+
+    async def _finish_poll_task(self) -> BaseException | None:
+        if self._poll_task is None:
+            return None
+        await asyncio.wait([self._poll_task])
+        failure = None if self._poll_task.cancelled() else self._poll_task.exception()
+        if failure is not None:
+            log.error("polling stopped: %s", type(failure).__name__)
+        return failure
+
+    async def _start_webhook(self, url: str) -> None:
+        secret = self._webhook_secret()
+        self.webhook = WebhookServer(
+            self.bot,
+            self.dispatcher,
+            secret,
+            urlsplit(url).path or "/",
+            self.options.webhook_reply_timeout_s,
+        )
+        listen, port = self.settings.telegram_webhook_listen, self.settings.telegram_webhook_port
+        bound = await self.webhook.start(listen, port)
+        await self._set_webhook(url, secret)
+        log.info("telegram: webhook as @%s on %s:%d", self._username(), listen, bound)
+
+    def _webhook_secret(self) -> str:
+        """The configured secret, or a fresh random one (Telegram echoes it on every request)."""
+        configured = self.settings.telegram_webhook_secret
+        secret = configured.get_secret_value() if configured else secrets.token_urlsafe(32)
+        self.redactor.add(secret)
+        return secret
+
+    async def _set_webhook(self, url: str, secret: str) -> None:
+        try:
+            await self.bot.set_webhook(
+                url=url, secret_token=secret, allowed_updates=list(ALLOWED_UPDATES)
+            )
+        except TelegramError as error:
+            reason = self.redactor.redact(str(error))
+            raise StartupError(f"setWebhook was refused: {reason}") from None
+
+    async def _register_commands(self) -> None:
+        try:
+            await self.bot.set_my_commands(menu(0))
+            await self.bot.set_my_commands(menu(1), language_code="en")
+        except TelegramError as error:
+            log.warning("could not register the command menu: %s", error)
+
+    async def _shutdown_application(self) -> None:
+        try:
+            if self.application.running:
+                await self.application.stop()
+            await self.application.shutdown()
+        finally:
+            self.redactor.remove()
+
+    def _username(self) -> str:
+        return self.me.username if self.me else "?"
+
+    # Messages
+
+    async def _on_message(self, update: Update, context: Context) -> None:
+        message = update.message
+        if message is None or self.me is None:
+            return
+        decision = decide(message, self.me)
+        if decision.route is Route.IGNORE:
+            log.debug(
+                "ignored message %d in chat %d: %s",
+                message.message_id,
+                message.chat.id,
+                decision.reason,
+            )
+        elif self._allowed(message):
+            await self._respond(message, decision)
+
+    def _allowed(self, message: Message) -> bool:
+        user_id = message.from_user.id if message.from_user else 0
+        allowed = self.access.allows(user_id, message.chat.id)
+        if not allowed:
+            log.info("ignored user %d in chat %d: not in the allowlists", user_id, message.chat.id)
+        return allowed
+
+    async def _respond(self, message: Message, decision: Decision) -> None:
+        target = target_for(message)
+        if decision.route is Route.NON_TEXT:
+            await self.sender.send_texts(target, [NON_TEXT_REPLY])
+            return
+        incoming = to_incoming(message, decision.text, self.access.admins)
+        async with self._typing(target, incoming.text):
+            reply = await self._handle(incoming)
+            if reply.duplicate:
+                log.info("message %s was answered already; not sent again", incoming.message_id)
+                return
+            await self._deliver(incoming, reply, target)
+
+    async def _handle(self, incoming: IncomingMessage) -> Reply:
+        """The core's reply; an unexpected failure still gets the user a polite line."""
+        try:
+            return await self.manager.handle(incoming)
+        except Exception:
+            log.exception("the dialogue manager failed on message %s", incoming.message_id)
+            return Reply(texts.GENERATION_FAILED["default"], ReplyKind.ERROR)
+
+    def _typing(self, target: Target, text: str) -> AbstractAsyncContextManager[None]:
+        if parse_command(text) is not None:
+            return nullcontext()
+        return typing(self.bot, target, self.options.typing_interval_s)
+
+    async def _deliver(self, incoming: IncomingMessage, reply: Reply, target: Target) -> None:
+        text = self._with_queue_depth(reply) if is_stats(incoming.text) else reply.text
+        if reply.attachment is None:
+            await self.sender.send_texts(target, chunks(text))
+        elif incoming.is_private:
+            await self._send_document(target, reply.attachment, text)
+        else:
+            await self._send_document_privately(incoming, reply.attachment, text, target)
+
+    def _with_queue_depth(self, reply: Reply) -> str:
+        if reply.kind is not ReplyKind.COMMAND:
+            return reply.text
+        depth = self.dispatcher.in_flight
+        return f"{reply.text}\n텔레그램 처리 중인 업데이트 {depth} (Telegram updates in flight)"
+
+    async def _send_document(self, target: Target, attachment: Attachment, text: str) -> bool:
+        if utf16_length(text) <= CAPTION_LIMIT:
+            return await self.sender.send_document(target, attachment, text)
+        sent = await self.sender.send_texts(target, chunks(text))
+        return sent and await self.sender.send_document(target, attachment, "")
+
+    async def _send_document_privately(
+        self, incoming: IncomingMessage, attachment: Attachment, text: str, target: Target
+    ) -> None:
+        sent = await self._send_document(Target(int(incoming.user_id)), attachment, text)
+        notice = EXPORT_SENT_PRIVATELY if sent else EXPORT_NEEDS_PRIVATE_CHAT
+        await self.sender.send_texts(target, [notice])
+
+    async def _on_error(self, update: object, context: Context) -> None:
+        log.error("handling a Telegram update failed", exc_info=context.error)
+
+
+# Entry point
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT/SIGTERM (where the platform and thread allow signal handlers)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+async def run_telegram(
+    settings: Settings, options: TelegramOptions | None = None, stop: asyncio.Event | None = None
+) -> int:
+    """Check the token first (before the model loads), then serve until stopped."""
+    with SecretRedactor(telegram_secrets(settings)).installed():
+        application = build_application(settings)
+        await connect(application, settings)
+        try:
+            manager = await build_dialogue_manager(settings)
+        except BaseException:
+            await application.shutdown()
+            raise
+        try:
+            adapter = TelegramAdapter(manager, settings, application, options)
+            await adapter.run(stop or stop_on_signals())
+        finally:
+            await manager.close()
+    return 0
+
+
+def main(settings: Settings) -> int:
+    """`kobot telegram`: returns the exit status; start-up failures raise StartupError."""
+    return asyncio.run(run_telegram(settings))

@@ -1,0 +1,234 @@
+"""Sending to Telegram: per-chat pacing under the flood limits, retries, and "typing…".
+
+Telegram asks bots for at most about one message per second in a chat, 20 a minute in a group
+and 30 a second overall. Each chat gets a lane: a FIFO lock (so a reply's chunks and successive
+replies keep their order) and a token bucket; one more bucket paces the whole bot. A 429
+`RetryAfter` is honoured inside the lane, so everything else for that chat waits too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import warnings
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import partial
+
+from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
+from telegram.warnings import PTBDeprecationWarning
+
+from core.messages import Attachment
+
+log = logging.getLogger(__name__)
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    per_second: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class Pacing:
+    """Flood-limit pacing; the defaults follow Telegram's published limits."""
+
+    private: Rate = Rate(1.0, 3.0)
+    group: Rate = Rate(20 / 60, 3.0)
+    overall: Rate = Rate(30.0, 30.0)
+    max_lanes: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a reply goes: the chat, the forum topic, and the message it quotes (groups)."""
+
+    chat_id: int
+    is_group: bool = False
+    thread_id: int | None = None
+    reply_to: int | None = None
+
+
+class TokenBucket:
+    """Reservation-style token bucket: `reserve` takes a token and says how long to wait for it."""
+
+    def __init__(self, rate: Rate, clock: Clock = time.monotonic) -> None:
+        self._rate = rate
+        self._clock = clock
+        self._tokens = rate.burst
+        self._updated = clock()
+
+    def reserve(self) -> float:
+        self._refill()
+        self._tokens -= 1.0
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate.per_second
+
+    def _refill(self) -> None:
+        now = self._clock()
+        gained = (now - self._updated) * self._rate.per_second
+        self._tokens = min(self._rate.burst, self._tokens + gained)
+        self._updated = now
+
+
+@dataclass
+class Lane:
+    bucket: TokenBucket
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ChatPacer:
+    """One lane per chat (bounded, least recently used dropped first) and one overall bucket."""
+
+    def __init__(self, pacing: Pacing, clock: Clock = time.monotonic) -> None:
+        self._pacing = pacing
+        self._clock = clock
+        self._overall = TokenBucket(pacing.overall, clock)
+        self._lanes: OrderedDict[int, Lane] = OrderedDict()
+
+    @asynccontextmanager
+    async def lane(self, target: Target) -> AsyncIterator[Lane]:
+        lane = self._lane_for(target)
+        async with lane.lock:
+            yield lane
+
+    async def wait_turn(self, lane: Lane) -> None:
+        await asyncio.sleep(max(lane.bucket.reserve(), self._overall.reserve()))
+
+    def _lane_for(self, target: Target) -> Lane:
+        lane = self._lanes.pop(target.chat_id, None)
+        if lane is None:
+            rate = self._pacing.group if target.is_group else self._pacing.private
+            lane = Lane(TokenBucket(rate, self._clock))
+        self._lanes[target.chat_id] = lane
+        self._forget_idle_lanes()
+        return lane
+
+    def _forget_idle_lanes(self) -> None:
+        excess = len(self._lanes) - self._pacing.max_lanes
+        if excess <= 0:
+            return
+        idle = [chat for chat, lane in self._lanes.items() if not lane.lock.locked()]
+        for chat in idle[:excess]:
+            del self._lanes[chat]
+
+
+def retry_seconds(error: RetryAfter) -> float:
+    """`RetryAfter` as seconds (PTB 22 gives an int or a timedelta, depending on PTB_TIMEDELTA)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PTBDeprecationWarning)
+        value = error.retry_after
+    return value.total_seconds() if isinstance(value, timedelta) else float(value)
+
+
+Send = Callable[[], Awaitable[object]]
+
+
+class Sender:
+    """Sends plain text and documents, paced per chat, retrying flood and network errors."""
+
+    def __init__(
+        self, bot: Bot, pacer: ChatPacer, attempts: int = 4, backoff_s: float = 0.5
+    ) -> None:
+        self._bot = bot
+        self._pacer = pacer
+        self._attempts = attempts
+        self._backoff_s = backoff_s
+
+    async def send_texts(self, target: Target, chunks: list[str]) -> bool:
+        """Send the chunks in order, in one lane turn; False when one could not be sent."""
+        async with self._pacer.lane(target) as lane:
+            for chunk in chunks:
+                if not await self._attempt(lane, target, partial(self._text, target, chunk)):
+                    return False
+        return True
+
+    async def send_document(self, target: Target, attachment: Attachment, caption: str) -> bool:
+        async with self._pacer.lane(target) as lane:
+            send = partial(self._document, target, attachment, caption)
+            return await self._attempt(lane, target, send)
+
+    def _text(self, target: Target, text: str) -> Awaitable[object]:
+        return self._bot.send_message(
+            chat_id=target.chat_id,
+            text=text,
+            message_thread_id=target.thread_id,
+            reply_parameters=_quote(target),
+            link_preview_options=LinkPreviewOptions(is_disabled=True),
+        )
+
+    def _document(self, target: Target, attachment: Attachment, caption: str) -> Awaitable[object]:
+        return self._bot.send_document(
+            chat_id=target.chat_id,
+            document=InputFile(attachment.data, filename=attachment.filename),
+            caption=caption or None,
+            message_thread_id=target.thread_id,
+            reply_parameters=_quote(target),
+        )
+
+    async def _attempt(self, lane: Lane, target: Target, send: Send) -> bool:
+        for attempt in range(1, self._attempts + 1):
+            await self._pacer.wait_turn(lane)
+            try:
+                await send()
+                return True
+            except RetryAfter as error:
+                await self._after_flood(target, error, attempt)
+            except (BadRequest, Forbidden) as error:
+                log.warning("telegram refused a message to chat %s: %s", target.chat_id, error)
+                return False
+            except NetworkError as error:
+                await self._after_network_error(target, error, attempt)
+            except TelegramError as error:
+                log.warning("sending to chat %s failed: %s", target.chat_id, error)
+                return False
+        log.error("gave up sending to chat %s after %d attempts", target.chat_id, self._attempts)
+        return False
+
+    async def _after_flood(self, target: Target, error: RetryAfter, attempt: int) -> None:
+        seconds = retry_seconds(error)
+        log.warning("flood control in chat %s: retrying in %.1fs", target.chat_id, seconds)
+        if attempt < self._attempts:
+            await asyncio.sleep(seconds)
+
+    async def _after_network_error(
+        self, target: Target, error: TelegramError, attempt: int
+    ) -> None:
+        log.warning("sending to chat %s failed (attempt %d): %s", target.chat_id, attempt, error)
+        if attempt < self._attempts:
+            await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+
+
+def _quote(target: Target) -> ReplyParameters | None:
+    if target.reply_to is None:
+        return None
+    return ReplyParameters(message_id=target.reply_to, allow_sending_without_reply=True)
+
+
+@asynccontextmanager
+async def typing(bot: Bot, target: Target, interval_s: float) -> AsyncIterator[None]:
+    """Show "typing…" in the chat, refreshed every `interval_s`, for as long as the block runs."""
+    task = asyncio.create_task(_keep_typing(bot, target, interval_s))
+    try:
+        yield
+    finally:
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+
+
+async def _keep_typing(bot: Bot, target: Target, interval_s: float) -> None:
+    while True:
+        try:
+            await bot.send_chat_action(
+                target.chat_id, ChatAction.TYPING, message_thread_id=target.thread_id
+            )
+        except TelegramError as error:
+            log.debug("typing indicator failed in chat %s: %s", target.chat_id, error)
+        await asyncio.sleep(interval_s)
