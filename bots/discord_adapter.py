@@ -1,0 +1,671 @@
+"""`kobot discord`: the real discord.py client in front of the platform-neutral DialogueManager.
+
+The adapter only translates: a Discord message or slash command becomes an `IncomingMessage`,
+the core's `Reply` becomes one or more Discord messages. Everything else (context, commands,
+rate limits, restart de-duplication) lives in the core.
+
+When the bot answers
+    DMs: every text message. Servers: when mentioned (the user or the bot's managed role), when a
+    message replies to the bot, and every message in the channels (or threads of the channels)
+    listed in `KOBOT_DISCORD_CHANNELS`. Bots, webhooks and system messages are ignored.
+
+Safety
+    Every send uses `AllowedMentions.none()`; only the first chunk of a reply may ping its
+    author (`replied_user`). Text from the core is shown as text: markdown is escaped and mentions
+    get a zero-width space after the `@`.
+
+Access control
+    `KOBOT_DISCORD_ALLOWED_GUILDS/CHANNELS/ROLES` limit where the bot answers (a thread counts as
+    its parent channel). Without the privileged members intent a DM cannot be tied to a guild or a
+    role, so while any allowlist is set DMs get a polite refusal. Admins (`KOBOT_DISCORD_ADMIN_IDS`)
+    pass every allowlist and may use `/stats`.
+
+Proxies (`KOBOT_DISCORD_API_URL`, `KOBOT_DISCORD_GATEWAY_URL`)
+    discord.py 2.x has no per-client option for either. REST URLs are built from
+    `discord.http.Route.BASE` (discord.py's own `_set_api_version` sets it; interaction callbacks
+    and webhook follow-ups use the same `Route`), and the gateway is
+    `DiscordWebSocket.DEFAULT_GATEWAY` (used for the first IDENTIFY and after an invalidated
+    session; a plain `Client` never calls `GET /gateway`). `discord_endpoints` sets both for the
+    lifetime of one `DiscordBot.run()` and restores them afterwards, so one bot runs per process.
+    Resumes go to the `resume_gateway_url` the gateway (or the proxy) sends in READY. With
+    `KOBOT_DISCORD_SHARDS=auto` the shard count is read from `GET /gateway/bot` (through the REST
+    proxy) but the connection still goes to `DEFAULT_GATEWAY`, so a gateway proxy is honoured.
+
+Reconnects
+    discord.py resumes the session after op 7 / network drops and replays missed events.
+    Conversations are keyed by Discord ids in storage, never by the gateway session, so a
+    reconnect or resume (or a restart) changes nothing about anyone's context; a replayed message
+    that was already answered comes back from the core with `duplicate=True` and is not sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import re
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import discord
+import yarl
+from discord import app_commands
+from discord.abc import Messageable
+from discord.gateway import DiscordWebSocket
+from discord.http import INTERNAL_API_VERSION, Route
+
+from core.app import build_dialogue_manager
+from core.commands import DESCRIPTIONS, Command
+from core.dialogue import DialogueManager
+from core.errors import StartupError
+from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.settings import Settings, mask_url_password
+from core.text import split_message, utf16_length
+
+log = logging.getLogger(__name__)
+
+PLATFORM = "discord"
+MESSAGE_LIMIT = 2000
+DEFER_AFTER_S = 2.0  # Discord allows 3 s before an interaction must be answered or deferred
+TYPING_REFRESH_S = 8.0  # one typing indicator lasts about 10 s
+IDENTIFY_DELAY_S = 5.0  # Discord's default: one IDENTIFY per 5 s per bucket
+SLASH_COMMANDS = (
+    Command.RESET,
+    Command.HELP,
+    Command.PERSONA,
+    Command.FORGET,
+    Command.EXPORT,
+    Command.STATS,
+    Command.ABOUT,
+)
+PRIVATE_COMMANDS = frozenset({Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS})
+USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
+NO_MENTIONS = discord.AllowedMentions.none()
+REPLY_MENTION = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+
+NO_TEXT = (
+    "아직 글만 읽을 수 있어요. 하고 싶은 말을 글로 적어 주세요. "
+    "(I can only read text; please write your message.)"
+)
+COMMAND_FAILED = "죄송해요, 명령을 처리하지 못했어요. (Sorry, that command failed.)"
+NOT_ALLOWED = "여기서는 이 봇을 쓸 수 없어요. (This bot is not available here.)"
+FILE_IN_PRIVATE = (
+    "기록 파일은 /export 슬래시 명령으로 나에게만 보이게 보내 드려요. "
+    "(Use the /export slash command to get the file privately.)"
+)
+MISSING_INTENT = (
+    "Discord 봇에 Message Content Intent가 켜져 있지 않아요. Developer Portal → Bot → "
+    "Privileged Gateway Intents에서 켜 주세요. (The message content intent is not enabled.)"
+)
+TOKEN_REJECTED = (
+    "Discord가 KOBOT_DISCORD_TOKEN을 거부했어요 (401). Developer Portal → Bot에서 토큰을 다시 "
+    "확인해 주세요. (Discord rejected the bot token.)"
+)
+GATEWAY_CLOSE_REASONS = {
+    4004: TOKEN_REJECTED,
+    4010: "invalid shard: check KOBOT_DISCORD_SHARDS",
+    4011: "Discord requires sharding: set KOBOT_DISCORD_SHARDS=auto",
+    4012: "invalid gateway API version: check KOBOT_DISCORD_GATEWAY_URL",
+    4013: "invalid intents were sent to the gateway",
+    4014: MISSING_INTENT,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Endpoints, intents, client
+
+
+def api_base(url: str) -> str:
+    """`KOBOT_DISCORD_API_URL` as a `Route.BASE`: `/api/v10` is appended unless a version is."""
+    trimmed = url.strip().rstrip("/")
+    if not trimmed.startswith(("http://", "https://")):
+        shown = mask_url_password(url)
+        raise StartupError(
+            f"KOBOT_DISCORD_API_URL: must start with http:// or https:// ({shown!r})"
+        )
+    if re.search(r"/api/v\d+$", trimmed):
+        return trimmed
+    return f"{trimmed}/api/v{INTERNAL_API_VERSION}"
+
+
+def gateway_base(url: str) -> yarl.URL:
+    trimmed = url.strip()
+    if not trimmed.startswith(("ws://", "wss://")):
+        shown = mask_url_password(url)
+        raise StartupError(
+            f"KOBOT_DISCORD_GATEWAY_URL: must start with ws:// or wss:// ({shown!r})"
+        )
+    return yarl.URL(trimmed)
+
+
+@contextlib.contextmanager
+def discord_endpoints(api_url: str | None, gateway_url: str | None) -> Iterator[None]:
+    """Point discord.py at a REST and/or gateway proxy while the block runs (see module doc)."""
+    saved = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
+    try:
+        if api_url:
+            Route.BASE = api_base(api_url)
+        if gateway_url:
+            DiscordWebSocket.DEFAULT_GATEWAY = gateway_base(gateway_url)
+        yield
+    finally:
+        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
+
+
+def bot_intents() -> discord.Intents:
+    """Guilds (channel and thread cache), guild and DM messages, and their content."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True
+    return intents
+
+
+def has_message_content(flags: discord.ApplicationFlags) -> bool:
+    return flags.gateway_message_content or flags.gateway_message_content_limited
+
+
+class _KobotEvents:
+    """Gateway events forwarded to the adapter once it is attached (after login)."""
+
+    adapter: DiscordAdapter | None = None
+    identify_delay_s: float = IDENTIFY_DELAY_S
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self.adapter is not None:
+            await self.adapter.on_message(message)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        if not initial:
+            await asyncio.sleep(self.identify_delay_s)
+
+
+class KobotClient(_KobotEvents, discord.Client):
+    """One gateway connection."""
+
+
+class KobotShardedClient(_KobotEvents, discord.AutoShardedClient):
+    """`KOBOT_DISCORD_SHARDS` is `auto` or more than 1."""
+
+
+def create_client(settings: Settings, **options: Any) -> KobotClient | KobotShardedClient:
+    """The client for `KOBOT_DISCORD_SHARDS`; `options` go to discord.py (tests lower timeouts)."""
+    options.setdefault("allowed_mentions", NO_MENTIONS)
+    shards = settings.discord_shards
+    if shards == "1":
+        return KobotClient(intents=bot_intents(), **options)
+    count = None if shards == "auto" else int(shards)
+    return KobotShardedClient(intents=bot_intents(), shard_count=count, **options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Access control and triggers
+
+
+@dataclass(frozen=True, slots=True)
+class AccessPolicy:
+    """Allowlists of guild, channel and role ids (empty = everything), and the admin ids."""
+
+    guilds: frozenset[int] = frozenset()
+    channels: frozenset[int] = frozenset()
+    roles: frozenset[int] = frozenset()
+    admins: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> AccessPolicy:
+        return cls(
+            frozenset(settings.discord_allowed_guilds),
+            frozenset(settings.discord_allowed_channels),
+            frozenset(settings.discord_allowed_roles),
+            frozenset(settings.discord_admin_ids),
+        )
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.guilds or self.channels or self.roles)
+
+    def allows(self, user: discord.abc.User, guild_id: int | None, channel: object) -> bool:
+        if user.id in self.admins:
+            return True
+        if guild_id is None:
+            return not self.restricted
+        return (
+            (not self.guilds or guild_id in self.guilds)
+            and (not self.channels or in_channels(channel, self.channels))
+            and (not self.roles or bool(self.roles & role_ids(user)))
+        )
+
+
+def role_ids(user: discord.abc.User) -> set[int]:
+    return {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
+
+
+def in_channels(channel: object, listed: Iterable[int]) -> bool:
+    """True for a listed channel, or a thread whose parent channel is listed."""
+    ids = set(listed)
+    parent_id = channel.parent_id if isinstance(channel, discord.Thread) else None
+    return getattr(channel, "id", None) in ids or parent_id in ids
+
+
+def is_from_person(message: discord.Message) -> bool:
+    """Not a bot (this one included), not a webhook, not a system message."""
+    return (
+        not message.author.bot
+        and message.webhook_id is None
+        and not message.author.system
+        and message.type in USER_MESSAGE_TYPES
+    )
+
+
+def self_role_id(message: discord.Message) -> int | None:
+    role = message.guild.self_role if message.guild is not None else None
+    return role.id if role is not None else None
+
+
+def mentions_bot(message: discord.Message, bot_id: int) -> bool:
+    return bot_id in message.raw_mentions or self_role_id(message) in message.raw_role_mentions
+
+
+def replies_to_bot(message: discord.Message, bot_id: int) -> bool:
+    reference = message.reference
+    if reference is None:
+        return False
+    replied = reference.resolved or reference.cached_message
+    return isinstance(replied, discord.Message) and replied.author.id == bot_id
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation: Discord → core
+
+
+_MENTION = re.compile(r"<(@[!&]?|#)(\d+)>")
+
+
+def mention_names(message: discord.Message, bot_id: int) -> dict[str, str]:
+    """Raw mention → readable text for the model; the bot's own mentions become nothing."""
+    names = {f"<@{u.id}>": f"@{u.display_name}" for u in message.mentions}
+    names |= {f"<@!{u.id}>": f"@{u.display_name}" for u in message.mentions}
+    names |= {f"<@&{r.id}>": f"@{r.name}" for r in message.role_mentions}
+    names |= {f"<#{c.id}>": f"#{getattr(c, 'name', c.id)}" for c in message.channel_mentions}
+    names |= {f"<@{bot_id}>": "", f"<@!{bot_id}>": ""}
+    role = self_role_id(message)
+    if role is not None:
+        names[f"<@&{role}>"] = ""
+    return names
+
+
+def message_text(message: discord.Message, bot_id: int) -> str:
+    """The words said to the bot: its mentions removed, other mentions made readable."""
+    names = mention_names(message, bot_id)
+    text = _MENTION.sub(lambda m: names.get(m.group(0), m.group(0)), message.content)
+    return re.sub(r"[ \t]{2,}", " ", text).strip()
+
+
+def has_media(message: discord.Message) -> bool:
+    return bool(message.attachments or message.stickers or message.embeds)
+
+
+def incoming_message(
+    message: discord.Message, text: str, admins: frozenset[int]
+) -> IncomingMessage:
+    return IncomingMessage(
+        platform=PLATFORM,
+        user_id=str(message.author.id),
+        chat_id=str(message.channel.id),
+        text=text,
+        user_name=message.author.display_name,
+        message_id=str(message.id),
+        sent_at=message.created_at,
+        is_private=message.guild is None,
+        is_admin=message.author.id in admins,
+    )
+
+
+def command_message(
+    interaction: discord.Interaction, command: Command, argument: str, admins: frozenset[int]
+) -> IncomingMessage:
+    """A slash command as the text command the core parses (`/persona 친절한 선생님`)."""
+    return IncomingMessage(
+        platform=PLATFORM,
+        user_id=str(interaction.user.id),
+        chat_id=str(interaction.channel_id or interaction.user.id),
+        text=f"/{command.value} {argument}".strip(),
+        user_name=interaction.user.display_name,
+        message_id=str(interaction.id),
+        sent_at=interaction.created_at,
+        is_private=interaction.guild_id is None,
+        is_admin=interaction.user.id in admins,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Translation: core → Discord
+
+
+def displayable(text: str) -> str:
+    """Core text shown as text: markdown escaped, mentions broken with a zero-width space."""
+    return discord.utils.escape_mentions(discord.utils.escape_markdown(text))
+
+
+def chunks_of(reply: Reply) -> list[str]:
+    """Discord-sized pieces, split on paragraph, line or sentence ends (Korean included)."""
+    return split_message(displayable(reply.text), MESSAGE_LIMIT, utf16_length) or ["…"]
+
+
+def files_of(attachment: Attachment | None) -> list[discord.File]:
+    if attachment is None:
+        return []
+    return [discord.File(io.BytesIO(attachment.data), filename=attachment.filename)]
+
+
+def without_public_file(reply: Reply, private: bool) -> Reply:
+    """A history file is personal: in a server channel, point to the ephemeral /export instead."""
+    if private or reply.attachment is None:
+        return reply
+    return Reply(f"{reply.text}\n{FILE_IN_PRIVATE}", reply.kind)
+
+
+async def send_reply(message: discord.Message, reply: Reply) -> None:
+    """Send `reply` as replies to `message`, in order; only the first may ping its author."""
+    chunks = chunks_of(reply)
+    reference = message.to_reference(fail_if_not_exists=False)
+    for index, chunk in enumerate(chunks):
+        await message.channel.send(
+            chunk,
+            reference=reference,
+            allowed_mentions=REPLY_MENTION if index == 0 else NO_MENTIONS,
+            files=files_of(reply.attachment) if index == len(chunks) - 1 else [],
+        )
+
+
+async def respond(interaction: discord.Interaction, reply: Reply, ephemeral: bool) -> None:
+    """Answer an interaction (or follow up after a defer), file on the last chunk."""
+    chunks = chunks_of(reply)
+    for index, chunk in enumerate(chunks):
+        files = files_of(reply.attachment) if index == len(chunks) - 1 else []
+        if interaction.response.is_done():
+            await interaction.followup.send(
+                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files
+            )
+        else:
+            await interaction.response.send_message(
+                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files
+            )
+
+
+async def _keep_typing(channel: Messageable) -> None:
+    while True:
+        with contextlib.suppress(discord.HTTPException):
+            await channel.typing()
+        await asyncio.sleep(TYPING_REFRESH_S)
+
+
+@contextlib.asynccontextmanager
+async def typing_shown(channel: Messageable) -> AsyncIterator[None]:
+    """Typing indicator while the block runs; a failed typing request never blocks the reply."""
+    task = asyncio.create_task(_keep_typing(channel))
+    try:
+        yield
+    finally:
+        task.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Slash commands
+
+
+def describe(command: Command) -> str:
+    korean, english = DESCRIPTIONS[command]
+    return f"{korean} ({english})"[:100]
+
+
+SlashHandler = Callable[[discord.Interaction, Command, str], Awaitable[None]]
+
+
+def plain_command(command: Command, handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
+    async def callback(interaction: discord.Interaction) -> None:
+        await handle(interaction, command, "")
+
+    return app_commands.Command(
+        name=command.value, description=describe(command), callback=callback
+    )
+
+
+def persona_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
+    @app_commands.describe(text="새 페르소나, 또는 clear (new persona, or clear); 비우면 보기")
+    async def callback(interaction: discord.Interaction, text: str | None = None) -> None:
+        await handle(interaction, Command.PERSONA, text or "")
+
+    return app_commands.Command(
+        name=Command.PERSONA.value, description=describe(Command.PERSONA), callback=callback
+    )
+
+
+def build_command_tree(client: discord.Client, handle: SlashHandler) -> app_commands.CommandTree:
+    tree: app_commands.CommandTree = app_commands.CommandTree(client)
+    for command in SLASH_COMMANDS:
+        if command is Command.PERSONA:
+            tree.add_command(persona_command(handle))
+        else:
+            tree.add_command(plain_command(command, handle))
+    return tree
+
+
+async def finish_within(task: asyncio.Task[Reply], seconds: float) -> bool:
+    """Wait up to `seconds` for `task` without cancelling it; True when it is done."""
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    return bool(done)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapter
+
+
+class DiscordAdapter:
+    """Translates between discord.py and one DialogueManager (held, never subclassed)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: DialogueManager,
+        client: KobotClient | KobotShardedClient,
+        *,
+        defer_after_s: float = DEFER_AFTER_S,
+    ) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.client = client
+        self.policy = AccessPolicy.from_settings(settings)
+        self.listed_channels = frozenset(settings.discord_channels)
+        self.defer_after_s = defer_after_s
+        self.tree = build_command_tree(client, self.on_command)
+        self.tree.error(self.on_command_error)
+        client.adapter = self
+
+    @property
+    def bot_id(self) -> int:
+        user = self.client.user
+        return user.id if user is not None else 0
+
+    async def sync_commands(self) -> None:
+        """Register the slash commands: per listed guild (instant) or globally (up to an hour)."""
+        try:
+            await self._sync()
+        except discord.HTTPException as error:
+            log.warning("could not sync slash commands (%s %s)", error.status, error.text)
+
+    async def _sync(self) -> None:
+        if not self.settings.discord_guilds:
+            synced = await self.tree.sync()
+            log.info("synced %d global slash commands", len(synced))
+            return
+        for guild_id in self.settings.discord_guilds:
+            guild = discord.Object(id=guild_id)
+            self.tree.copy_global_to(guild=guild)
+            synced = await self.tree.sync(guild=guild)
+            log.info("synced %d slash commands to guild %d", len(synced), guild_id)
+
+    # -- messages ----------------------------------------------------------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if not is_from_person(message) or not self.is_addressed(message):
+            return
+        reply = await self.reply_for(message)
+        if reply is None:
+            return
+        try:
+            await send_reply(message, reply)
+        except discord.Forbidden:
+            log.warning("no permission to answer in channel %s", message.channel.id)
+
+    def is_addressed(self, message: discord.Message) -> bool:
+        """DMs always; in servers a mention, a reply to the bot, or a listed channel."""
+        if message.guild is None:
+            return True
+        return (
+            mentions_bot(message, self.bot_id)
+            or replies_to_bot(message, self.bot_id)
+            or in_channels(message.channel, self.listed_channels)
+        )
+
+    async def reply_for(self, message: discord.Message) -> Reply | None:
+        """The core's reply, or a local notice; None when nothing should be sent."""
+        guild_id = message.guild.id if message.guild is not None else None
+        if not self.policy.allows(message.author, guild_id, message.channel):
+            return Reply(NOT_ALLOWED, ReplyKind.NOTICE) if message.guild is None else None
+        text = message_text(message, self.bot_id)
+        if not text and has_media(message):
+            return Reply(NO_TEXT, ReplyKind.NOTICE)
+        async with typing_shown(message.channel):
+            reply = await self.manager.handle(incoming_message(message, text, self.policy.admins))
+        if reply.duplicate:
+            log.info("message %s was answered before; not sending again", message.id)
+            return None
+        return without_public_file(reply, message.guild is None)
+
+    # -- slash commands ----------------------------------------------------------------------
+
+    async def on_command(
+        self, interaction: discord.Interaction, command: Command, argument: str
+    ) -> None:
+        """Route to the core; defer when the core takes longer than `defer_after_s`."""
+        if not self.policy.allows(interaction.user, interaction.guild_id, interaction.channel):
+            await respond(interaction, Reply(NOT_ALLOWED, ReplyKind.NOTICE), ephemeral=True)
+            return
+        ephemeral = command in PRIVATE_COMMANDS
+        incoming = command_message(interaction, command, argument, self.policy.admins)
+        task = asyncio.create_task(self.manager.handle(incoming))
+        if not await finish_within(task, self.defer_after_s):
+            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
+        reply = await task
+        private = ephemeral or reply.kind in (ReplyKind.NOTICE, ReplyKind.ERROR)
+        await respond(interaction, reply, private)
+
+    async def on_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """Log it and answer (or finish a deferred answer) so no one waits on "thinking…"."""
+        log.error("slash command failed", exc_info=error)
+        with contextlib.suppress(discord.HTTPException):
+            await respond(interaction, Reply(COMMAND_FAILED, ReplyKind.ERROR), ephemeral=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+class DiscordBot:
+    """One run of the bot: login, model, command sync, gateway, shutdown.
+
+    Pass `manager` to reuse one (the caller then closes it); otherwise it is built after the
+    token is accepted, so a bad token fails in a second instead of after the model loads.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: DialogueManager | None = None,
+        *,
+        defer_after_s: float = DEFER_AFTER_S,
+        identify_delay_s: float = IDENTIFY_DELAY_S,
+        **client_options: Any,
+    ) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.defer_after_s = defer_after_s
+        self.client = create_client(settings, **client_options)
+        self.client.identify_delay_s = identify_delay_s
+        self.adapter: DiscordAdapter | None = None
+
+    async def run(self) -> None:
+        """Serve until `close()`; a bad token, intent or gateway setting raises StartupError."""
+        token = discord_token(self.settings)
+        with discord_endpoints(self.settings.discord_api_url, self.settings.discord_gateway_url):
+            async with self.client:
+                await self._login(token)
+                await self._serve()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _login(self, token: str) -> None:
+        try:
+            await self.client.login(token)
+        except discord.LoginFailure:
+            raise StartupError(TOKEN_REJECTED) from None
+        except (aiohttp.ClientError, OSError) as error:
+            where = mask_url_password(Route.BASE)
+            raise StartupError(f"Discord API에 연결할 수 없어요 ({where}): {error}") from None
+        if not has_message_content(self.client.application_flags):
+            raise StartupError(MISSING_INTENT)
+
+    async def _serve(self) -> None:
+        manager = self.manager or await build_dialogue_manager(self.settings)
+        try:
+            self.adapter = DiscordAdapter(
+                self.settings, manager, self.client, defer_after_s=self.defer_after_s
+            )
+            await self.adapter.sync_commands()
+            await self._connect()
+        finally:
+            if self.manager is None:
+                await manager.close()
+
+    async def _connect(self) -> None:
+        if isinstance(self.client, KobotShardedClient) and self.client.shard_count is None:
+            count, _, _ = await self.client.http.get_bot_gateway()
+            self.client.shard_count = count
+            log.info("Discord recommends %d shards", count)
+        try:
+            await self.client.connect(reconnect=True)
+        except discord.PrivilegedIntentsRequired:
+            raise StartupError(MISSING_INTENT) from None
+        except discord.ConnectionClosed as error:
+            reason = GATEWAY_CLOSE_REASONS.get(error.code or 0, "see Discord's close codes")
+            raise StartupError(f"Discord gateway closed ({error.code}): {reason}") from None
+
+
+def discord_token(settings: Settings) -> str:
+    token = settings.discord_token.get_secret_value().strip() if settings.discord_token else ""
+    if not token:
+        raise StartupError("KOBOT_DISCORD_TOKEN: not set (Developer Portal → Bot → Reset Token)")
+    return token
+
+
+async def run_until_stopped(bot: DiscordBot) -> None:
+    """Run the bot; SIGTERM (docker stop) closes it cleanly."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals here
+        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))
+    await bot.run()
+
+
+def main(settings: Settings) -> int:
+    """`kobot discord`."""
+    asyncio.run(run_until_stopped(DiscordBot(settings)))
+    return 0
