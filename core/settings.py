@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.messages import ContextScope
@@ -40,7 +40,7 @@ class Settings(BaseSettings):
 
     # Model and generation
     model: str = Field("skt/kogpt2-base-v2", min_length=1)
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "openai", "onnx"] = "local"
     device: str = "auto"
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     max_new_tokens: int = Field(64, ge=1, le=512)
@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     no_repeat_ngram_size: int = Field(3, ge=0, le=16)
     generation_timeout_s: float = Field(120.0, gt=0, le=3600)
     persona: str = Field(DEFAULT_PERSONA, max_length=1000)
+
+    # Remote (KOBOT_BACKEND=openai) and ONNX Runtime (KOBOT_BACKEND=onnx) backends
+    backend_url: str | None = None
+    backend_api_key: SecretStr | None = None
+    backend_model: str | None = None
+    backend_timeout_s: float = Field(60.0, gt=0, le=3600)
+    backend_retries: int = Field(2, ge=0, le=10)
+    backend_breaker_failures: int = Field(5, ge=1, le=1000)
+    backend_breaker_cooldown_s: float = Field(30.0, gt=0, le=3600)
+    backend_n_positions: int | None = Field(None, ge=16, le=1_048_576)
+    onnx_dir: str = Field("kobot-onnx", min_length=1)
 
     # Dialogue
     context_scope: ContextScope = ContextScope.USER_IN_CHAT
@@ -101,6 +112,18 @@ class Settings(BaseSettings):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
         return value
 
+    @field_validator("backend_url")
+    @classmethod
+    def _check_backend_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = value.strip() if value else None
+        if value is None:
+            if info.data.get("backend") == "openai":
+                raise ValueError("must be set when KOBOT_BACKEND=openai, e.g. http://vllm:8000/v1")
+            return None
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -117,6 +140,20 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+    @field_validator("discord_api_url", "telegram_base_url", "telegram_webhook_url")
+    @classmethod
+    def _check_http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @field_validator("discord_gateway_url")
+    @classmethod
+    def _check_ws_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
         return value
 
     @field_validator("discord_shards")
@@ -152,7 +189,7 @@ class Settings(BaseSettings):
             value = getattr(self, name)
             if isinstance(value, SecretStr):
                 text = "********"
-            elif name in {"database_url", "redis_url"} and value:
+            elif name in {"database_url", "redis_url", "backend_url"} and value:
                 text = mask_url_password(str(value))
             elif isinstance(value, list):
                 text = ",".join(str(item) for item in value)

@@ -61,6 +61,16 @@ def test_a_missing_env_file_named_explicitly_is_an_error(
         ("KOBOT_REDIS_URL", "localhost:6379", "KOBOT_REDIS_URL: must start with redis://"),
         ("KOBOT_TELEGRAM_ADMIN_IDS", "12,abc", "KOBOT_TELEGRAM_ADMIN_IDS: Input should be a valid"),
         ("KOBOT_MODLE", "x", "KOBOT_MODLE: unknown setting"),
+        (
+            "KOBOT_DISCORD_GATEWAY_URL",
+            "http://x",
+            "KOBOT_DISCORD_GATEWAY_URL: must start with ws://",
+        ),
+        (
+            "KOBOT_TELEGRAM_BASE_URL",
+            "api.telegram.org",
+            "KOBOT_TELEGRAM_BASE_URL: must start with http",
+        ),
     ],
 )
 def test_a_bad_value_names_the_variable_and_what_is_allowed(
