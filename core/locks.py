@@ -75,7 +75,7 @@ class InProcessLocks(ConversationLocks):
 
     @contextlib.asynccontextmanager
     async def lock(self, key: ConversationKey) -> AsyncIterator[None]:
-        entry = self._entries.setdefault(key, _Entry())
+        entry = self._entries.get(key) or self._entries.setdefault(key, _Entry())
         entry.users += 1
         try:
             await self._acquire(entry.lock, key)
@@ -155,11 +155,11 @@ class RedisLocks(ConversationLocks):
         try:
             acquired = await lock.acquire(blocking_timeout=wait_s, token=token)
         except asyncio.CancelledError:
-            with contextlib.suppress(*REDIS_ERRORS):  # it may have been set just before
-                await lock.do_release(token.encode())
+            await self._forget_token(lock, token)
             raise
         except REDIS_ERRORS as error:
             self._warn_unavailable(error)
+            await self._forget_token(lock, token)
             return None
         if not acquired:
             raise LockTimeout(key, self._wait_s)
@@ -167,6 +167,12 @@ class RedisLocks(ConversationLocks):
             self._in_outage = False
             log.info("%s is reachable again; conversation locks are shared again", self._where)
         return lock
+
+    @staticmethod
+    async def _forget_token(lock: RedisLock, token: str) -> None:
+        """Best effort: the lock may have been set just before the reply was lost."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            await lock.do_release(token.encode())
 
     async def _release(self, key: ConversationKey, lock: RedisLock) -> None:
         try:
@@ -203,10 +209,15 @@ class RedisLocks(ConversationLocks):
             await self._redis.aclose()
 
 
-def build_locks(settings: Settings) -> ConversationLocks:
+def build_locks(
+    settings: Settings, *, redis_keys: RedisKeyBuilder | None = None
+) -> ConversationLocks:
     """Redis locks when `redis_url` is set (several workers), otherwise in-process locks."""
     if settings.redis_url:
         return RedisLocks.from_url(
-            settings.redis_url, timeout_s=settings.lock_timeout_s, wait_s=settings.lock_timeout_s
+            settings.redis_url,
+            keys=redis_keys,
+            timeout_s=settings.lock_timeout_s,
+            wait_s=settings.lock_timeout_s,
         )
     return InProcessLocks(settings.lock_timeout_s)

@@ -1,0 +1,61 @@
+"""Build the storage the settings ask for: SQL (SQLite or PostgreSQL), behind Redis if set."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from storage.base import Storage, StorageError
+from storage.redis_cache import (
+    REDIS_ERRORS,
+    RedisCachedStorage,
+    RedisKeyBuilder,
+    describe_client,
+    describe_redis_error,
+    redis_client,
+)
+from storage.sql import SqlStorage
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+
+async def build_storage(
+    settings: Settings, *, redis_keys: RedisKeyBuilder | None = None
+) -> Storage:
+    """Open (and migrate) the database, then check Redis; any failure names the variable.
+
+    `redis_keys` changes the Redis key prefix (several deployments sharing one Redis, tests).
+    """
+    try:
+        sql = await SqlStorage.create(settings.database_url)
+    except StorageError as error:
+        raise StorageError(f"KOBOT_DATABASE_URL: {error}") from error
+    if not settings.redis_url:
+        return sql
+    try:
+        return await _with_redis(sql, settings, redis_keys)
+    except BaseException:
+        await sql.close()
+        raise
+
+
+async def _with_redis(
+    sql: SqlStorage, settings: Settings, keys: RedisKeyBuilder | None
+) -> RedisCachedStorage:
+    assert settings.redis_url is not None
+    client = redis_client(settings.redis_url)
+    try:
+        await client.ping()
+    except REDIS_ERRORS as error:
+        await client.aclose()
+        where = describe_client(client)
+        message = f"KOBOT_REDIS_URL: cannot connect to {where} ({describe_redis_error(error)})"
+        raise StorageError(message) from error
+    return RedisCachedStorage(
+        sql,
+        client,
+        keys=keys,
+        ttl_s=settings.redis_ttl_s,
+        window_turns=settings.redis_window_turns,
+        owns_redis=True,
+    )

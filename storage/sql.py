@@ -1,0 +1,498 @@
+"""Durable storage in SQL: SQLite via aiosqlite (the embedded default) or PostgreSQL via asyncpg.
+
+The schema is owned by the Alembic migrations in `storage/migrations/`; `SqlStorage.create` runs
+`upgrade head` at start-up. Every driver failure surfaces as `StorageError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, cast
+
+import alembic.util
+import asyncpg
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    CursorResult,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    event,
+    func,
+    or_,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.types import TypeDecorator
+
+from core.messages import ConversationKey, Role, Turn, utc_now
+from core.settings import mask_url_password
+from storage.base import Storage, StorageError, UserExport
+from storage.memory import to_utc
+
+MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
+SQLITE_BUSY_TIMEOUT_S = 15.0
+CONNECT_TIMEOUT_S = 10.0
+DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    SQLAlchemyError,
+    OSError,  # includes ConnectionError and TimeoutError
+    sqlite3.Error,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    alembic.util.CommandError,
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out; SQLite keeps them as naive UTC text."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        value = to_utc(value)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else to_utc(value)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class ConversationRow(Base):
+    """One context (`ConversationKey`); `context_start_turn_id` is the boundary set by `clear`."""
+
+    __tablename__ = "conversations"
+    __table_args__ = (Index(None, "platform", "user_id"),)
+
+    id: Mapped[str] = mapped_column(String, primary_key=True)
+    platform: Mapped[str] = mapped_column(String)
+    chat_id: Mapped[str] = mapped_column(String)
+    user_id: Mapped[str] = mapped_column(String)
+    persona: Mapped[str | None] = mapped_column(Text)
+    context_start_turn_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class TurnRow(Base):
+    """One line of a conversation; the id (never reused, even on SQLite) gives the order."""
+
+    __tablename__ = "turns"
+    __table_args__ = (
+        Index(None, "conversation_id", "id"),
+        Index(None, "conversation_id", "message_id"),
+        Index(None, "platform", "user_id"),
+        Index(None, "created_at"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    conversation_id: Mapped[str] = mapped_column(
+        String, ForeignKey("conversations.id", ondelete="CASCADE")
+    )
+    platform: Mapped[str] = mapped_column(String)
+    role: Mapped[str] = mapped_column(String(16))
+    text: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[str] = mapped_column(String)
+    message_id: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+CONVERSATIONS = cast(Table, ConversationRow.__table__)
+TURNS = cast(Table, TurnRow.__table__)
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+def describe_error(error: BaseException) -> str:
+    """One short line naming the driver error, with any URL password masked."""
+    cause = getattr(error, "orig", None) or error
+    if isinstance(cause.__cause__, asyncpg.PostgresError | asyncpg.InterfaceError):
+        cause = cause.__cause__  # the asyncpg error SQLAlchemy's adapter wrapped
+    lines = str(cause).strip().splitlines()
+    message = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    return mask_url_password(message)[:300]
+
+
+@contextlib.contextmanager
+def driver_errors(action: str) -> Iterator[None]:
+    """Turn any driver exception raised inside into `StorageError`."""
+    try:
+        yield
+    except DRIVER_ERRORS as error:
+        raise StorageError(f"{action} failed: {describe_error(error)}") from error
+
+
+def describe_database(url: str | URL) -> str:
+    """Where a URL points, without credentials: `PostgreSQL at host:port/db` or `SQLite ...`."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return f"SQLite database {parsed.database or ':memory:'}"
+    return f"PostgreSQL at {parsed.host or 'localhost'}:{parsed.port or 5432}/{parsed.database}"
+
+
+# --- engines ----------------------------------------------------------------------------------
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    """WAL lets readers and a writer from several processes share the file."""
+    dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, see `_sqlite_on_begin`
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.execute("PRAGMA synchronous = FULL")
+    cursor.execute("PRAGMA foreign_keys = ON")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: Connection) -> None:
+    """Take the write lock up front, so that the busy timeout applies instead of a deadlock."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _make_sqlite_parent(url: URL) -> None:
+    database = url.database or ""
+    if database and database != ":memory:" and not database.startswith("file:"):
+        Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_pool(url: URL) -> dict[str, Any]:
+    """An in-memory database lives in one connection: hand it to one session at a time."""
+    if url.database in (None, "", ":memory:") or "mode=memory" in str(url):
+        return {"poolclass": AsyncAdaptedQueuePool, "pool_size": 1, "max_overflow": 0}
+    return {}
+
+
+def create_engine_for(url: str, connect_args: Mapping[str, Any] | None = None) -> AsyncEngine:
+    """An async engine for SQLite (WAL, busy timeout, foreign keys) or PostgreSQL."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as error:
+        raise StorageError(f"invalid database URL {mask_url_password(url)!r}") from error
+    extra = dict(connect_args or {})
+    if parsed.get_backend_name() == "sqlite":
+        _make_sqlite_parent(parsed)
+        engine = create_async_engine(
+            parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S, **extra}, **_sqlite_pool(parsed)
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        return engine
+    return create_async_engine(
+        parsed, pool_pre_ping=True, connect_args={"timeout": CONNECT_TIMEOUT_S, **extra}
+    )
+
+
+# --- migrations -------------------------------------------------------------------------------
+
+
+_migration_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _migration_lock() -> asyncio.Lock:
+    """Alembic keeps the running migration in module globals: one at a time per event loop."""
+    return _migration_locks.setdefault(asyncio.get_running_loop(), asyncio.Lock())
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic config built in code (no alembic.ini): the script location, optionally a URL."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url:
+        config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def _upgrade_head(connection: Connection) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+
+
+async def _lock_migrations(connection: AsyncConnection) -> None:
+    """Serialize concurrent start-ups on PostgreSQL (SQLite's BEGIN IMMEDIATE already does)."""
+    if connection.dialect.name == "postgresql":
+        key = text(
+            "SELECT pg_advisory_xact_lock(hashtext('kobot-migrations:' || current_schema()))"
+        )
+        await connection.execute(key)
+
+
+async def migrate(engine: AsyncEngine) -> None:
+    """Connect, then run `upgrade head` in one transaction; errors name what failed and where."""
+    async with _migration_lock():
+        await _migrate(engine, describe_database(engine.url))
+
+
+async def _migrate(engine: AsyncEngine, where: str) -> None:
+    try:
+        connection = await engine.connect()
+    except DRIVER_ERRORS as error:
+        raise StorageError(f"cannot connect to {where} ({describe_error(error)})") from error
+    try:
+        async with connection.begin():
+            await _lock_migrations(connection)
+            await connection.run_sync(_upgrade_head)
+    except DRIVER_ERRORS as error:
+        message = f"cannot upgrade the schema of {where} ({describe_error(error)})"
+        raise StorageError(message) from error
+    finally:
+        await connection.close()
+
+
+async def upgrade_database(url: str, connect_args: Mapping[str, Any] | None = None) -> None:
+    """`kobot db upgrade`: bring the database at `url` to the newest schema."""
+    engine = create_engine_for(url, connect_args)
+    try:
+        await migrate(engine)
+    finally:
+        await engine.dispose()
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+
+def _to_turn(row: TurnRow) -> Turn:
+    return Turn(Role(row.role), row.text, row.user_id, row.created_at, row.message_id)
+
+
+def _turn_values(key: ConversationKey, turn: Turn) -> dict[str, Any]:
+    return {
+        "conversation_id": key.as_id(),
+        "platform": key.platform,
+        "role": str(turn.role),
+        "text": turn.text,
+        "user_id": turn.user_id,
+        "message_id": turn.message_id,
+        "created_at": turn.created_at,
+    }
+
+
+_NO_SYNC = {"synchronize_session": False}  # bulk DELETEs: no ORM objects to keep in sync
+
+
+def _rowcount(result: Any) -> int:
+    return max(cast(CursorResult[Any], result).rowcount, 0)
+
+
+class SqlStorage(Storage):
+    """The source of truth. Build it with `await SqlStorage.create(url)`."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @classmethod
+    async def create(
+        cls, url: str, *, connect_args: Mapping[str, Any] | None = None, upgrade: bool = True
+    ) -> SqlStorage:
+        """Open the database at `url` and (by default) upgrade its schema to the newest."""
+        engine = create_engine_for(url, connect_args)
+        try:
+            if upgrade:
+                await migrate(engine)
+        except BaseException:
+            await engine.dispose()
+            raise
+        return cls(engine)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self._engine
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self, action: str) -> AsyncIterator[AsyncSession]:
+        with driver_errors(action):
+            async with self._sessions.begin() as session:
+                yield session
+
+    def _upsert_conversation(self, key: ConversationKey, **changes: Any) -> Any:
+        """INSERT the conversation row if missing; with `changes`, also update them if present."""
+        values = {
+            "id": key.as_id(),
+            "platform": key.platform,
+            "chat_id": key.chat_id,
+            "user_id": key.user_id,
+            "created_at": utc_now(),
+            **changes,
+        }
+        table = CONVERSATIONS
+        if self._engine.dialect.name == "sqlite":
+            lite = sqlite_insert(table).values(values)
+            if not changes:
+                return lite.on_conflict_do_nothing(index_elements=["id"])
+            return lite.on_conflict_do_update(
+                index_elements=["id"], set_={name: lite.excluded[name] for name in changes}
+            )
+        pg = postgresql_insert(table).values(values)
+        if not changes:
+            return pg.on_conflict_do_nothing(index_elements=["id"])
+        return pg.on_conflict_do_update(
+            index_elements=["id"], set_={name: pg.excluded[name] for name in changes}
+        )
+
+    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+        if not turns:
+            return
+        async with self._transaction("storing turns") as session:
+            await session.execute(self._upsert_conversation(key))
+            for turn in turns:  # one INSERT each, so the ids follow the given order
+                await session.execute(TURNS.insert().values(_turn_values(key, turn)))
+
+    async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
+        if limit <= 0:
+            return []
+        boundary = (
+            select(ConversationRow.context_start_turn_id)
+            .where(ConversationRow.id == key.as_id())
+            .scalar_subquery()
+        )
+        query = (
+            select(TurnRow)
+            .where(TurnRow.conversation_id == key.as_id(), TurnRow.id > func.coalesce(boundary, 0))
+            .order_by(TurnRow.id.desc())
+            .limit(limit)
+        )
+        async with self._transaction("reading recent turns") as session:
+            rows = (await session.scalars(query)).all()
+        return [_to_turn(row) for row in reversed(rows)]
+
+    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
+        if not message_id:
+            return None
+        asked = (
+            select(func.max(TurnRow.id))
+            .where(
+                TurnRow.conversation_id == key.as_id(),
+                TurnRow.role == str(Role.USER),
+                TurnRow.message_id == message_id,
+            )
+            .scalar_subquery()
+        )
+        query = (
+            select(TurnRow)
+            .where(TurnRow.conversation_id == key.as_id(), TurnRow.id > asked)
+            .order_by(TurnRow.id)
+            .limit(1)
+        )
+        async with self._transaction("looking up a reply") as session:
+            row = (await session.scalars(query)).first()
+        return _to_turn(row) if row is not None and row.role == str(Role.AI) else None
+
+    async def clear(self, key: ConversationKey) -> None:
+        newest = select(func.coalesce(func.max(TurnRow.id), 0)).where(
+            TurnRow.conversation_id == key.as_id()
+        )
+        async with self._transaction("clearing the context") as session:
+            boundary = (await session.execute(newest)).scalar_one()
+            await session.execute(self._upsert_conversation(key, context_start_turn_id=boundary))
+
+    async def delete_user(self, platform: str, user_id: str) -> int:
+        owned = select(ConversationRow.id).where(
+            ConversationRow.platform == platform, ConversationRow.user_id == user_id
+        )
+        turns = delete(TurnRow).where(
+            or_(
+                (TurnRow.platform == platform) & (TurnRow.user_id == user_id),
+                TurnRow.conversation_id.in_(owned),
+            )
+        )
+        conversations = delete(ConversationRow).where(
+            ConversationRow.platform == platform, ConversationRow.user_id == user_id
+        )
+        async with self._transaction("deleting a user's data") as session:
+            deleted = _rowcount(await session.execute(turns, execution_options=_NO_SYNC))
+            await session.execute(conversations, execution_options=_NO_SYNC)
+        return deleted
+
+    async def export_user(self, platform: str, user_id: str) -> UserExport:
+        turns = (
+            select(TurnRow)
+            .where(TurnRow.platform == platform, TurnRow.user_id == user_id)
+            .order_by(TurnRow.id)
+        )
+        personas = select(ConversationRow.id, ConversationRow.persona).where(
+            ConversationRow.platform == platform,
+            ConversationRow.user_id == user_id,
+            ConversationRow.persona.is_not(None),
+        )
+        export = UserExport(platform, user_id)
+        async with self._transaction("exporting a user's data") as session:
+            for row in (await session.scalars(turns)).all():
+                export.conversations.setdefault(row.conversation_id, []).append(_to_turn(row))
+            for conversation_id, persona in (await session.execute(personas)).all():
+                if persona is not None:
+                    export.personas[conversation_id] = persona
+        return export
+
+    async def get_persona(self, key: ConversationKey) -> str | None:
+        query = select(ConversationRow.persona).where(ConversationRow.id == key.as_id())
+        async with self._transaction("reading a persona") as session:
+            return (await session.execute(query)).scalar_one_or_none()
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        async with self._transaction("storing a persona") as session:
+            await session.execute(self._upsert_conversation(key, persona=persona))
+
+    async def purge_before(self, cutoff: datetime) -> int:
+        query = delete(TurnRow).where(TurnRow.created_at < to_utc(cutoff))
+        async with self._transaction("purging old turns") as session:
+            return _rowcount(await session.execute(query, execution_options=_NO_SYNC))
+
+    async def stats(self) -> dict[str, int]:
+        users = select(TurnRow.platform, TurnRow.user_id).distinct().subquery()
+        queries = {
+            "turns": select(func.count()).select_from(TurnRow),
+            "users": select(func.count()).select_from(users),
+            "conversations": select(func.count()).select_from(ConversationRow),
+        }
+        async with self._transaction("counting") as session:
+            return {name: (await session.execute(q)).scalar_one() for name, q in queries.items()}
+
+    async def close(self) -> None:
+        with driver_errors("closing the database"):
+            await self._engine.dispose()
