@@ -18,13 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.shared_data import shared_dir
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import Role, Turn
 from core.prompt import PromptBuilder, render_prompt_text
 from core.settings import DEFAULT_PERSONA
 from core.trimming import token_budget
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = shared_dir()
 
 
 def load_pairs(path: Path, limit: int) -> list[tuple[str, str]]:

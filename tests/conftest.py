@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: the real KoGPT2 tokenizer and a tiny random GPT-2 built from it."""
+"""Fixtures for every test: the real KoGPT2 tokenizer and a tiny random GPT-2 built from it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+from bench.shared_data import shared_dir
+
+SHARED = shared_dir()
 KOGPT2_DIR = Path(os.environ.get("TEST_KOGPT2_DIR", SHARED / "kogpt2-base-v2"))
 CHATBOT_CSV = Path(os.environ.get("TEST_CHATBOT_CSV", SHARED / "chatbot-data" / "ChatbotData.csv"))
 
