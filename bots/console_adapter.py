@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import codecs
+import os
 import sys
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Iterator
 from itertools import count
 from pathlib import Path
 from typing import TextIO
 
 from core.app import build_dialogue_manager
 from core.dialogue import DialogueManager
+from core.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from core.text import to_single_line
@@ -58,17 +62,79 @@ class ConsoleAdapter:
         path.write_bytes(reply.attachment.data)
         return f"{reply.text} → {path}"
 
-    async def run_lines(self, lines: AsyncIterator[str]) -> None:
-        async for line in lines:
-            print(await self.answer(line), file=self.out, flush=True)
+    def is_connected(self) -> bool:
+        """For `/healthz`: a terminal or a pipe is always there."""
+        return True
+
+    async def run_lines(
+        self, lines: AsyncIterator[str], stop: asyncio.Event | None = None, grace_s: float = 20.0
+    ) -> None:
+        """Answer each line until the lines end or `stop` is set; a reply in flight at the stop
+        gets `grace_s` to finish (then it is printed), else it is cancelled and not stored."""
+        stop = stop or asyncio.Event()
+        while not stop.is_set():
+            line = await _next_or_stop(lines, stop)
+            if line is None or stop.is_set():
+                return
+            answering = asyncio.create_task(self.answer(line))
+            try:
+                reply = await finish_or_cancel(answering, stop, grace_s)
+            except Abandoned:
+                return
+            print(reply, file=self.out, flush=True)
+
+
+async def _next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
+    """The next line, or None when the lines end or `stop` is set first."""
+    reading = asyncio.ensure_future(anext(lines, None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not reading.done():
+        reading.cancel()
+        return None
+    return reading.result()
+
+
+def _stdin_chunks() -> Iterator[str]:
+    """Decoded pieces of standard input, read from the file descriptor itself: a daemon thread
+    blocked here holds no lock of `sys.stdin`'s buffer, which interpreter shutdown would need."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        yield from iter(sys.stdin.readline, "")
+        return
+    decoder = codecs.getincrementaldecoder(sys.stdin.encoding or "utf-8")("replace")
+    while chunk := os.read(fd, 65536):
+        yield decoder.decode(chunk)
+    yield decoder.decode(b"", final=True)
+
+
+def _read_stdin(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]) -> None:
+    """In a daemon thread: a blocked read never keeps the process from exiting on SIGTERM."""
+    pending = ""
+    try:
+        for chunk in _stdin_chunks():
+            *lines, pending = (pending + chunk).split("\n")
+            for line in lines:
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+        if pending:
+            loop.call_soon_threadsafe(queue.put_nowait, pending)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+    except RuntimeError:  # the event loop closed: the chat is over
+        return
 
 
 async def _stdin_lines() -> AsyncIterator[str]:
-    while True:
-        line = await asyncio.to_thread(sys.stdin.readline)
-        if not line:
-            return
-        yield line.rstrip("\n")
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    reader = threading.Thread(
+        target=_read_stdin, args=(asyncio.get_running_loop(), queue), daemon=True
+    )
+    reader.start()
+    while (line := await queue.get()) is not None:
+        yield line
 
 
 async def _terminal_lines(user: str) -> AsyncIterator[str]:
@@ -85,14 +151,22 @@ async def _terminal_lines(user: str) -> AsyncIterator[str]:
             return
 
 
-async def run_console(settings: Settings, user: str, interactive: bool) -> None:
-    manager = await build_dialogue_manager(settings)
-    try:
-        adapter = ConsoleAdapter(manager, user, one_line_replies=not interactive)
-        lines = _terminal_lines(user) if interactive else _stdin_lines()
-        await adapter.run_lines(lines)
-    finally:
-        await manager.close()
+async def run_console(
+    settings: Settings, user: str, interactive: bool, stop: asyncio.Event | None = None
+) -> None:
+    """Chat until the input ends or SIGTERM/SIGINT (see `core.lifecycle`)."""
+    async with BotServices(settings, PLATFORM, stop) as services:
+        if services.stop.is_set():
+            return
+        manager = await build_dialogue_manager(settings)
+        try:
+            adapter = ConsoleAdapter(manager, user, one_line_replies=not interactive)
+            services.attach(manager, adapter)
+            lines = _terminal_lines(user) if interactive else _stdin_lines()
+            await adapter.run_lines(lines, services.stop, services.grace_s)
+        finally:
+            await services.detach()
+            await manager.close()
 
 
 def main(settings: Settings, user: str = "console") -> int:

@@ -31,6 +31,13 @@ Proxies (`KOBOT_DISCORD_API_URL`, `KOBOT_DISCORD_GATEWAY_URL`)
     `KOBOT_DISCORD_SHARDS=auto` the shard count is read from `GET /gateway/bot` (through the REST
     proxy) but the connection still goes to `DEFAULT_GATEWAY`, so a gateway proxy is honoured.
 
+Streaming (`KOBOT_STREAM_REPLIES`, on by default)
+    A reply to a message is posted as soon as the model has text and grows by message edits
+    (`PATCH`), at most one per second per message (`bots.streaming`); discord.py waits out 429s
+    itself, and one it gives up on pushes the next edit back. The last edit makes the message
+    exactly the reply `handle` returns; further chunks follow as messages. Slash commands are
+    answered when done (after "thinking…"), as interactions cannot be paced the same way.
+
 Reconnects
     discord.py resumes the session after op 7 / network drops and replays missed events.
     Conversations are keyed by Discord ids in storage, never by the gateway session, so a
@@ -45,7 +52,6 @@ import contextlib
 import io
 import logging
 import re
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -58,10 +64,12 @@ from discord.abc import Messageable
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
+from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
 from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
+from core.lifecycle import BotServices, InFlight
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
 from core.settings import Settings, mask_url_password
 from core.text import split_message, utf16_length
@@ -81,7 +89,16 @@ SLASH_COMMANDS = (
     Command.EXPORT,
     Command.STATS,
     Command.ABOUT,
+    Command.COMPLETE,
+    Command.STORY,
+    Command.SENTIMENT,
+    Command.RETRY,
 )
+TEXT_ARGUMENTS = {  # slash commands that need text, and how their option is described
+    Command.COMPLETE: "이어 쓸 문장 (text to continue)",
+    Command.STORY: "이야기의 첫 문장 (the story's opening)",
+    Command.SENTIMENT: "분석할 문장 (text to analyse)",
+}
 PRIVATE_COMMANDS = frozenset({Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS})
 USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -92,6 +109,7 @@ NO_TEXT = (
     "(I can only read text; please write your message.)"
 )
 COMMAND_FAILED = "죄송해요, 명령을 처리하지 못했어요. (Sorry, that command failed.)"
+RESTARTING = "봇이 곧 다시 시작해요. 잠시 후 다시 시도해 주세요. (Restarting; retry shortly.)"
 NOT_ALLOWED = "여기서는 이 봇을 쓸 수 없어요. (This bot is not available here.)"
 FILE_IN_PRIVATE = (
     "기록 파일은 /export 슬래시 명령으로 나에게만 보이게 보내 드려요. "
@@ -177,8 +195,10 @@ class _KobotEvents:
     identify_delay_s: float = IDENTIFY_DELAY_S
 
     async def on_message(self, message: discord.Message) -> None:
-        if self.adapter is not None:
-            await self.adapter.on_message(message)
+        adapter = self.adapter
+        if adapter is not None and not adapter.closing:
+            with adapter.in_flight.track():
+                await adapter.on_message(message)
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         if not initial:
@@ -446,14 +466,98 @@ def persona_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None
     )
 
 
+def text_command(command: Command, handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
+    """A slash command with one required text option (`/complete text:…`)."""
+
+    @app_commands.describe(text=TEXT_ARGUMENTS[command])
+    async def callback(interaction: discord.Interaction, text: str) -> None:
+        await handle(interaction, command, text)
+
+    return app_commands.Command(
+        name=command.value, description=describe(command), callback=callback
+    )
+
+
 def build_command_tree(client: discord.Client, handle: SlashHandler) -> app_commands.CommandTree:
     tree: app_commands.CommandTree = app_commands.CommandTree(client)
     for command in SLASH_COMMANDS:
         if command is Command.PERSONA:
             tree.add_command(persona_command(handle))
+        elif command in TEXT_ARGUMENTS:
+            tree.add_command(text_command(command, handle))
         else:
             tree.add_command(plain_command(command, handle))
     return tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Streamed replies
+
+
+@contextlib.contextmanager
+def streaming_errors() -> Iterator[None]:
+    """discord.py's errors for a streamed message, as `bots.streaming` expects them."""
+    try:
+        yield
+    except discord.RateLimited as error:
+        raise FloodWait(error.retry_after) from None
+    except (discord.NotFound, discord.Forbidden) as error:
+        raise EditFailed(str(error)) from None
+    except discord.HTTPException as error:
+        if error.status == 429 or error.status >= 500:
+            raise FloodWait(retry_after_of(error)) from None
+        raise EditFailed(str(error)) from None
+    except (aiohttp.ClientError, OSError) as error:
+        log.warning("streamed reply: %s", error)
+        raise FloodWait(1.0) from None
+
+
+def retry_after_of(error: discord.HTTPException) -> float:
+    try:
+        return float(error.response.headers.get("Retry-After", 1.0))
+    except (AttributeError, TypeError, ValueError):
+        return 1.0
+
+
+def live_reply(
+    message: discord.Message, interval_s: float, first_after_s: float | None = None
+) -> LiveMessage[discord.Message]:
+    """A reply to `message` that grows by edits (the first post may ping its author)."""
+    reference = message.to_reference(fail_if_not_exists=False)
+
+    async def post(text: str) -> discord.Message:
+        with streaming_errors():
+            return await message.channel.send(
+                text, reference=reference, allowed_mentions=REPLY_MENTION
+            )
+
+    async def edit(sent: discord.Message, text: str) -> None:
+        with streaming_errors():
+            await sent.edit(content=text, allowed_mentions=REPLY_MENTION)
+
+    return LiveMessage(
+        post,
+        edit,
+        interval_s=interval_s,
+        first_after_s=first_after_s,
+        fit=lambda text: chunks_of(Reply(text))[0],
+    )
+
+
+async def finish_live(
+    live: LiveMessage[discord.Message], message: discord.Message, reply: Reply
+) -> bool:
+    """Edit the streamed message into the reply's first chunk and send the rest; False when
+    nothing was streamed (or it broke): the reply is then sent as usual."""
+    if not live.started or reply.attachment is not None:
+        return False
+    first, *rest = chunks_of(reply)
+    if not await live.finish(first):
+        return False
+    reference = message.to_reference(fail_if_not_exists=False)
+    for chunk in rest:
+        await message.channel.send(chunk, reference=reference, allowed_mentions=NO_MENTIONS)
+    return True
 
 
 async def finish_within(task: asyncio.Task[Reply], seconds: float) -> bool:
@@ -476,6 +580,8 @@ class DiscordAdapter:
         client: KobotClient | KobotShardedClient,
         *,
         defer_after_s: float = DEFER_AFTER_S,
+        stream_interval_s: float = DEFAULT_INTERVAL_S,
+        stream_first_after_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.manager = manager
@@ -483,7 +589,10 @@ class DiscordAdapter:
         self.policy = AccessPolicy.from_settings(settings)
         self.listed_channels = frozenset(settings.discord_channels)
         self.defer_after_s = defer_after_s
-        self.tree = build_command_tree(client, self.on_command)
+        self.stream_timing = (stream_interval_s, stream_first_after_s)
+        self.in_flight = InFlight()
+        self.closing = False
+        self.tree = build_command_tree(client, self._tracked_command)
         self.tree.error(self.on_command_error)
         client.adapter = self
 
@@ -491,6 +600,19 @@ class DiscordAdapter:
     def bot_id(self) -> int:
         user = self.client.user
         return user.id if user is not None else 0
+
+    def is_connected(self) -> bool:
+        """For `/healthz`: the gateway session is ready and the client not closed."""
+        return self.client.is_ready() and not self.client.is_closed()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Stop taking messages and commands; wait for those in flight (True when all ended)."""
+        self.closing = True
+        finished = await self.in_flight.wait_idle(timeout_s)
+        if not finished:
+            running = self.in_flight.count
+            log.warning("%d replies still running after %g s; closing", running, timeout_s)
+        return finished
 
     async def sync_commands(self) -> None:
         """Register the slash commands: per listed guild (instant) or globally (up to an hour)."""
@@ -515,11 +637,17 @@ class DiscordAdapter:
     async def on_message(self, message: discord.Message) -> None:
         if not is_from_person(message) or not self.is_addressed(message):
             return
-        reply = await self.reply_for(message)
+        live = live_reply(message, *self.stream_timing) if self.settings.stream_replies else None
+        try:
+            reply = await self.reply_for(message, live)
+        finally:
+            if live is not None:
+                await live.close()
         if reply is None:
             return
         try:
-            await send_reply(message, reply)
+            if live is None or not await finish_live(live, message, reply):
+                await send_reply(message, reply)
         except discord.Forbidden:
             log.warning("no permission to answer in channel %s", message.channel.id)
 
@@ -533,22 +661,35 @@ class DiscordAdapter:
             or in_channels(message.channel, self.listed_channels)
         )
 
-    async def reply_for(self, message: discord.Message) -> Reply | None:
-        """The core's reply, or a local notice; None when nothing should be sent."""
+    async def reply_for(
+        self, message: discord.Message, live: LiveMessage[discord.Message] | None = None
+    ) -> Reply | None:
+        """The core's reply (streamed into `live`, if given), or a local notice; None when
+        nothing should be sent."""
         guild_id = message.guild.id if message.guild is not None else None
         if not self.policy.allows(message.author, guild_id, message.channel):
             return Reply(NOT_ALLOWED, ReplyKind.NOTICE) if message.guild is None else None
         text = message_text(message, self.bot_id)
         if not text and has_media(message):
             return Reply(NO_TEXT, ReplyKind.NOTICE)
+        incoming = incoming_message(message, text, self.policy.admins)
         async with typing_shown(message.channel):
-            reply = await self.manager.handle(incoming_message(message, text, self.policy.admins))
+            reply = await self.manager.handle_stream(incoming, live.update if live else None)
         if reply.duplicate:
             log.info("message %s was answered before; not sending again", message.id)
             return None
         return without_public_file(reply, message.guild is None)
 
     # -- slash commands ----------------------------------------------------------------------
+
+    async def _tracked_command(
+        self, interaction: discord.Interaction, command: Command, argument: str
+    ) -> None:
+        if self.closing:
+            await respond(interaction, Reply(RESTARTING, ReplyKind.NOTICE), ephemeral=True)
+            return
+        with self.in_flight.track():
+            await self.on_command(interaction, command, argument)
 
     async def on_command(
         self, interaction: discord.Interaction, command: Command, argument: str
@@ -593,14 +734,18 @@ class DiscordBot:
         *,
         defer_after_s: float = DEFER_AFTER_S,
         identify_delay_s: float = IDENTIFY_DELAY_S,
+        stream_interval_s: float = DEFAULT_INTERVAL_S,
+        stream_first_after_s: float | None = None,
         **client_options: Any,
     ) -> None:
         self.settings = settings
         self.manager = manager
         self.defer_after_s = defer_after_s
+        self.stream_timing = (stream_interval_s, stream_first_after_s)
         self.client = create_client(settings, **client_options)
         self.client.identify_delay_s = identify_delay_s
         self.adapter: DiscordAdapter | None = None
+        self.services: BotServices | None = None
 
     async def run(self) -> None:
         """Serve until `close()`; a bad token, intent or gateway setting raises StartupError."""
@@ -628,11 +773,20 @@ class DiscordBot:
         manager = self.manager or await build_dialogue_manager(self.settings)
         try:
             self.adapter = DiscordAdapter(
-                self.settings, manager, self.client, defer_after_s=self.defer_after_s
+                self.settings,
+                manager,
+                self.client,
+                defer_after_s=self.defer_after_s,
+                stream_interval_s=self.stream_timing[0],
+                stream_first_after_s=self.stream_timing[1],
             )
+            if self.services is not None:
+                self.services.attach(manager, self.adapter)
             await self.adapter.sync_commands()
             await self._connect()
         finally:
+            if self.services is not None:
+                await self.services.detach()
             if self.manager is None:
                 await manager.close()
 
@@ -657,12 +811,22 @@ def discord_token(settings: Settings) -> str:
     return token
 
 
-async def run_until_stopped(bot: DiscordBot) -> None:
-    """Run the bot; SIGTERM (docker stop) closes it cleanly."""
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # no signals here
-        loop.add_signal_handler(signal.SIGTERM, lambda: asyncio.ensure_future(bot.close()))
-    await bot.run()
+async def run_until_stopped(bot: DiscordBot, stop: asyncio.Event | None = None) -> None:
+    """Run the bot until SIGTERM/SIGINT (or `stop`): then no new messages, replies in flight
+    finish within KOBOT_SHUTDOWN_TIMEOUT_S, the client closes, then the model and storage."""
+    async with BotServices(bot.settings, PLATFORM, stop) as services:
+        bot.services = services
+        running = asyncio.create_task(bot.run())
+        stopping = asyncio.ensure_future(services.stop.wait())
+        try:
+            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if not running.done():
+            if bot.adapter is not None:
+                await bot.adapter.drain(services.grace_s)
+            await bot.close()
+        await running
 
 
 def main(settings: Settings) -> int:

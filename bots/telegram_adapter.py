@@ -16,6 +16,10 @@ The adapter holds a DialogueManager and translates: Telegram update → Incoming
 * Flood limits: sends are paced per chat and overall, a 429 is waited out and retried, and a
   send that still fails is logged; the turn stays stored (`bots.telegram_delivery`).
 * `/export` in a group is sent to the user's private chat: the history is theirs alone.
+* Streaming (`KOBOT_STREAM_REPLIES`, on by default): a reply being generated is posted as soon
+  as it has text and grows by `editMessageText`, at most once a second per message (paced with
+  the chat's other sends; a `RetryAfter` pushes the next edit back, see `bots.streaming`); the
+  last edit makes it exactly the reply `handle` returns, further chunks follow as messages.
 """
 
 from __future__ import annotations
@@ -23,8 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import signal
-from contextlib import AbstractAsyncContextManager, nullcontext, suppress
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -33,6 +36,7 @@ from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
+from bots.streaming import EditFailed, LiveMessage
 from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
 from bots.telegram_logging import SecretRedactor, telegram_secrets
 from bots.telegram_routing import (
@@ -57,9 +61,11 @@ from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
+from core.lifecycle import BotServices
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
 from core.settings import Settings
 from core.text import split_message, utf16_length
+from core.uses import MODEL_COMMANDS
 
 log = logging.getLogger(__name__)
 TelegramApp = Application[Any, Any, Any, Any, Any, Any]
@@ -75,6 +81,10 @@ MENU = (
     Command.FORGET,
     Command.EXPORT,
     Command.ABOUT,
+    Command.COMPLETE,
+    Command.STORY,
+    Command.SENTIMENT,
+    Command.RETRY,
 )
 EMPTY_REPLY = "…"
 EXPORT_SENT_PRIVATELY = (
@@ -97,6 +107,8 @@ class TelegramOptions:
     webhook_reply_timeout_s: float = 50.0
     max_concurrent_updates: int = 64
     send_attempts: int = 4
+    stream_interval_s: float = 1.0
+    stream_first_after_s: float | None = None  # None: one interval
 
 
 def require_token(settings: Settings) -> str:
@@ -323,6 +335,13 @@ class TelegramAdapter:
     def _username(self) -> str:
         return self.me.username if self.me else "?"
 
+    def is_connected(self) -> bool:
+        """For `/healthz`: the token was accepted and polling (or the webhook) is running."""
+        serving = self.webhook is not None or (
+            self._poll_task is not None and not self._poll_task.done()
+        )
+        return self.me is not None and self.application.running and serving
+
     # Messages
 
     async def _on_message(self, update: Update, context: Context) -> None:
@@ -353,23 +372,67 @@ class TelegramAdapter:
             await self.sender.send_texts(target, [NON_TEXT_REPLY])
             return
         incoming = to_incoming(message, decision.text, self.access.admins)
+        live = self._live_message(target)
         async with self._typing(target, incoming.text):
-            reply = await self._handle(incoming)
+            try:
+                reply = await self._handle(incoming, live)
+            finally:
+                if live is not None:
+                    await live.close()
             if reply.duplicate:
                 log.info("message %s was answered already; not sent again", incoming.message_id)
                 return
-            await self._deliver(incoming, reply, target)
+            if live is None or not await self._finish_live(live, reply, target):
+                await self._deliver(incoming, reply, target)
 
-    async def _handle(self, incoming: IncomingMessage) -> Reply:
-        """The core's reply; an unexpected failure still gets the user a polite line."""
+    async def _handle(
+        self, incoming: IncomingMessage, live: LiveMessage[int] | None = None
+    ) -> Reply:
+        """The core's reply (streamed into `live`, if given); an unexpected failure still gets
+        the user a polite line."""
         try:
-            return await self.manager.handle(incoming)
+            return await self.manager.handle_stream(incoming, live.update if live else None)
         except Exception:
             log.exception("the dialogue manager failed on message %s", incoming.message_id)
             return Reply(texts.GENERATION_FAILED["default"], ReplyKind.ERROR)
 
+    def _live_message(self, target: Target) -> LiveMessage[int] | None:
+        """A message to stream the reply into, when streaming is on."""
+        if not self.settings.stream_replies:
+            return None
+
+        async def post(text: str) -> int:
+            message_id = await self.sender.send_text(target, text)
+            if message_id is None:
+                raise EditFailed(f"could not post to chat {target.chat_id}")
+            return message_id
+
+        async def edit(message_id: int, text: str) -> None:
+            await self.sender.edit_text(target, message_id, text)
+
+        return LiveMessage(
+            post,
+            edit,
+            interval_s=self.options.stream_interval_s,
+            first_after_s=self.options.stream_first_after_s,
+            fit=lambda text: chunks(text)[0],
+        )
+
+    async def _finish_live(self, live: LiveMessage[int], reply: Reply, target: Target) -> bool:
+        """Make the streamed message the reply's first chunk and send the rest; False when
+        nothing was streamed (or the message broke): the reply is then sent as usual."""
+        if not live.started or reply.attachment is not None:
+            return False
+        first, *rest = chunks(reply.text)
+        if not await live.finish(first):
+            return False
+        if rest:
+            await self.sender.send_texts(target, rest)
+        return True
+
     def _typing(self, target: Target, text: str) -> AbstractAsyncContextManager[None]:
-        if parse_command(text) is not None:
+        parsed = parse_command(text)
+        if parsed is not None and parsed.command not in MODEL_COMMANDS:
             return nullcontext()
         return typing(self.bot, target, self.options.typing_interval_s)
 
@@ -408,33 +471,31 @@ class TelegramAdapter:
 # Entry point
 
 
-def stop_on_signals() -> asyncio.Event:
-    """An event set by SIGINT/SIGTERM (where the platform and thread allow signal handlers)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        with suppress(NotImplementedError, RuntimeError, ValueError):
-            loop.add_signal_handler(signum, stop.set)
-    return stop
-
-
 async def run_telegram(
     settings: Settings, options: TelegramOptions | None = None, stop: asyncio.Event | None = None
 ) -> int:
-    """Check the token first (before the model loads), then serve until stopped."""
-    with SecretRedactor(telegram_secrets(settings)).installed():
-        application = build_application(settings)
-        await connect(application, settings)
-        try:
-            manager = await build_dialogue_manager(settings)
-        except BaseException:
-            await application.shutdown()
-            raise
-        try:
-            adapter = TelegramAdapter(manager, settings, application, options)
-            await adapter.run(stop or stop_on_signals())
-        finally:
-            await manager.close()
+    """Check the token first (before the model loads), then serve until stopped.
+
+    SIGTERM/SIGINT (or `stop`): no new updates, running ones finish within
+    KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close (see `core.lifecycle`).
+    """
+    options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
+    async with BotServices(settings, "telegram", stop) as services:
+        with SecretRedactor(telegram_secrets(settings)).installed():
+            application = build_application(settings)
+            await connect(application, settings)
+            try:
+                manager = await build_dialogue_manager(settings)
+            except BaseException:
+                await application.shutdown()
+                raise
+            try:
+                adapter = TelegramAdapter(manager, settings, application, options)
+                services.attach(manager, adapter)
+                await adapter.run(services.stop)
+            finally:
+                await services.detach()
+                await manager.close()
     return 0
 
 

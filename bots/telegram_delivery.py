@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
-from telegram import Bot, InputFile, LinkPreviewOptions, ReplyParameters
+from telegram import Bot, InputFile, LinkPreviewOptions, Message, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from bots.streaming import EditFailed, FloodWait
 from core.messages import Attachment
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,41 @@ class Sender:
                 if not await self._attempt(lane, target, partial(self._text, target, chunk)):
                     return False
         return True
+
+    async def send_text(self, target: Target, text: str) -> int | None:
+        """Send one message like `send_texts`; its message id, or None when it failed."""
+        sent: list[object] = []
+
+        async def send() -> None:
+            sent.append(await self._text(target, text))
+
+        async with self._pacer.lane(target) as lane:
+            ok = await self._attempt(lane, target, send)
+        return sent[-1].message_id if ok and isinstance(sent[-1], Message) else None
+
+    async def edit_text(self, target: Target, message_id: int, text: str) -> None:
+        """One paced edit of a sent message (a streamed reply). A flood limit or a network error
+        raises FloodWait, so the caller retries later with newer text; a message that cannot
+        be edited raises EditFailed. Telegram's "message is not modified" counts as done."""
+        async with self._pacer.lane(target) as lane:
+            await self._pacer.wait_turn(lane)
+            try:
+                await self._bot.edit_message_text(
+                    text,
+                    chat_id=target.chat_id,
+                    message_id=message_id,
+                    link_preview_options=LinkPreviewOptions(is_disabled=True),
+                )
+            except RetryAfter as error:
+                raise FloodWait(retry_seconds(error)) from None
+            except BadRequest as error:
+                if "not modified" not in str(error).lower():
+                    raise EditFailed(f"chat {target.chat_id}: {error}") from None
+            except NetworkError as error:
+                log.warning("editing in chat %s failed: %s", target.chat_id, error)
+                raise FloodWait(self._backoff_s) from None
+            except TelegramError as error:
+                raise EditFailed(f"chat {target.chat_id}: {error}") from None
 
     async def send_document(self, target: Target, attachment: Attachment, caption: str) -> bool:
         async with self._pacer.lane(target) as lane:

@@ -7,8 +7,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from core.admin import add_commands, run_health, run_history
 from core.errors import StartupError
+from core.logging_setup import SecretRedactor, configure_logging, settings_secrets
 from core.settings import ConfigError, Settings, load_settings
+from core.training_cli import add_train_command, run_train
 from storage.base import StorageError
 
 log = logging.getLogger("kobot")
@@ -29,24 +32,19 @@ def _parser() -> argparse.ArgumentParser:
     new_model.add_argument("--layers", type=int, default=2)
     new_model.add_argument("--dim", type=int, default=64)
     new_model.add_argument("--heads", type=int, default=2)
+    onnx = sub.add_parser("export-onnx", help="export KOBOT_MODEL to ONNX (KOBOT_BACKEND=onnx)")
+    onnx.add_argument("--out", help="folder to write (default: KOBOT_ONNX_DIR)")
     db = sub.add_parser("db", help="database maintenance")
     db.add_argument("action", choices=["upgrade"], help="upgrade: apply schema migrations")
+    add_commands(sub)
+    add_train_command(sub)
     return parser
 
 
-def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("httpx", "httpcore", "aiosqlite", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
-
-
 def _print_config(settings: Settings, args: argparse.Namespace) -> int:
+    redactor = SecretRedactor(settings_secrets(settings))  # e.g. a token inside a webhook URL
     for name, value in settings.masked().items():
-        print(f"{name}={value}")
+        print(redactor.redact(f"{name}={value}"))
     return 0
 
 
@@ -86,6 +84,18 @@ def _new_model(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(settings: Settings, args: argparse.Namespace) -> int:
+    from core.generation.onnx_export import export_onnx
+
+    report = export_onnx(settings.model, args.out or settings.onnx_dir)
+    print(
+        f"내보냈어요 (exported) {settings.model} → {report.folder} in {report.seconds:.0f} s "
+        f"(max |logit diff| vs torch: {report.max_abs_diff:.1e})\n"
+        f"KOBOT_BACKEND=onnx\nKOBOT_ONNX_DIR={report.folder}"
+    )
+    return 0
+
+
 COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "chat": _run_chat,
     "telegram": _run_telegram,
@@ -93,6 +103,10 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "config": _print_config,
     "db": _run_db,
     "new-model": _new_model,
+    "export-onnx": _export_onnx,
+    "history": run_history,
+    "health": run_health,
+    "train": run_train,
 }
 
 
@@ -103,13 +117,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as error:
         print(f"kobot: 설정 오류 (configuration error):\n{error}", file=sys.stderr)
         return 2
-    _configure_logging(settings)
+    redactor = configure_logging(settings)
     try:
         return COMMANDS[args.command](settings, args)
     except KeyboardInterrupt:
         return 130
     except (StartupError, StorageError) as error:
-        print(f"kobot: {error}", file=sys.stderr)
+        print(f"kobot: {redactor.redact(str(error))}", file=sys.stderr)
+        return 1
+    except Exception:
+        log.critical("kobot stopped by an unexpected error", exc_info=True)
         return 1
 
 

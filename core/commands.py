@@ -15,6 +15,10 @@ class Command(StrEnum):
     EXPORT = "export"
     STATS = "stats"
     ABOUT = "about"
+    COMPLETE = "complete"
+    STORY = "story"
+    SENTIMENT = "sentiment"
+    RETRY = "retry"
 
 
 ALIASES: dict[str, Command] = {
@@ -27,6 +31,10 @@ ALIASES: dict[str, Command] = {
     "내보내기": Command.EXPORT,
     "통계": Command.STATS,
     "정보": Command.ABOUT,
+    "이어쓰기": Command.COMPLETE,
+    "이야기": Command.STORY,
+    "감정": Command.SENTIMENT,
+    "다시": Command.RETRY,
 }
 
 # (Korean, English) one-line descriptions, also used for Telegram's and Discord's command menus.
@@ -39,6 +47,18 @@ DESCRIPTIONS: dict[Command, tuple[str, str]] = {
     Command.EXPORT: ("내 대화 기록 JSON 받기", "Get my history as a JSON file"),
     Command.STATS: ("통계 (관리자)", "Statistics (admins)"),
     Command.ABOUT: ("모델과 라이선스 정보", "About the model and its licence"),
+    Command.COMPLETE: ("문장 이어 쓰기", "Continue a sentence"),
+    Command.STORY: ("이야기 지어 주기", "Write a story from an opening"),
+    Command.SENTIMENT: ("문장의 감정 분석 (긍정/부정)", "Positive or negative, with confidence"),
+    Command.RETRY: ("마지막 메시지에 다른 대답", "Another answer to my last message"),
+}
+
+# What follows the command in help texts (the commands that take an argument).
+USAGE: dict[Command, str] = {
+    Command.PERSONA: "[설명|clear]",
+    Command.COMPLETE: "<문장>",
+    Command.STORY: "<첫 문장>",
+    Command.SENTIMENT: "<문장>",
 }
 
 PERSONA_CLEAR_WORDS = frozenset({"clear", "reset", "off", "none", "초기화", "해제", "삭제"})
@@ -67,7 +87,8 @@ def help_text() -> str:
     lines = ["🤖 kobot 사용법 (How to use)", "그냥 말을 걸면 대답해요. (Just talk to me.)"]
     for command, (korean, english) in DESCRIPTIONS.items():
         if command is not Command.STATS:
-            lines.append(f"/{command.value} — {korean} ({english})")
+            usage = f" {USAGE[command]}" if command in USAGE else ""
+            lines.append(f"/{command.value}{usage} — {korean} ({english})")
     lines.append("/persona <설명> 으로 이 대화의 페르소나를 정하고, /persona clear 로 해제해요.")
     return "\n".join(lines)
 
@@ -110,9 +131,33 @@ GENERATION_FAILED = {
     "(The server is out of memory; please retry.)",
     "timeout": "답을 만드는 데 너무 오래 걸렸어요. 조금 뒤에 다시 물어봐 주세요. "
     "(Generation timed out; please retry.)",
+    "unavailable": "지금 답을 만드는 서버에 연결할 수 없어요. 잠시 후 다시 시도해 주세요. "
+    "(The reply server is unavailable right now; please retry shortly.)",
     "default": "죄송해요, 답을 만드는 중에 문제가 생겼어요. 잠시 후 다시 시도해 주세요. "
     "(Sorry, something went wrong; please retry.)",
 }
+NEEDS_TEXT = {
+    Command.COMPLETE: "이어 쓸 문장을 함께 적어 주세요. 예: /complete 오늘 날씨가 "
+    "(Add the text to continue, e.g. /complete 오늘 날씨가)",
+    Command.STORY: "이야기의 첫 문장을 함께 적어 주세요. 예: /story 옛날 옛적에 "
+    "(Add an opening, e.g. /story 옛날 옛적에)",
+    Command.SENTIMENT: "분석할 문장을 함께 적어 주세요. 예: /sentiment 오늘 정말 행복해 "
+    "(Add the text to analyse, e.g. /sentiment 오늘 정말 행복해)",
+}
+SENTIMENT_TEXT = "{label} (확신도 {confidence:.0%}) — {english}, confidence {confidence:.0%}"
+SENTIMENT_ENGLISH = {"긍정": "positive", "부정": "negative"}
+SENTIMENT_UNAVAILABLE = (
+    "지금 쓰는 모델 백엔드에서는 감정 분석을 할 수 없어요. "
+    "(Sentiment needs a backend that can score text, e.g. KOBOT_BACKEND=local.)"
+)
+NOTHING_TO_RETRY = (
+    "다시 대답할 메시지가 없어요. 먼저 말을 걸어 주세요. "
+    "(There is no message of yours to answer again yet.)"
+)
+NO_CONTINUATION = (
+    "이어 쓸 말을 찾지 못했어요. 조금 다르게 적어 보시겠어요? "
+    "(I could not continue that; try different words.)"
+)
 STORAGE_FAILED = (
     "죄송해요, 대화 기록 저장소에 문제가 있어요. 잠시 후 다시 시도해 주세요. "
     "(Storage is unavailable; please retry.)"

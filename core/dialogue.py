@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from core import commands as texts
@@ -14,6 +15,7 @@ from core.generation.base import (
     GenerationBackend,
     GenerationError,
     GenerationRequest,
+    GenerationResult,
     SamplingParams,
 )
 from core.locks import ConversationLocks, LockTimeout
@@ -26,11 +28,14 @@ from core.messages import (
     Role,
     Turn,
 )
+from core.observability import TurnObserver
 from core.prompt import STOP_STRINGS, PromptBuilder
 from core.ratelimit import RateLimiter
 from core.settings import Settings
+from core.streaming import PartialCallback, generate, partials_to
 from core.text import remove_control_characters, to_single_line
 from core.trimming import TrimmedPrompt, token_budget
+from core.uses import MODEL_COMMANDS, ModelCommands
 from storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,7 @@ def sampling_params(settings: Settings) -> SamplingParams:
         repetition_penalty=settings.repetition_penalty,
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         do_sample=settings.temperature > 0,
+        num_return_sequences=settings.num_candidates,
     )
 
 
@@ -111,11 +117,26 @@ class DialogueManager:
         self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.stats = DialogueStats()
+        self.observer = TurnObserver(settings)
         self.low_water = int(self.budget * settings.trim_low_water)
         self.context_starts = ContextStarts()
+        self.uses = ModelCommands(self)
 
     async def handle(self, message: IncomingMessage) -> Reply:
         """Answer one message: a command, a chat turn, or a polite explanation."""
+        with self.observer.turn(message) as turn:
+            turn.reply = await self._handle(message)
+            return turn.reply
+
+    async def handle_stream(
+        self, message: IncomingMessage, on_partial: PartialCallback | None
+    ) -> Reply:
+        """`handle`, and while a reply is generated, `on_partial(reply so far)` whenever it grows
+        (chat, /complete, /story, /retry). The returned Reply is exactly what `handle` gives."""
+        with partials_to(on_partial):
+            return await self.handle(message)
+
+    async def _handle(self, message: IncomingMessage) -> Reply:
         self.stats.messages += 1
         command = parse_command(message.text)
         try:
@@ -126,6 +147,7 @@ class DialogueManager:
         except StorageError:
             log.exception("storage failed while handling a message")
             self.stats.errors += 1
+            self.observer.error("storage")
             return Reply(texts.STORAGE_FAILED, ReplyKind.ERROR)
 
     def key_for(self, message: IncomingMessage) -> ConversationKey:
@@ -171,12 +193,14 @@ class DialogueManager:
         persona = await self.persona_for(key)
         prompt = self.prompts.build(persona, history, text, self.budget, self.low_water)
         self.context_starts.update(key, history, prompt)
+        note = texts.TRIMMED_NOTE if prompt.newest_trimmed or cut else ""
         try:
-            reply_text = await self._generate(prompt, key)
+            result = await self._generate(prompt, key, lambda partial: note + partial)
         except GenerationError as error:
             return self._generation_failed(error)
-        await self.storage.append(key, self._exchange(message, text, reply_text))
-        return self._chat_reply(reply_text, prompt, cut)
+        await self.storage.append(key, self._exchange(message, text, result.text))
+        self.uses.candidates.keep(key, text, result.text, result.alternatives)
+        return self._chat_reply(result.text, prompt, cut)
 
     async def _earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
         """The stored answer when this very message was handled before (a repeated delivery)."""
@@ -185,12 +209,16 @@ class DialogueManager:
         earlier = await self.storage.find_reply(key, message.message_id)
         return None if earlier is None else Reply(earlier.text, duplicate=True)
 
-    async def _generate(self, prompt: TrimmedPrompt, key: ConversationKey) -> str:
+    async def _generate(
+        self, prompt: TrimmedPrompt, key: ConversationKey, shown: Callable[[str], str]
+    ) -> GenerationResult:
+        """The reply; streamed (each partial formatted by `shown`) when someone listens."""
         started = time.perf_counter()
         request = GenerationRequest(
             prompt.prompt_ids, self.params, STOP_STRINGS, cache_key=key.as_id()
         )
-        result = await self.backend.generate(request)
+        result = await generate(self.backend, request, shown)
+        self.observer.generated(prompt, result, time.perf_counter() - started)
         log.debug(
             "generated %d tokens from a %d-token prompt in %.3fs (%s)",
             result.new_tokens,
@@ -198,11 +226,12 @@ class DialogueManager:
             time.perf_counter() - started,
             result.finish_reason,
         )
-        return result.text
+        return result
 
     def _generation_failed(self, error: GenerationError) -> Reply:
         log.warning("generation failed: %s", error)
         self.stats.errors += 1
+        self.observer.error(f"generation_{error.kind}")
         text = texts.GENERATION_FAILED.get(str(error.kind), texts.GENERATION_FAILED["default"])
         return Reply(text, ReplyKind.ERROR)
 
@@ -235,7 +264,27 @@ class DialogueManager:
         if parsed.command is None:
             name = to_single_line(parsed.name)[:32]
             return Reply(texts.UNKNOWN_COMMAND.format(name=name), ReplyKind.NOTICE)
+        if parsed.command in MODEL_COMMANDS:
+            return await self._use_model(message, parsed)
         return await handlers[parsed.command](message, parsed.argument)
+
+    async def _use_model(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
+        """`/complete`, `/story`, `/sentiment`, `/retry` (`core.uses`): rate-limited like chat,
+        generation failures and a busy conversation answered politely."""
+        missing = self.uses.missing_argument(parsed)
+        if missing is not None:
+            return missing
+        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
+            return self._rate_limited(message)
+        self.stats.in_flight += 1
+        try:
+            return await self.uses.run(message, parsed)
+        except GenerationError as error:
+            return self._generation_failed(error)
+        except LockTimeout:
+            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
+        finally:
+            self.stats.in_flight -= 1
 
     async def _start(self, message: IncomingMessage, argument: str) -> Reply:
         return Reply(texts.START_TEXT, ReplyKind.COMMAND)

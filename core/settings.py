@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     no_repeat_ngram_size: int = Field(3, ge=0, le=16)
     generation_timeout_s: float = Field(120.0, gt=0, le=3600)
     persona: str = Field(DEFAULT_PERSONA, max_length=1000)
+    story_max_new_tokens: int = Field(256, ge=16, le=768)
+    num_candidates: int = Field(1, ge=1, le=8)
+    retry_candidates: int = Field(3, ge=1, le=8)
 
     # Remote (KOBOT_BACKEND=openai) and ONNX Runtime (KOBOT_BACKEND=onnx) backends
     backend_url: str | None = None
@@ -63,6 +66,13 @@ class Settings(BaseSettings):
     backend_n_positions: int | None = Field(None, ge=16, le=1_048_576)
     onnx_dir: str = Field("kobot-onnx", min_length=1)
 
+    # Generation engine (KOBOT_BACKEND=local): continuous batching, per-conversation KV reuse
+    engine_max_batch: int = Field(32, ge=1, le=1024)
+    engine_kv_budget_mb: int = Field(1024, ge=16, le=1_048_576)
+    engine_kv_idle_s: float = Field(600.0, ge=1.0, le=86_400.0)
+    engine_prefill_chunk: int = Field(512, ge=16, le=8192)
+    engine_compile: Literal["off", "compile"] = "off"
+
     # Dialogue
     context_scope: ContextScope = ContextScope.USER_IN_CHAT
     history_turns: int = Field(40, ge=2, le=1000)
@@ -70,6 +80,7 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(20000, ge=100, le=1_000_000)
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)
+    stream_replies: bool = True
 
     # Storage
     database_url: str = Field("sqlite+aiosqlite:///kobot.db", min_length=1)
@@ -77,9 +88,16 @@ class Settings(BaseSettings):
     redis_ttl_s: int = Field(86400, ge=60, le=30 * 86400)
     redis_window_turns: int = Field(80, ge=2, le=10000)
     history_retention_days: int = Field(0, ge=0, le=36500)
+    history_purge_interval_s: int = Field(3600, ge=1, le=7 * 86400)
 
     # Operations
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+    log_user_ids: Literal["hash", "plain"] = "hash"
+    log_user_salt: SecretStr | None = None
+    metrics_port: int = Field(0, ge=0, le=65535)
+    metrics_host: str = Field("127.0.0.1", min_length=1)
+    shutdown_timeout_s: float = Field(20.0, gt=0, le=3600)
 
     # Telegram
     telegram_token: SecretStr | None = None

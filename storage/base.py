@@ -63,6 +63,11 @@ class Storage(abc.ABC):
         """The AI turn stored right after the user turn with this `message_id`, if any."""
 
     @abc.abstractmethod
+    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+        """Give the newest turn since the last `clear` the new `text` if it is an AI turn
+        (`/retry`); False, changing nothing, when there is no such turn."""
+
+    @abc.abstractmethod
     async def clear(self, key: ConversationKey) -> None:
         """Forget the context of one conversation (its durable history stays)."""
 

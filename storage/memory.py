@@ -69,6 +69,16 @@ class MemoryStorage(Storage):
                 return following if following and following.role is Role.AI else None
         return None
 
+    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+        conversation = self._conversations.get(key.as_id())
+        if conversation is None or not conversation.turns:
+            return False
+        turn_id, last = conversation.turns[-1]
+        if turn_id <= conversation.context_start or last.role is not Role.AI:
+            return False
+        conversation.turns[-1] = (turn_id, replace(last, text=text))
+        return True
+
     async def clear(self, key: ConversationKey) -> None:
         conversation = self._conversation(key)
         conversation.context_start = conversation.turns[-1][0] if conversation.turns else 0

@@ -406,6 +406,18 @@ class RedisCachedStorage(Storage):
     async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
         return await self._inner.find_reply(key, message_id)
 
+    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+        """SQL first; then the cached entry is dropped (the next read fills it from SQL)."""
+        replaced = await self._inner.replace_last_reply(key, text)
+        if replaced:
+            conversation_id = key.as_id()
+            await self._run(
+                "replacing a reply",
+                lambda: self._invalidate([conversation_id]),
+                [conversation_id],
+            )
+        return replaced
+
     async def clear(self, key: ConversationKey) -> None:
         before = await self._version(key)
         await self._inner.clear(key)

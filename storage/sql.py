@@ -38,6 +38,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -422,6 +423,25 @@ class SqlStorage(Storage):
         async with self._transaction("looking up a reply") as session:
             row = (await session.scalars(query)).first()
         return _to_turn(row) if row is not None and row.role == str(Role.AI) else None
+
+    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+        boundary = (
+            select(ConversationRow.context_start_turn_id)
+            .where(ConversationRow.id == key.as_id())
+            .scalar_subquery()
+        )
+        newest = (
+            select(func.max(TurnRow.id))
+            .where(TurnRow.conversation_id == key.as_id(), TurnRow.id > func.coalesce(boundary, 0))
+            .scalar_subquery()
+        )
+        query = (
+            update(TurnRow)
+            .where(TurnRow.id == newest, TurnRow.role == str(Role.AI))
+            .values(text=text)
+        )
+        async with self._transaction("replacing a reply") as session:
+            return _rowcount(await session.execute(query, execution_options=_NO_SYNC)) > 0
 
     async def clear(self, key: ConversationKey) -> None:
         newest = select(func.coalesce(func.max(TurnRow.id), 0)).where(

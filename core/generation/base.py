@@ -1,9 +1,14 @@
-"""The generation backend contract: `generate`, `info`, `close`, and one typed error."""
+"""The generation backend contract: `generate`, `info`, `close`, and one typed error.
+
+Optional: `generate_stream` (the reply as it grows; by default one chunk with the whole reply)
+and `score` (log-likelihoods of continuations, for zero-shot classification; by default
+unavailable).
+"""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -26,6 +31,9 @@ class SamplingParams:
     repetition_penalty: float = 1.2
     no_repeat_ngram_size: int = 3
     do_sample: bool = True
+    num_return_sequences: int = 1
+    """Candidates per attempt (sampling only): the first good one is the reply, the others
+    come back as `GenerationResult.alternatives`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +46,9 @@ class GenerationRequest:
     seed: int | None = None
     cache_key: str | None = None
     """Identifies the conversation, so a backend may keep its KV cache between turns."""
+    continuation: bool = False
+    """The reply continues the prompt's text (`/complete`, `/story`): it starts with a space
+    when the model began a new word."""
 
 
 class FinishReason(StrEnum):
@@ -52,6 +63,16 @@ class GenerationResult:
     text: str
     new_tokens: int
     finish_reason: FinishReason
+    alternatives: tuple[str, ...] = ()
+    """Other good candidates (`num_return_sequences` > 1), distinct from `text` and each other."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """The reply so far (cleaned like the final text); the last chunk carries the `result`."""
+
+    text: str
+    result: GenerationResult | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +113,22 @@ class GenerationBackend(abc.ABC):
 
     @abc.abstractmethod
     def info(self) -> BackendInfo: ...
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """The reply as it grows, then a last chunk with the result (whose text is exactly what
+        `generate` gives for the same request and seed). By default: only that last chunk."""
+        result = await self.generate(request)
+        yield StreamChunk(result.text, result)
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """For each pair, the summed log-probability of the continuation's ids after the
+        prompt's, all pairs in one batched forward pass. GenerationError(UNAVAILABLE) when the
+        backend cannot score."""
+        raise GenerationError(
+            GenerationErrorKind.UNAVAILABLE, f"the {self.info().name} backend cannot score text"
+        )
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model and its memory."""

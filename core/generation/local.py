@@ -6,13 +6,20 @@ sampling and stronger penalties → else a friendly fallback. Every exception pa
 boundary (`classify_error`) and leaves as a `GenerationError`.
 
 Test seams (both documented on the methods): a subclass may override `_generate_ids`, the only
-call into the model, to return crafted ids or fail or be slow; or `_logits_processors` to script
-what the real model generates, through the real `generate` loop and stopping criteria.
+call into the model for one candidate, to return crafted ids or fail or be slow; or
+`_logits_processors` to script what the real model generates, through the real `generate` loop
+and stopping criteria.
+
+Beyond `generate`: several candidates per attempt (`num_return_sequences`, each row stopped on
+its own), `generate_stream` (the first candidate's cleaned text as it grows, reported by the
+stopping criteria at each step) and `score` (continuation log-likelihoods in one forward pass).
+Both run on the same worker thread as `generate`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
 import logging
@@ -20,7 +27,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -44,7 +51,9 @@ from core.generation.base import (
     GenerationRequest,
     GenerationResult,
     SamplingParams,
+    StreamChunk,
 )
+from core.generation.scoring import continuation_log_probs
 from core.generation.tokenizer import (
     DEFAULT_MODEL,
     KoGPT2Tokenizer,
@@ -69,6 +78,7 @@ __all__ = [
     "is_degenerate",
     "is_empty_reply",
     "longest_loop",
+    "partial_reply",
     "resolve_device",
     "resolve_dtype",
     "retry_plan",
@@ -213,6 +223,19 @@ def clean_reply(text: str, stop_strings: Sequence[str] = ("User:",)) -> str:
     return split_reply(text, stop_strings)[0]
 
 
+def partial_reply(text: str, stop_strings: Sequence[str] = ("User:",)) -> str:
+    """A reply still being generated, cleaned like `clean_reply`, minus a trailing piece that
+    may be the start of a stop marker (`Us` of `User:`), so a stream never shows it."""
+    cleaned, stopped = split_reply(text, stop_strings)
+    if stopped:
+        return cleaned
+    for marker in stop_markers(stop_strings):
+        for n in range(min(len(marker), len(cleaned)), 0, -1):
+            if cleaned.endswith(marker[:n]):
+                return cleaned[:-n].rstrip()
+    return cleaned
+
+
 # --- degenerate replies ----------------------------------------------------------------------
 
 LOOP_MIN_REPEATS = 3
@@ -294,6 +317,7 @@ def generation_config(params: SamplingParams, tokenizer: KoGPT2Tokenizer) -> Gen
     }
     if not is_greedy(params):
         options.update(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p)
+        options.update(num_return_sequences=max(1, params.num_return_sequences))
     return GenerationConfig(**options)
 
 
@@ -307,12 +331,19 @@ def finish_reason(stopped: bool, hit_eos: bool) -> FinishReason:
 
 
 class RunControl:
-    """The deadline and cancel flag of one request, shared by the event loop and the worker."""
+    """The deadline and cancel flag of one request, shared by the event loop and the worker,
+    and (for a streamed request) who hears about the first candidate's new ids at each step."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, on_ids: Callable[[list[int]], None] | None = None) -> None:
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
         self._cancelled = threading.Event()
+        self.on_ids = on_ids
+
+    def report(self, new_ids: list[int]) -> None:
+        """Called on the worker thread with the new ids so far (streaming requests only)."""
+        if self.on_ids is not None:
+            self.on_ids(new_ids)
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -334,9 +365,10 @@ StopReason = Literal["stop", "timeout"]
 
 
 class ReplyStoppingCriteria(StoppingCriteria):
-    """Stops generating at a stop string (or stray `AI:`) in the new text, or when `control`
-    expires. Each step decodes only a short tail of the new tokens (the whole text during the
-    first few tokens, where a leading `AI:` is not a stop)."""
+    """Stops row `row` of the batch at a stop string (or stray `AI:`) in its new text, or when
+    `control` expires. Each step decodes only a short tail of the new tokens (the whole text
+    during the first few tokens, where a leading `AI:` is not a stop). Row 0's criterion also
+    reports the new ids to `control` (streaming)."""
 
     HEAD_TOKENS = 16
 
@@ -346,8 +378,10 @@ class ReplyStoppingCriteria(StoppingCriteria):
         prompt_len: int,
         stop_strings: Sequence[str],
         control: RunControl,
+        row: int = 0,
     ) -> None:
         self._decode = decode
+        self._row = row
         self._prompt_len = prompt_len
         self._markers = stop_markers(stop_strings)
         self._overlap = max(map(len, self._markers)) + 8
@@ -357,9 +391,12 @@ class ReplyStoppingCriteria(StoppingCriteria):
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
         start = self._window_start()
-        tail = input_ids[0, self._prompt_len + start :].tolist()
+        tail = input_ids[self._row, self._prompt_len + start :].tolist()
         done = self._should_stop(tail, start)
-        flags = torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+        if self._row == 0 and self._control.on_ids is not None:
+            self._control.report(input_ids[0, self._prompt_len :].tolist())
+        flags = torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+        flags[self._row] = done
         return flags  # type: ignore[return-value]
 
     def _window_start(self) -> int:
@@ -416,6 +453,42 @@ def classify_error(error: BaseException) -> GenerationError:
     if is_device_error(error):
         return GenerationError(GenerationErrorKind.DEVICE, describe(error))
     return GenerationError(GenerationErrorKind.INTERNAL, describe(error))
+
+
+def boundary_error(error: Exception, action: str) -> GenerationError:
+    """`classify_error`, logging anything unexpected and freeing GPU memory after an OOM."""
+    mapped = classify_error(error)
+    if mapped is not error:
+        logger.error("%s failed: %s", action, mapped, exc_info=error)
+    if mapped.kind is GenerationErrorKind.OUT_OF_MEMORY:
+        free_cuda_cache()
+    return mapped
+
+
+async def updates_until(
+    future: asyncio.Future[Any], updates: asyncio.Queue[str], timeout_s: float
+) -> AsyncIterator[str]:
+    """The texts put in `updates` while `future` runs (only the newest of several waiting);
+    GenerationError(TIMEOUT) when it runs longer than `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not future.done():
+        getter = asyncio.ensure_future(updates.get())
+        try:
+            done, _ = await asyncio.wait(
+                {future, getter},
+                timeout=deadline - loop.time(),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            getter.cancel()
+        if not done:
+            raise GenerationError(GenerationErrorKind.TIMEOUT, timeout_detail(timeout_s))
+        if getter in done and not future.done():
+            text = getter.result()
+            while not updates.empty():
+                text = updates.get_nowait()
+            yield text
 
 
 def free_cuda_cache() -> None:
@@ -534,6 +607,42 @@ class LocalBackend(GenerationBackend):
         finally:
             self._running.discard(control)
 
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        """Like `generate` (same worker, retries, cleaning and result), yielding the first
+        candidate's cleaned text whenever it changes (only the newest when several are waiting)."""
+        if self._closed:
+            raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the local backend is closed")
+        updates: asyncio.Queue[str] = asyncio.Queue()
+        listener = self._stream_listener(request, asyncio.get_running_loop(), updates)
+        control = RunControl(self._timeout_s, listener)
+        future = asyncio.wrap_future(self._executor.submit(self._guarded_run, request, control))
+        self._running.add(control)
+        try:
+            async for text in updates_until(future, updates, self._timeout_s):
+                yield StreamChunk(text)
+            result = future.result()
+            yield StreamChunk(result.text, result)
+        finally:
+            if not future.done():
+                control.cancel()
+            self._running.discard(control)
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """Summed log-probabilities of each continuation after its prompt: one forward pass of
+        all the pairs, on the worker thread."""
+        if self._closed:
+            raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the local backend is closed")
+        pairs = [(list(p), list(c)) for p, c in zip(prompts, continuations, strict=True)]
+        future = self._executor.submit(self._guarded_score, pairs)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)
+        except TimeoutError:
+            raise GenerationError(
+                GenerationErrorKind.TIMEOUT, timeout_detail(self._timeout_s)
+            ) from None
+
     async def close(self) -> None:
         """Stop running work, shut the worker thread down and free the model."""
         if self._closed:
@@ -553,25 +662,96 @@ class LocalBackend(GenerationBackend):
         try:
             return self._run(request, control)
         except Exception as error:
-            mapped = classify_error(error)
-            if mapped is not error:
-                logger.error("generation failed: %s", mapped, exc_info=error)
-            if mapped.kind is GenerationErrorKind.OUT_OF_MEMORY:
-                free_cuda_cache()
-            raise mapped from error
+            raise boundary_error(error, "generation") from error
+
+    def _guarded_score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        try:
+            return self._score_pairs(pairs)
+        except Exception as error:
+            raise boundary_error(error, "scoring") from error
 
     def _run(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
         prompt = self._checked_prompt(request)
         spent = 0
         for attempt, (params, seed) in enumerate(retry_plan(request.params, request.seed), 1):
             control.check()
-            new_ids = self._generate_ids(prompt, params, seed, request.stop_strings, control)
-            spent += len(new_ids)
-            result = self._result_from(new_ids, request.stop_strings)
+            sequences = self._generate_sequences(
+                prompt, params, seed, request.stop_strings, control
+            )
+            spent += sum(map(len, sequences))
+            result = self._best_of(sequences, request)
             if result is not None:
                 return result
             logger.info("attempt %d/%d gave an empty or looping reply", attempt, MAX_ATTEMPTS)
         return GenerationResult(FALLBACK_REPLY, spent, FinishReason.FALLBACK)
+
+    def _best_of(
+        self, sequences: list[list[int]], request: GenerationRequest
+    ) -> GenerationResult | None:
+        """The first good candidate as the result, the other good ones as its alternatives."""
+        good = [
+            (ids, result)
+            for ids in sequences
+            if (result := self._result_from(ids, request.stop_strings)) is not None
+        ]
+        if not good:
+            return None
+        texts = [self._spaced(request, ids, result.text) for ids, result in good]
+        others = tuple(text for text in dict.fromkeys(texts[1:]) if text != texts[0])
+        return dataclasses.replace(good[0][1], text=texts[0], alternatives=others)
+
+    def _spaced(self, request: GenerationRequest, new_ids: Sequence[int], text: str) -> str:
+        """For a continuation, the text with a leading space when the model began a new word."""
+        if not (request.continuation and text):
+            return text
+        tail = list(request.prompt_ids[-4:])
+        before = self._tokenizer.decode(tail)
+        after = self._tokenizer.decode(tail + list(new_ids[:4]))
+        starts_word = after.startswith(before) and after[len(before) : len(before) + 1].isspace()
+        return f" {text}" if starts_word else text
+
+    def _stream_listener(
+        self,
+        request: GenerationRequest,
+        loop: asyncio.AbstractEventLoop,
+        updates: asyncio.Queue[str],
+    ) -> Callable[[list[int]], None]:
+        """Runs on the worker at each step: the cleaned text so far, sent when it changed."""
+        shown = [""]
+        eos = self._tokenizer.eos_id
+
+        def listen(new_ids: list[int]) -> None:
+            ids = new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids
+            text = partial_reply(self._tokenizer.decode(ids), request.stop_strings)
+            text = self._spaced(request, ids, text)
+            if text != shown[0]:
+                shown[0] = text
+                with contextlib.suppress(RuntimeError):  # the loop is closing: nobody listens
+                    loop.call_soon_threadsafe(updates.put_nowait, text)
+
+        return listen
+
+    def _score_pairs(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        model = self._require_model()
+        for prompt, continuation in pairs:
+            self._check_scored(prompt, continuation)
+        with torch.inference_mode():
+            return continuation_log_probs(model, pairs, self._tokenizer.pad_id, self._device)
+
+    def _check_scored(self, prompt: list[int], continuation: list[int]) -> None:
+        """A pair to score: both parts non-empty, in the vocabulary, together within the window."""
+        ids = prompt + continuation
+        if not prompt or not continuation:
+            raise GenerationError(GenerationErrorKind.INTERNAL, "empty prompt or continuation")
+        if any(not 0 <= i < self._vocab_size for i in ids):
+            raise GenerationError(
+                GenerationErrorKind.INTERNAL, f"ids outside 0..{self._vocab_size - 1}"
+            )
+        if len(ids) > self._n_positions:
+            raise GenerationError(
+                GenerationErrorKind.INTERNAL,
+                f"{len(ids)} tokens to score exceed the {self._n_positions}-token window",
+            )
 
     def _checked_prompt(self, request: GenerationRequest) -> list[int]:
         """The prompt ids, refused (INTERNAL) when empty, out of the vocabulary or too long."""
@@ -592,6 +772,19 @@ class LocalBackend(GenerationBackend):
             )
         return prompt
 
+    def _generate_sequences(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        seed: int | None,
+        stop_strings: Sequence[str],
+        control: RunControl,
+    ) -> list[list[int]]:
+        """Every candidate of one attempt; a single one comes from `_generate_ids` (the seam)."""
+        if is_greedy(params) or params.num_return_sequences <= 1:
+            return [self._generate_ids(prompt, params, seed, stop_strings, control)]
+        return self._model_sequences(prompt, params, seed, stop_strings, control)
+
     def _generate_ids(
         self,
         prompt: list[int],
@@ -601,23 +794,38 @@ class LocalBackend(GenerationBackend):
         control: RunControl,
     ) -> list[int]:
         """The new token ids the model generates after `prompt` (test seam: override me)."""
+        single = dataclasses.replace(params, num_return_sequences=1)
+        return self._model_sequences(prompt, single, seed, stop_strings, control)[0]
+
+    def _model_sequences(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        seed: int | None,
+        stop_strings: Sequence[str],
+        control: RunControl,
+    ) -> list[list[int]]:
+        """The new ids of each candidate (`model.generate`, each row stopped on its own)."""
         model = self._require_model()
-        criterion = ReplyStoppingCriteria(
-            self._tokenizer.decode, len(prompt), stop_strings, control
-        )
+        config = generation_config(params, self._tokenizer)
+        rows = int(config.num_return_sequences or 1)
+        criteria = [
+            ReplyStoppingCriteria(self._tokenizer.decode, len(prompt), stop_strings, control, row)
+            for row in range(rows)
+        ]
         input_ids = torch.tensor([prompt], dtype=torch.long, device=self._device)
         with torch.inference_mode(), seeded(seed, self._device):
             output = model.generate(  # type: ignore[operator]
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                generation_config=generation_config(params, self._tokenizer),
-                stopping_criteria=StoppingCriteriaList([criterion]),
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList(criteria),
                 logits_processor=self._logits_processors(),
             )
-        if criterion.reason == "timeout":
+        if any(criterion.reason == "timeout" for criterion in criteria):
             control.check()
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return [int(i) for i in sequences[0, len(prompt) :].tolist()]
+        return [[int(i) for i in row[len(prompt) :].tolist()] for row in sequences]
 
     def _logits_processors(self) -> LogitsProcessorList | None:
         """Extra logits processors for each attempt: none (test seam to script the output)."""

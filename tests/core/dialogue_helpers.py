@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from core.generation.base import (
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
+    StreamChunk,
     TokenCounter,
 )
 from core.messages import IncomingMessage
@@ -24,6 +26,7 @@ class RecordingBackend(GenerationBackend):
     def __init__(self, inner: GenerationBackend) -> None:
         self.inner = inner
         self.requests: list[GenerationRequest] = []
+        self.scored: list[tuple[list[Sequence[int]], list[Sequence[int]]]] = []
 
     @property
     def tokenizer(self) -> TokenCounter:
@@ -32,6 +35,17 @@ class RecordingBackend(GenerationBackend):
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.requests.append(request)
         return await self.inner.generate(request)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        self.requests.append(request)
+        async for chunk in self.inner.generate_stream(request):
+            yield chunk
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        self.scored.append((list(prompts), list(continuations)))
+        return await self.inner.score(prompts, continuations)
 
     def info(self) -> BackendInfo:
         return self.inner.info()

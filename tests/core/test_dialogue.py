@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,7 +147,7 @@ async def test_a_long_conversation_fills_the_window_but_never_overflows_it(
         prompts = [r.prompt_ids for r in backend.requests]
         restarts = sum(
             1
-            for before, after in zip(prompts, prompts[1:])
+            for before, after in itertools.pairwise(prompts)
             if after[: len(before) - suffix] != before[:-suffix]
         )
         # Trimming to the low-water mark keeps prompts growing for ~2 turns between re-reads here;

@@ -13,6 +13,8 @@ The real discord.py client talks to it through `KOBOT_DISCORD_API_URL` and
 * Interaction answers go to `POST /interactions/{id}/{token}/callback` (`with_response=1`),
   follow-ups to `POST /webhooks/{app_id}/{token}`; both may be multipart with files.
 * Text frames are fine whatever compression the client asked for.
+* `PATCH /channels/{channel}/messages/{message}` edits a message the bot sent (`shown` keeps
+  each one's current content); an unknown message is a 404 (Unknown Message, code 10008).
 
 Every REST call is recorded (`calls`) with its parsed body and uploaded files; `wait_for` waits
 on a condition that is re-checked after every recorded call or gateway frame.
@@ -148,6 +150,7 @@ class FakeDiscord:
         self.sessions: dict[str, Session] = {}
         self.current: dict[int, Session] = {}
         self.closed_codes: list[int] = []
+        self.shown: dict[int, tuple[int, str]] = {}  # message id -> (channel id, content)
         self._rate_limits: list[tuple[re.Pattern[str], int]] = []
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -493,6 +496,15 @@ class FakeDiscord:
         calls = self.find(rf"POST /channels/{channel_id}/messages")
         return [c.body for c in calls if c.status == 200]
 
+    def shown_in(self, channel_id: int) -> list[str]:
+        """The current content of each message the bot sent in a channel (after edits)."""
+        return [text for _, (channel, text) in sorted(self.shown.items()) if channel == channel_id]
+
+    def edits_in(self, channel_id: int) -> list[Call]:
+        """Accepted message edits in a channel, in order."""
+        calls = self.find(rf"PATCH /channels/{channel_id}/messages/\d+")
+        return [call for call in calls if call.status == 200]
+
     def replies_to(self, message: JSON) -> list[JSON]:
         """Bodies of the messages sent as replies to `message`, in order."""
         return [
@@ -566,6 +578,7 @@ class FakeDiscord:
         yield r"PUT /applications/\d+(?:/guilds/\d+)?/commands", self._put_commands
         yield r"POST /channels/(\d+)/typing", lambda call, _: web.Response(status=204)
         yield r"POST /channels/(\d+)/messages", self._create_message
+        yield r"PATCH /channels/(\d+)/messages/(\d+)", self._edit_message
         yield r"POST /interactions/(\d+)/([^/]+)/callback", self._interaction_callback
         yield r"POST /webhooks/\d+/[^/]+", self._followup
         yield r"PATCH /webhooks/\d+/[^/]+/messages/[^/]+", self._followup
@@ -625,7 +638,18 @@ class FakeDiscord:
         return payload
 
     def _create_message(self, call: Call, channel_id: str) -> web.Response:
-        return json_response(self._bot_message(call.body, int(channel_id)))
+        payload = self._bot_message(call.body, int(channel_id))
+        self.shown[int(payload["id"])] = (int(channel_id), payload["content"])
+        return json_response(payload)
+
+    def _edit_message(self, call: Call, channel_id: str, message_id: str) -> web.Response:
+        if int(message_id) not in self.shown:
+            return json_response({"message": "Unknown Message", "code": 10008}, 404)
+        content = (call.body or {}).get("content") or ""
+        self.shown[int(message_id)] = (int(channel_id), content)
+        payload = self.message_payload(self.bot_user, content, int(channel_id), id=message_id)
+        payload["edited_timestamp"] = TIMESTAMP
+        return json_response(payload)
 
     def _interaction_callback(self, call: Call, interaction_id: str, token: str) -> web.Response:
         kind = int((call.body or {}).get("type", 4))

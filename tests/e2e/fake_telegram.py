@@ -12,6 +12,8 @@ Facts it honours, as python-telegram-bot 22 expects them:
   parked poll returns as soon as an update arrives, its timeout passes, or the server stops.
 * `CommandHandler` fires only with a `bot_command` entity at offset 0, so `text_message` adds
   entities (commands, @mentions) the way Telegram does, with offsets in UTF-16 units.
+* `editMessageText` changes a message the bot sent (`shown` keeps each one's current text);
+  an unknown message or an unchanged text is a 400, as on Telegram ("message is not modified").
 
 Every call is recorded (`calls`); `wait_for` waits on a condition re-checked after every call.
 """
@@ -142,6 +144,7 @@ class FakeTelegram:
             lambda: itertools.count(1)
         )
         self._chats: dict[int, JSON] = {}
+        self.shown: dict[tuple[int, int], str] = {}
         self._failures: defaultdict[str, deque[Failure]] = defaultdict(deque)
         self._changed = asyncio.Condition()
         self._background: set[asyncio.Task[None]] = set()
@@ -246,6 +249,14 @@ class FakeTelegram:
     def replies_to(self, chat_id: int) -> list[str]:
         return [call.text for call in self.calls_to("sendMessage", chat_id)]
 
+    def shown_in(self, chat_id: int) -> list[str]:
+        """The current text of each message the bot sent to a chat (after edits), in order."""
+        return [text for (chat, _), text in sorted(self.shown.items()) if chat == chat_id]
+
+    def edits_of(self, chat_id: int) -> list[Call]:
+        """Accepted edits in a chat, in order."""
+        return self.calls_to("editMessageText", chat_id)
+
     async def wait_for(self, condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
         """Wait until `condition()` holds; it is re-checked after every call and update."""
         async with asyncio.timeout(timeout_s), self._changed:
@@ -274,7 +285,10 @@ class FakeTelegram:
         handler = getattr(self, f"_api_{method}", None)
         if handler is None:
             return await self._record(call, Failure(404, "Not Found: method not found"))
-        call.result = await handler(call)
+        result = await handler(call)
+        if isinstance(result, Failure):
+            return await self._record(call, result)
+        call.result = result
         await self._record(call)
         return web.json_response({"ok": True, "result": call.result})
 
@@ -355,7 +369,30 @@ class FakeTelegram:
             pass
 
     async def _api_sendMessage(self, call: Call) -> JSON:
-        return {**self._bot_message(call), "text": call.text}
+        message = {**self._bot_message(call), "text": call.text}
+        self.shown[(call.chat_id, message["message_id"])] = call.text
+        return message
+
+    async def _api_editMessageText(self, call: Call) -> JSON | Failure:
+        where = (call.chat_id, int(call.params["message_id"]))
+        if where not in self.shown:
+            return Failure(400, "Bad Request: message to edit not found")
+        if self.shown[where] == call.text:
+            return Failure(
+                400,
+                "Bad Request: message is not modified: specified new message content and "
+                "reply markup are exactly the same as a current content and reply markup of "
+                "the message",
+            )
+        self.shown[where] = call.text
+        return {
+            "message_id": where[1],
+            "date": int(time.time()),
+            "edit_date": int(time.time()),
+            "chat": self._chats.get(where[0]) or private_chat(where[0]),
+            "from": bot_user(),
+            "text": call.text,
+        }
 
     async def _api_sendDocument(self, call: Call) -> JSON:
         upload = call.files.get("document")

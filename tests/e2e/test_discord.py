@@ -115,6 +115,7 @@ def bot_settings(fake: FakeDiscord, tmp_path: Path, model_dir: Path, **overrides
         "discord_api_url": fake.api_url,
         "discord_gateway_url": fake.gateway_url,
         "discord_channels": [fake.guild.listed_id],
+        "stream_replies": False,  # streamed replies: tests/e2e/test_streaming_discord.py
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

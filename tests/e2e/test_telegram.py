@@ -165,6 +165,7 @@ def make_settings(
             "telegram_token": TOKEN,
             "telegram_base_url": fake.base_url,
             "telegram_admin_ids": [ADMIN_ID],
+            "stream_replies": False,  # streamed replies: tests/e2e/test_streaming_telegram.py
         }
         values.update(overrides)
         return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -151,6 +151,11 @@ class SpyStorage(Storage):
         await self._done("find_reply")
         return result
 
+    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+        result = await self.inner.replace_last_reply(key, text)
+        await self._done("replace_last_reply")
+        return result
+
     async def clear(self, key: ConversationKey) -> None:
         await self.inner.clear(key)
         await self._done("clear")

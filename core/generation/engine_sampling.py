@@ -1,0 +1,265 @@
+"""Choosing each sequence's next token in a batch, with its own sampling parameters.
+
+The semantics are Hugging Face `generate`'s for the same settings, in the same order:
+repetition penalty (over the prompt and the reply), no-repeat n-gram, min-new-tokens (EOS
+banned), then — when sampling — temperature, top-k, top-p, and a multinomial draw; greedy rows
+take the argmax after the first three. Two shortcuts keep a batch cheap without changing the
+result: penalties gather/scatter only the ids a sequence has seen, and with top-k on, top-p and
+the draw run over the top-k candidates instead of sorting the whole 51,200-token vocabulary
+(every other token has probability 0 after top-k; a tie at the k-th score falls back to the
+full path so that ties are kept as Hugging Face keeps them).
+
+Every sequence samples from its own CPU `torch.Generator`: seeded requests are reproducible
+whatever else is in the batch, and no global RNG state is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from core.generation.base import SamplingParams
+from core.generation.local import is_greedy
+
+__all__ = ["LogitsHook", "NgramBans", "SamplerState", "choose_tokens", "top_candidates"]
+
+LogitsHook = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
+"""Test seam: `(ids so far, float32 scores [vocab]) -> scores`, after the penalties."""
+
+NEG_INF = float("-inf")
+
+
+class NgramBans:
+    """Hugging Face's no-repeat n-gram rule, kept incrementally: the tokens that would repeat
+    an n-gram already in the sequence."""
+
+    def __init__(self, n: int, ids: Sequence[int]) -> None:
+        self.n = n
+        self._next: dict[tuple[int, ...], set[int]] = {}
+        for end in range(n, len(ids) + 1):
+            self._record(ids[end - n : end])
+
+    def _record(self, ngram: Sequence[int]) -> None:
+        self._next.setdefault(tuple(ngram[:-1]), set()).add(int(ngram[-1]))
+
+    def added(self, ids: Sequence[int]) -> None:
+        """Call after appending a token to `ids`."""
+        if len(ids) >= self.n:
+            self._record(ids[len(ids) - self.n :])
+
+    def banned(self, ids: Sequence[int]) -> set[int]:
+        if len(ids) + 1 < self.n:
+            return set()
+        key = tuple(ids[len(ids) - self.n + 1 :]) if self.n > 1 else ()
+        return self._next.get(key, set())
+
+
+@dataclass(eq=False)
+class SamplerState:
+    """One sequence's sampling settings and the bookkeeping its penalties need."""
+
+    params: SamplingParams
+    ids: list[int]
+    prompt_len: int
+    eos_id: int | None = None
+    min_new_tokens: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    hook: LogitsHook | None = None
+    ngrams: NgramBans | None = field(init=False, default=None)
+    _seen: set[int] = field(init=False, default_factory=set)
+    _seen_ids: torch.Tensor | None = field(init=False, default=None)
+    _unseen_new: list[int] = field(init=False, default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.params.no_repeat_ngram_size > 0:
+            self.ngrams = NgramBans(self.params.no_repeat_ngram_size, self.ids)
+        self._seen = set(self.ids)
+        self._unseen_new = sorted(self._seen)
+
+    @property
+    def greedy(self) -> bool:
+        return is_greedy(self.params)
+
+    @property
+    def generated(self) -> int:
+        return len(self.ids) - self.prompt_len
+
+    def append(self, token: int) -> None:
+        """Record the chosen token (the caller's `ids` list grows here)."""
+        self.ids.append(token)
+        if self.ngrams is not None:
+            self.ngrams.added(self.ids)
+        if token not in self._seen:
+            self._seen.add(token)
+            self._unseen_new.append(token)
+
+    def seen_ids(self, device: torch.device) -> torch.Tensor:
+        """The distinct ids of the sequence, as a tensor (grown incrementally)."""
+        if self._unseen_new or self._seen_ids is None:
+            new = torch.tensor(self._unseen_new, dtype=torch.long, device=device)
+            old = self._seen_ids
+            self._seen_ids = new if old is None else torch.cat([old, new])
+            self._unseen_new = []
+        return self._seen_ids
+
+
+# --- penalties (all rows) ---------------------------------------------------------------------
+
+
+def apply_repetition_penalty(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
+    """Scores of seen ids: negative ones times the penalty, others divided by it."""
+    rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
+    if not rows:
+        return
+    seen = [states[i].seen_ids(scores.device) for i in rows]
+    row_index = torch.repeat_interleave(
+        torch.tensor(rows, device=scores.device),
+        torch.tensor([len(ids) for ids in seen], device=scores.device),
+    )
+    penalty = torch.tensor(
+        [states[i].params.repetition_penalty for i in rows], device=scores.device
+    )
+    penalty = torch.repeat_interleave(
+        penalty, torch.tensor([len(ids) for ids in seen], device=scores.device)
+    )
+    col_index = torch.cat(seen)
+    picked = scores[row_index, col_index]
+    scores[row_index, col_index] = torch.where(picked < 0, picked * penalty, picked / penalty)
+
+
+def apply_bans(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
+    """No-repeat n-gram bans, and EOS before `min_new_tokens`."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for row, state in enumerate(states):
+        banned = set(state.ngrams.banned(state.ids)) if state.ngrams is not None else set()
+        if state.eos_id is not None and state.generated < state.min_new_tokens:
+            banned.add(state.eos_id)
+        rows.extend([row] * len(banned))
+        cols.extend(banned)
+    if rows:
+        device = scores.device
+        scores[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = NEG_INF
+
+
+def apply_hooks(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
+    for row, state in enumerate(states):
+        if state.hook is not None:
+            scores[row] = state.hook(state.ids, scores[row])
+
+
+# --- warping and drawing (sampled rows) -------------------------------------------------------
+
+
+def top_candidates(
+    scores: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """For rows with top-k on: `(probabilities [R, W], token ids [R, W], tie_rows)` after
+    temperature, top-k and top-p (probability 0 outside the kept set). `tie_rows` are rows
+    whose k-th score is tied with the next one; their result is not valid (Hugging Face keeps
+    every tied token: use `full_distribution`)."""
+    vocab = scores.shape[-1]
+    ks = [min(p.top_k, vocab) for p in params]
+    width = min(max(ks) + 1, vocab)
+    values, indices = torch.topk(scores, width, dim=-1)
+    values = values / _column([p.temperature for p in params], scores)
+    tie_rows = _tied_rows(values, ks)
+    columns = torch.arange(width, device=scores.device)
+    k_tensor = torch.tensor(ks, device=scores.device)
+    values = values.masked_fill(columns >= k_tensor[:, None], NEG_INF)
+    values = _top_p_sorted_desc(values, params)
+    return values.softmax(dim=-1), indices, tie_rows
+
+
+def _tied_rows(values: torch.Tensor, ks: list[int]) -> list[int]:
+    """Rows of descending `values` whose k-th and (k+1)-th entries are equal."""
+    width = values.shape[1]
+    rows = [i for i, k in enumerate(ks) if k < width]
+    if not rows:
+        return []
+    picked = torch.tensor(rows, device=values.device)
+    kth = torch.tensor([ks[i] - 1 for i in rows], device=values.device)
+    pairs = values[picked].gather(1, torch.stack([kth, kth + 1], dim=1))
+    tied = (pairs[:, 0] == pairs[:, 1]).tolist()
+    return [row for row, is_tied in zip(rows, tied, strict=True) if is_tied]
+
+
+def _top_p_sorted_desc(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Hugging Face's top-p on scores already sorted in descending order."""
+    top_p = [p.top_p for p in params]
+    if all(p >= 1.0 for p in top_p):
+        return values
+    ascending = values.flip(-1)
+    cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - _column(top_p, values))
+    remove[:, -1] = False
+    remove &= _column([p < 1.0 for p in top_p], values).bool()
+    return values.masked_fill(remove.flip(-1), NEG_INF)
+
+
+def full_distribution(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Hugging Face's warpers on one row over the whole vocabulary: probabilities [vocab]."""
+    row = scores.unsqueeze(0)
+    if params.temperature != 1.0:
+        row = row / params.temperature
+    if params.top_k:
+        kth = torch.topk(row, min(params.top_k, row.shape[-1]))[0][..., -1, None]
+        row = row.masked_fill(row < kth, NEG_INF)
+    if params.top_p < 1.0:
+        sorted_scores, order = torch.sort(row, descending=False)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        remove = cumulative <= (1 - params.top_p)
+        remove[..., -1:] = False
+        row = row.masked_fill(remove.scatter(1, order, remove), NEG_INF)
+    return row.softmax(dim=-1)[0]
+
+
+def _column(values: Sequence[float | bool], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device)[:, None]
+
+
+def draw(probabilities: torch.Tensor, generator: torch.Generator) -> int:
+    """One multinomial draw on the CPU with the sequence's own generator."""
+    return int(torch.multinomial(probabilities.cpu(), 1, generator=generator).item())
+
+
+# --- the whole choice -------------------------------------------------------------------------
+
+
+def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+    """The next token of every row of float32 `logits [B, vocab]` (modified in place)."""
+    apply_repetition_penalty(logits, states)
+    apply_bans(logits, states)
+    apply_hooks(logits, states)
+    chosen = [0] * len(states)
+    greedy = [i for i, s in enumerate(states) if s.greedy]
+    if greedy:
+        picked = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
+        for row, token in zip(greedy, picked, strict=True):
+            chosen[row] = int(token)
+    sampled = [i for i, s in enumerate(states) if not s.greedy]
+    for row, token in zip(sampled, _sample_rows(logits, states, sampled), strict=True):
+        chosen[row] = token
+    return chosen
+
+
+def _sample_rows(
+    logits: torch.Tensor, states: Sequence[SamplerState], rows: list[int]
+) -> list[int]:
+    fast = [i for i in rows if states[i].params.top_k > 0]
+    tokens: dict[int, int] = {}
+    if fast:
+        picked = logits[torch.tensor(fast, device=logits.device)]
+        probs, ids, ties = top_candidates(picked, [states[i].params for i in fast])
+        probs, ids = probs.cpu(), ids.cpu()
+        for position, row in enumerate(fast):
+            if position not in ties:
+                column = draw(probs[position], states[row].generator)
+                tokens[row] = int(ids[position, column])
+    for row in rows:
+        if row not in tokens:
+            distribution = full_distribution(logits[row], states[row].params)
+            tokens[row] = draw(distribution, states[row].generator)
+    return [tokens[row] for row in rows]

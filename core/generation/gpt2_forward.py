@@ -1,0 +1,358 @@
+"""A small GPT-2 forward pass over ragged sequences whose KV lives in caller-owned blocks.
+
+It runs the weights of a loaded `GPT2LMHeadModel` (shared, not copied) with the same ops the
+model uses (`addmm` for Conv1D, the same activation, SDPA, tied LM head), so its logits match
+Hugging Face's within float rounding. One call (`last_hidden`) advances any number of sequences
+by any number of tokens each: the dense parts (layer norms, projections, MLP) run once over all
+the step's tokens packed together, with no padding; attention runs per sequence over that
+sequence's own KV block, so a 900-token history and a 30-token one never pad each other.
+
+A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `engine_kv.KVArena`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+__all__ = ["GPT2Dims", "GPT2Forward", "LayerWeights", "SeqChunk", "UnsupportedModelError"]
+
+CompileMode = str  # "off" | "compile"
+Dense = Callable[..., torch.Tensor]
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a plain GPT-2 this forward pass reproduces exactly."""
+
+
+@dataclass(frozen=True, slots=True)
+class GPT2Dims:
+    n_layer: int
+    n_head: int
+    head_dim: int
+    n_embd: int
+    n_positions: int
+    vocab_size: int
+    eps: float
+
+    @property
+    def kv_elements_per_token(self) -> int:
+        """K and V of one token in every layer."""
+        return self.n_layer * 2 * self.n_embd
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    ln1_w: torch.Tensor
+    ln1_b: torch.Tensor
+    qkv_w: torch.Tensor
+    qkv_b: torch.Tensor
+    proj_w: torch.Tensor
+    proj_b: torch.Tensor
+    ln2_w: torch.Tensor
+    ln2_b: torch.Tensor
+    fc_w: torch.Tensor
+    fc_b: torch.Tensor
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+
+
+@dataclass(frozen=True, slots=True)
+class SeqChunk:
+    """Feed `ids` to one sequence at positions `start…`; its KV before `start` is in `kv`."""
+
+    kv: torch.Tensor
+    start: int
+    ids: Sequence[int]
+
+
+def check_supported(config: Any) -> None:
+    """Refuse GPT-2 variants whose attention differs from the plain one reproduced here."""
+    if getattr(config, "model_type", None) != "gpt2":
+        raise UnsupportedModelError(f"model_type {getattr(config, 'model_type', None)!r}")
+    odd = {
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+    }
+    for name, expected in odd.items():
+        if bool(getattr(config, name, expected)) != expected:
+            raise UnsupportedModelError(f"{name}={getattr(config, name)!r}")
+
+
+def dims_of(config: Any) -> GPT2Dims:
+    return GPT2Dims(
+        n_layer=int(config.n_layer),
+        n_head=int(config.n_head),
+        head_dim=int(config.n_embd) // int(config.n_head),
+        n_embd=int(config.n_embd),
+        n_positions=int(config.n_positions),
+        vocab_size=int(config.vocab_size),
+        eps=float(config.layer_norm_epsilon),
+    )
+
+
+def layer_weights(block: Any) -> LayerWeights:
+    """One `GPT2Block`'s parameters (Conv1D weights are `[in, out]`, used with `addmm`)."""
+    return LayerWeights(
+        ln1_w=block.ln_1.weight,
+        ln1_b=block.ln_1.bias,
+        qkv_w=block.attn.c_attn.weight,
+        qkv_b=block.attn.c_attn.bias,
+        proj_w=block.attn.c_proj.weight,
+        proj_b=block.attn.c_proj.bias,
+        ln2_w=block.ln_2.weight,
+        ln2_b=block.ln_2.bias,
+        fc_w=block.mlp.c_fc.weight,
+        fc_b=block.mlp.c_fc.bias,
+        out_w=block.mlp.c_proj.weight,
+        out_b=block.mlp.c_proj.bias,
+    )
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's activation; GPT-2's `gelu_new` as one fused op (`F.gelu` with the same tanh
+    formula, within 3e-7 of Hugging Face's eight-op version, and many times faster on a CPU)."""
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return partial(F.gelu, approximate="tanh")
+    return ACT2FN[name]
+
+
+class GPT2Forward:
+    """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV."""
+
+    def __init__(self, model: Any, compile_mode: CompileMode = "off") -> None:
+        config = model.config
+        check_supported(config)
+        self.dims = dims_of(config)
+        transformer = model.transformer
+        self.wte: torch.Tensor = transformer.wte.weight
+        self.wpe: torch.Tensor = transformer.wpe.weight
+        self.lnf_w: torch.Tensor = transformer.ln_f.weight
+        self.lnf_b: torch.Tensor = transformer.ln_f.bias
+        self.layers = [layer_weights(block) for block in transformer.h]
+        self.act = activation(config.activation_function)
+        self.device = self.wte.device
+        self.dtype = self.wte.dtype
+        self.scale = self.dims.head_dim**-0.5
+        self._splitter = CpuSplitter() if self.device.type == "cpu" else None
+        self._pre: Dense = self._pre_attention
+        self._post: Dense = self._post_attention
+        if compile_mode == "compile":
+            self._pre = torch.compile(self._pre_attention, dynamic=True)
+            self._post = torch.compile(self._post_attention, dynamic=True)
+
+    # --- public -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the helper threads (the weights stay with the model)."""
+        if self._splitter is not None:
+            self._splitter.close()
+
+    @torch.inference_mode()
+    def logits(
+        self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Float32 logits `[len(chunks), vocab]` after each chunk's last token."""
+        return self.lm_head(self.last_hidden(chunks, kv_buffer))
+
+    @torch.inference_mode()
+    def last_hidden(
+        self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Write every chunk's K/V into its block and return the final hidden state (before
+        `ln_f`) of each chunk's last token, `[len(chunks), n_embd]`.
+
+        When every block is a view of the flat tensor `kv_buffer` (the engine's arena), each
+        layer writes all new K/V with one indexed copy instead of one copy per chunk.
+        """
+        ids, positions, bounds = self._packed_inputs(chunks)
+        writer = KVWriter(chunks, kv_buffer, self.dims) if kv_buffer is not None else None
+        x = self.wte[ids] + self.wpe[positions]
+        for index, layer in enumerate(self.layers):
+            qkv = self._pre(x, layer)
+            split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
+            if writer is not None:
+                writer.write(index, split)
+            attended = self._attention(index, split, chunks, bounds, writer is None)
+            x = self._post(x, attended, layer)
+        last = torch.tensor([end - 1 for _, end in bounds], device=self.device)
+        return x.index_select(0, last)
+
+    @torch.inference_mode()
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of final hidden states (the tied embedding, as Hugging Face does)."""
+        normed = F.layer_norm(hidden, (self.dims.n_embd,), self.lnf_w, self.lnf_b, self.dims.eps)
+        return F.linear(normed, self.wte).float()
+
+    # --- pieces -----------------------------------------------------------------------------
+
+    def _packed_inputs(
+        self, chunks: Sequence[SeqChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+        """All chunks' ids and positions in one row each, and each chunk's `(begin, end)` rows."""
+        ids: list[int] = []
+        positions: list[int] = []
+        bounds: list[tuple[int, int]] = []
+        for chunk in chunks:
+            begin = len(ids)
+            ids.extend(chunk.ids)
+            positions.extend(range(chunk.start, chunk.start + len(chunk.ids)))
+            bounds.append((begin, len(ids)))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), bounds
+
+    def _pre_attention(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+        h = F.layer_norm(x, (self.dims.n_embd,), layer.ln1_w, layer.ln1_b, self.dims.eps)
+        return torch.addmm(layer.qkv_b, h, layer.qkv_w)
+
+    def _post_attention(
+        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights
+    ) -> torch.Tensor:
+        x = x + torch.addmm(layer.proj_b, attended, layer.proj_w)
+        h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
+        hidden = self.act(torch.addmm(layer.fc_b, h, layer.fc_w))
+        return x + torch.addmm(layer.out_b, hidden, layer.out_w)
+
+    def _attention(
+        self,
+        layer: int,
+        split: torch.Tensor,
+        chunks: Sequence[SeqChunk],
+        bounds: Sequence[tuple[int, int]],
+        write: bool,
+    ) -> torch.Tensor:
+        """Each chunk attends over its own block (its past plus its new tokens, causally);
+        `split` is `[tokens, 3, heads, head_dim]`."""
+
+        def attend(index: int) -> torch.Tensor:
+            begin, end = bounds[index]
+            return self._attend_one(layer, chunks[index], split[begin:end], write)
+
+        if self._splitter is not None and len(chunks) > 1:
+            costs = [len(c.ids) * (c.start + len(c.ids)) for c in chunks]
+            outputs = self._splitter.map(attend, costs)
+        else:
+            outputs = [attend(index) for index in range(len(chunks))]
+        attended = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+        return attended.transpose(0, 1).reshape(split.shape[0], self.dims.n_embd)
+
+    def _attend_one(
+        self, layer: int, chunk: SeqChunk, rows: torch.Tensor, write: bool
+    ) -> torch.Tensor:
+        """`rows` is `[n, 3, heads, head_dim]`; returns `[heads, n, head_dim]`."""
+        n, start = rows.shape[0], chunk.start
+        end = start + n
+        kv = chunk.kv[layer]
+        if write:
+            kv[:, :, start:end].copy_(rows[:, 1:].permute(1, 2, 0, 3))
+        query = rows[:, 0].transpose(0, 1).unsqueeze(0)
+        keys, values = kv[0, :, :end].unsqueeze(0), kv[1, :, :end].unsqueeze(0)
+        mask = causal_mask(n, start, rows.device)
+        attended = F.scaled_dot_product_attention(
+            query, keys, values, attn_mask=mask, is_causal=n > 1 and start == 0, scale=self.scale
+        )
+        return attended[0]
+
+
+class CpuSplitter:
+    """Runs many small per-sequence ops on the CPU as single-threaded groups, one per intra-op
+    thread, in parallel (torch releases the GIL inside ops).
+
+    Hundreds of tiny attention calls per step each pay an OpenMP fork/join; when the cores are
+    shared with other processes a join waits for a descheduled thread, and a decode step gets
+    several times slower. One thread per group has no joins, and the groups still use every core.
+    """
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def map(self, work: Callable[[int], torch.Tensor], costs: Sequence[int]) -> list[torch.Tensor]:
+        """`[work(i) for i in range(len(costs))]`, split into cost-balanced groups."""
+        threads = torch.get_num_threads()
+        if threads <= 1:
+            return [work(i) for i in range(len(costs))]
+        groups = balanced_groups(costs, threads)
+        results: dict[int, torch.Tensor] = {}
+
+        def run(group: list[int]) -> None:
+            with torch.inference_mode():
+                for index in group:
+                    results[index] = work(index)
+
+        torch.set_num_threads(1)
+        try:
+            pending = [self._executor(threads).submit(run, group) for group in groups[1:]]
+            run(groups[0])
+            for future in pending:
+                future.result()
+        finally:
+            torch.set_num_threads(threads)
+        return [results[i] for i in range(len(costs))]
+
+    def _executor(self, threads: int) -> ThreadPoolExecutor:
+        if self._pool is None or self._pool._max_workers < threads - 1:
+            self.close()
+            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="kobot-attention")
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def balanced_groups(costs: Sequence[int], groups: int) -> list[list[int]]:
+    """Indices split into `groups` lists of similar total cost (largest first, to the lightest)."""
+    loads = [0] * groups
+    members: list[list[int]] = [[] for _ in range(groups)]
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        lightest = loads.index(min(loads))
+        loads[lightest] += costs[index] + 1
+        members[lightest].append(index)
+    return [m for m in members if m] or [[]]
+
+
+class KVWriter:
+    """Writes one layer's new K/V of every chunk with a single `index_copy_` into the flat
+    buffer that all the chunks' blocks are views of."""
+
+    def __init__(self, chunks: Sequence[SeqChunk], buffer: torch.Tensor, dims: GPT2Dims) -> None:
+        self.rows2d = buffer.view(-1, dims.head_dim)
+        heads, head_dim = dims.n_head, dims.head_dim
+        base: list[int] = []
+        capacity: list[int] = []
+        position: list[int] = []
+        for chunk in chunks:
+            offset = chunk.kv.storage_offset() - buffer.storage_offset()
+            n = len(chunk.ids)
+            base += [offset // head_dim] * n
+            capacity += [chunk.kv.shape[3]] * n
+            position += range(chunk.start, chunk.start + n)
+        as_tensor = lambda values: torch.tensor(values, device=buffer.device)[:, None, None]  # noqa: E731
+        cap = as_tensor(capacity)
+        kind = torch.arange(2, device=buffer.device)[None, :, None]
+        head = torch.arange(heads, device=buffer.device)[None, None, :]
+        # row of (token, k/v, head) in layer 0; layer l adds l * 2 * heads * capacity
+        self.first = (as_tensor(base) + (kind * heads + head) * cap + as_tensor(position)).flatten()
+        self.layer_step = (2 * heads * cap).expand(-1, 2, heads).flatten()
+
+    def write(self, layer: int, split: torch.Tensor) -> None:
+        rows = self.first + layer * self.layer_step
+        self.rows2d.index_copy_(0, rows, split[:, 1:].reshape(-1, split.shape[-1]))
+
+
+def causal_mask(n: int, start: int, device: torch.device) -> torch.Tensor | None:
+    """Bottom-right causal mask for `n` new queries after `start` cached positions (None when
+    no mask is needed: one query sees everything, and `start == 0` uses `is_causal`)."""
+    if n == 1 or start == 0:
+        return None
+    return torch.ones(n, start + n, dtype=torch.bool, device=device).tril(start)

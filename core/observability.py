@@ -1,0 +1,499 @@
+"""What a bot process tells its operators: per-turn metrics and log events, `/healthz`, `/metrics`.
+
+`TurnObserver` is held by the DialogueManager (one per process, no globals): it counts messages
+and replies per platform, times each turn, records generation figures and errors by type, and logs
+one event per turn (`kobot.turn`, user and chat ids hashed unless KOBOT_LOG_USER_IDS=plain; the
+message text is never logged).
+
+`OpsServer` is a small aiohttp server on KOBOT_METRICS_HOST:KOBOT_METRICS_PORT (0 = off):
+
+* `GET /healthz`: JSON `{"status": ..., "checks": {...}}`: storage (a `SELECT 1`), Redis (PING,
+  when KOBOT_REDIS_URL is set), model (loaded), platform (the adapter says it is connected).
+  200 when everything passes, 503 while starting, stopping or when a check fails.
+* `GET /livez`: 200 while the process serves HTTP at all.
+* `GET /metrics`: Prometheus text format (see `core.metrics`).
+
+Backends may offer an optional `metrics() -> Mapping[str, float]` (KV-cache use, batch size,
+queue depth...); every key becomes `kobot_backend_<key>` (a counter when it ends in `_total`).
+Backends without it expose nothing extra; the local engine's public stats are read when present.
+GPU memory is reported when CUDA is already initialised in the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from aiohttp import web
+
+from core.errors import StartupError
+from core.logging_setup import SecretRedactor, UserIds, settings_secrets
+from core.metrics import CONTENT_TYPE, Counter, Gauge, Metric, Registry
+from core.settings import Settings
+
+if TYPE_CHECKING:
+    from core.dialogue import DialogueManager
+    from core.generation.base import GenerationBackend, GenerationResult
+    from core.messages import IncomingMessage, Reply
+    from core.trimming import TrimmedPrompt
+    from storage.base import Storage
+
+log = logging.getLogger(__name__)
+turn_log = logging.getLogger("kobot.turn")
+
+CHECK_TIMEOUT_S = 3.0
+GENERATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+# --- per turn ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TurnRecord:
+    """What one `DialogueManager.handle` call did, filled in as it runs."""
+
+    platform: str
+    user: str
+    chat: str
+    started: float
+    reply: Reply | None = None
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    dropped_turns: int = 0
+    generation_s: float | None = None
+    finish_reason: str = ""
+    error: str = ""
+
+    @property
+    def kind(self) -> str:
+        if self.reply is None:
+            return "cancelled" if self.error == "CancelledError" else "failed"
+        return "duplicate" if self.reply.duplicate else str(self.reply.kind)
+
+
+_current_turn: ContextVar[TurnRecord | None] = ContextVar("kobot_current_turn", default=None)
+
+
+class TurnObserver:
+    """Metrics and one log event per turn; the dialogue manager calls it at a few points."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.registry = Registry()
+        self.user_ids = UserIds.from_settings(settings) if settings is not None else UserIds()
+        r = self.registry
+        self.messages = r.counter(
+            "kobot_messages_received_total", "Messages handed to the dialogue manager", "platform"
+        )
+        self.replies = r.counter(
+            "kobot_replies_total",
+            "Replies handed back to the adapter, by kind (chat, command, notice, error, duplicate)",
+            "platform",
+            "kind",
+        )
+        self.latency = r.histogram(
+            "kobot_reply_latency_seconds",
+            "Message to reply: lock wait, history, generation and storage",
+            "platform",
+            "kind",
+        )
+        self.generation = r.histogram(
+            "kobot_generation_seconds",
+            "Time in the generation backend per reply",
+            buckets=GENERATION_BUCKETS_S,
+        )
+        self.new_tokens = r.counter("kobot_generated_tokens_total", "Tokens generated for replies")
+        self.prompt_tokens = r.counter(
+            "kobot_prompt_tokens_total", "Prompt tokens sent to generate"
+        )
+        self.trimmed = r.counter(
+            "kobot_prompts_trimmed_total", "Prompts whose oldest turns were dropped to fit"
+        )
+        self.cut = r.counter(
+            "kobot_messages_cut_total", "User messages too long for the window, cut from the left"
+        )
+        self.errors = r.counter("kobot_errors_total", "Failures by type", "type")
+
+    @contextlib.contextmanager
+    def turn(self, message: IncomingMessage) -> Iterator[TurnRecord]:
+        """Around one `handle` call: counts it, times it and logs it however it ends."""
+        record = TurnRecord(
+            message.platform,
+            self.user_ids(message.platform, message.user_id),
+            self.user_ids(message.platform, message.chat_id),
+            time.perf_counter(),
+        )
+        self.messages.inc(platform=message.platform)
+        token = _current_turn.set(record)
+        try:
+            yield record
+        except BaseException as error:
+            record.error = type(error).__name__
+            if not isinstance(error, asyncio.CancelledError | GeneratorExit):
+                self.errors.inc(type="unhandled")
+            raise
+        finally:
+            _current_turn.reset(token)
+            self._finish(record)
+
+    def generated(self, prompt: TrimmedPrompt, result: GenerationResult, seconds: float) -> None:
+        self.generation.observe(seconds)
+        self.new_tokens.inc(result.new_tokens)
+        self.prompt_tokens.inc(prompt.n_tokens)
+        if prompt.dropped_turns:
+            self.trimmed.inc()
+        if prompt.newest_trimmed:
+            self.cut.inc()
+        record = _current_turn.get()
+        if record is not None:
+            record.prompt_tokens, record.new_tokens = prompt.n_tokens, result.new_tokens
+            record.dropped_turns, record.generation_s = prompt.dropped_turns, seconds
+            record.finish_reason = str(result.finish_reason)
+
+    def error(self, kind: str) -> None:
+        self.errors.inc(type=kind)
+        record = _current_turn.get()
+        if record is not None:
+            record.error = kind
+
+    def _finish(self, record: TurnRecord) -> None:
+        seconds = time.perf_counter() - record.started
+        kind = record.kind
+        self.replies.inc(platform=record.platform, kind=kind)
+        self.latency.observe(seconds, platform=record.platform, kind=kind)
+        fields = self._fields(record, kind, seconds)
+        summary = " ".join(f"{key}={value}" for key, value in fields.items() if value != "")
+        turn_log.info("turn %s", summary, extra={"event": "turn", "fields": fields})
+
+    @staticmethod
+    def _fields(record: TurnRecord, kind: str, seconds: float) -> dict[str, Any]:
+        fields: dict[str, Any] = {
+            "platform": record.platform,
+            "user": record.user,
+            "chat": record.chat,
+            "kind": kind,
+            "latency_ms": round(seconds * 1000, 1),
+        }
+        if record.generation_s is not None:
+            fields |= {
+                "generation_ms": round(record.generation_s * 1000, 1),
+                "prompt_tokens": record.prompt_tokens,
+                "new_tokens": record.new_tokens,
+                "dropped_turns": record.dropped_turns,
+                "finish": record.finish_reason,
+            }
+        if record.error:
+            fields["error"] = record.error
+        return fields
+
+
+# --- backend figures --------------------------------------------------------------------------
+
+
+def _unwrapped(backend: object) -> Iterator[object]:
+    """The backend, then what it wraps (`inner`), for instrumentation and test wrappers."""
+    seen = 0
+    current: object | None = backend
+    while current is not None and seen < 4:
+        yield current
+        current = getattr(current, "inner", None)
+        seen += 1
+
+
+def engine_figures(backend: object) -> dict[str, float]:
+    """The local engine's public stats (`engine_stats()`, `engine.arena`), when it has them."""
+    stats_of = getattr(backend, "engine_stats", None)
+    if not callable(stats_of):
+        return {}
+    stats = stats_of()
+    figures = {
+        "engine_steps_total": stats.steps,
+        "engine_finished_total": stats.finished,
+        "engine_prompt_tokens_total": stats.prompt_tokens,
+        "engine_reused_tokens_total": stats.reused_tokens,
+        "engine_generated_tokens_total": stats.generated_tokens,
+        "batch_size_max": stats.max_batch_seen,
+    }
+    arena = getattr(getattr(backend, "engine", None), "arena", None)
+    if arena is not None:
+        figures["kv_cache_used_bytes"] = arena.used_bytes
+        figures["kv_cache_capacity_bytes"] = arena.budget_bytes
+    return {name: float(value) for name, value in figures.items()}
+
+
+def backend_figures(backend: GenerationBackend | None) -> dict[str, float]:
+    """The optional `metrics()` of the backend (or of what it wraps), else the engine's stats."""
+    for candidate in _unwrapped(backend):
+        probe = getattr(candidate, "metrics", None)
+        if callable(probe):
+            return {str(k): float(v) for k, v in dict(probe()).items()}
+        figures = engine_figures(candidate)
+        if figures:
+            return figures
+    return {}
+
+
+def backend_metrics(figures: Mapping[str, float]) -> list[Metric]:
+    metrics: list[Metric] = []
+    for key, value in sorted(figures.items()):
+        name = f"kobot_backend_{_NAME_CHARS.sub('_', key)}"
+        help_text = f"Reported by the generation backend: {key}"
+        metric: Counter | Gauge
+        if key.endswith("_total"):
+            metric = Counter(name, help_text)
+            metric.inc(max(value, 0.0))
+        else:
+            metric = Gauge(name, help_text)
+            metric.set(value)
+        metrics.append(metric)
+    return metrics
+
+
+def gpu_metrics() -> list[Metric]:
+    """CUDA memory per device, only when torch already initialised CUDA (a scrape never does)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    allocated = Gauge(
+        "kobot_gpu_memory_allocated_bytes", "CUDA memory held by tensors", ("device",)
+    )
+    reserved = Gauge(
+        "kobot_gpu_memory_reserved_bytes", "CUDA memory reserved by torch", ("device",)
+    )
+    for index in range(torch.cuda.device_count()):
+        allocated.set(torch.cuda.memory_allocated(index), device=f"cuda:{index}")
+        reserved.set(torch.cuda.memory_reserved(index), device=f"cuda:{index}")
+    return [allocated, reserved]
+
+
+def manager_metrics(manager: DialogueManager) -> list[Metric]:
+    """Live figures read at scrape time."""
+    depth = Gauge("kobot_in_flight", "Chat turns in progress (waiting for a lock or generating)")
+    depth.set(manager.stats.in_flight)
+    return [depth, *backend_metrics(backend_figures(manager.backend)), *gpu_metrics()]
+
+
+# --- health -----------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class PlatformProbe(Protocol):
+    """What an adapter implements so `/healthz` can tell whether it is connected."""
+
+    def is_connected(self) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    ok: bool
+    detail: str = ""
+    ms: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        shown: dict[str, Any] = {"ok": self.ok, "ms": round(self.ms, 1)}
+        if self.detail:
+            shown["detail"] = self.detail
+        return shown
+
+
+def describe(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text[:300]
+
+
+async def timed_check(probe: Callable[[], Awaitable[str]], timeout_s: float) -> Check:
+    started = time.perf_counter()
+    try:
+        detail = await asyncio.wait_for(probe(), timeout_s)
+    except TimeoutError:
+        return Check(False, f"no answer within {timeout_s:g} s", _ms_since(started))
+    except Exception as error:  # any failure is a failed check
+        return Check(False, describe(error), _ms_since(started))
+    return Check(True, detail, _ms_since(started))
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
+
+
+async def ping_storage(storage: Storage) -> str:
+    """`SELECT 1` on the SQL engine under any cache layer; other storages answer by existing."""
+    from sqlalchemy import text
+
+    inner: object = storage
+    while hasattr(inner, "inner"):
+        inner = inner.inner
+    engine = getattr(inner, "engine", None)
+    if engine is None:
+        return type(inner).__name__
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
+    return str(engine.dialect.name)
+
+
+class OpsServer:
+    """`/healthz`, `/livez` and `/metrics` for one bot process (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        platform: str,
+        *,
+        port: int | None = None,
+        stopping: asyncio.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.platform = platform
+        self.port = settings.metrics_port if port is None else port
+        self.enabled = port is not None or settings.metrics_port > 0
+        self.stopping = stopping or asyncio.Event()
+        self.manager: DialogueManager | None = None
+        self.probe: PlatformProbe | None = None
+        self.registry = Registry()
+        self.purged = self.registry.counter(
+            "kobot_retention_purged_turns_total", "Turns deleted by KOBOT_HISTORY_RETENTION_DAYS"
+        )
+        self._redactor = SecretRedactor(settings_secrets(settings))
+        self._redis: Any = None
+        self._runner: web.AppRunner | None = None
+        self.registry.collect_with(self._state_metrics)
+
+    # lifecycle
+
+    async def start(self) -> int | None:
+        """Listen (before the model loads, so `/healthz` answers "starting"); the bound port."""
+        if not self.enabled:
+            return None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/livez", self._livez)
+        app.router.add_get("/metrics", self._metrics)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.metrics_host, self.port)
+        try:
+            await site.start()
+        except OSError as error:
+            await self._runner.cleanup()
+            self._runner = None
+            where = f"{self.settings.metrics_host}:{self.port}"
+            raise StartupError(f"KOBOT_METRICS_PORT: cannot listen on {where} ({error})") from None
+        self.port = int(self._runner.addresses[0][1])
+        log.info("health and metrics on http://%s:%d/", self.settings.metrics_host, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self._redis is not None:
+            with contextlib.suppress(Exception):
+                await self._redis.aclose()
+            self._redis = None
+
+    def attach(self, manager: DialogueManager) -> None:
+        self.manager = manager
+
+    def attach_platform(self, probe: PlatformProbe) -> None:
+        self.probe = probe
+
+    # health
+
+    async def health(self) -> tuple[int, dict[str, Any]]:
+        if self.stopping.is_set():
+            return 503, {"status": "stopping", "platform": self.platform}
+        if self.manager is None:
+            checks = {"model": Check(False, "loading").as_dict()}
+            return 503, {"status": "starting", "platform": self.platform, "checks": checks}
+        names, probes = zip(*self._checks(self.manager).items(), strict=True)
+        results = await asyncio.gather(*(timed_check(p, CHECK_TIMEOUT_S) for p in probes))
+        checks = {name: self._shown(result) for name, result in zip(names, results, strict=True)}
+        healthy = all(result.ok for result in results)
+        body = {"status": "ok" if healthy else "failing", "platform": self.platform}
+        return (200 if healthy else 503), {**body, "checks": checks}
+
+    def _checks(self, manager: DialogueManager) -> dict[str, Callable[[], Awaitable[str]]]:
+        checks: dict[str, Callable[[], Awaitable[str]]] = {
+            "storage": lambda: ping_storage(manager.storage),
+            "model": lambda: self._model(manager),
+            "platform": self._platform,
+        }
+        if self.settings.redis_url:
+            checks["redis"] = self._ping_redis
+        return checks
+
+    def _shown(self, check: Check) -> dict[str, Any]:
+        shown = check.as_dict()
+        if "detail" in shown:
+            shown["detail"] = self._redactor.redact(shown["detail"])
+        return shown
+
+    async def _model(self, manager: DialogueManager) -> str:
+        info = manager.backend.info()
+        if getattr(manager.backend, "_closed", False):
+            raise RuntimeError("the backend is closed")
+        return f"{info.name} {info.model} on {info.device}"
+
+    async def _platform(self) -> str:
+        if self.probe is None:
+            raise RuntimeError("not connected yet")
+        if not self.probe.is_connected():
+            raise RuntimeError("disconnected")
+        return self.platform
+
+    async def _ping_redis(self) -> str:
+        from storage.redis_cache import describe_client, redis_client
+
+        if self._redis is None:
+            assert self.settings.redis_url is not None
+            self._redis = redis_client(self.settings.redis_url, timeout_s=CHECK_TIMEOUT_S)
+        await self._redis.ping()
+        return describe_client(self._redis)
+
+    # metrics
+
+    def metrics_text(self) -> str:
+        parts = [self.registry.expose()]
+        if self.manager is not None:
+            parts.append(self.manager.observer.registry.expose())
+        return "".join(parts)
+
+    def _state_metrics(self) -> Iterable[Metric]:
+        loaded = Gauge("kobot_model_loaded", "1 once the model is loaded and serving")
+        loaded.set(1 if self.manager is not None and not self.stopping.is_set() else 0)
+        connected = Gauge(
+            "kobot_platform_connected", "1 while the adapter is connected", ("platform",)
+        )
+        connected.set(self._connected(), platform=self.platform)
+        metrics: list[Metric] = [loaded, connected]
+        if self.manager is not None:
+            metrics.extend(manager_metrics(self.manager))
+        return metrics
+
+    def _connected(self) -> float:
+        try:
+            return 1.0 if self.probe is not None and self.probe.is_connected() else 0.0
+        except Exception:  # a broken probe reads as disconnected
+            return 0.0
+
+    # handlers
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        status, body = await self.health()
+        return web.json_response(body, status=status)
+
+    async def _livez(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "platform": self.platform})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = self.metrics_text()
+        return web.Response(body=body.encode("utf-8"), headers={"Content-Type": CONTENT_TYPE})

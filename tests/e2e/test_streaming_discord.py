@@ -1,0 +1,178 @@
+"""Streamed replies and the model commands on Discord: real discord.py against the fake Discord.
+
+A reply grows in one message by `PATCH /channels/{id}/messages/{id}`, at least a second between
+operations on it (the production setting); a 429 on an edit is waited out; the message ends
+exactly as the reply the core returns and stores. The scripted stream hands out its next partial
+only once the fake shows the previous one, so nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bots.discord_adapter import displayable
+from core.generation.base import (
+    FinishReason,
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+    StreamChunk,
+)
+from core.generation.local import LocalBackend
+from core.messages import Role
+from tests.e2e.fake_discord import JSON, Call, FakeDiscord
+from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
+
+PARTIALS = ["오늘은", "오늘은 날씨가", "오늘은 날씨가 정말"]
+FINAL = "오늘은 날씨가 정말 좋네요"
+EDITS = r"PATCH /channels/\d+/messages/\d+"
+
+
+class Forwarding(TestBackend):
+    """The shared tiny model with streaming and scoring passed through."""
+
+    __test__ = False
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        self.requests.append(request)
+        async for chunk in self.inner.generate_stream(request):
+            yield chunk
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        return await self.inner.score(prompts, continuations)
+
+
+class PacedStream(TestBackend):
+    """Streams `PARTIALS`, each only after the channel shows the one before, then `FINAL`."""
+
+    __test__ = False
+
+    def __init__(self, inner: GenerationBackend, fake: FakeDiscord) -> None:
+        super().__init__(inner)
+        self.fake = fake
+        self.channel_id = 0
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return GenerationResult(FINAL, 6, FinishReason.STOP)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        for partial in PARTIALS:
+            yield StreamChunk(partial)
+            await self.fake.wait_for(self._showing(partial), WAIT_S)
+        yield StreamChunk(FINAL, await self.generate(request))
+
+    def _showing(self, text: str) -> Callable[[], bool]:
+        return lambda: text in self.fake.shown_in(self.channel_id)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
+    """LocalBackend itself (its streaming is what the engine backend inherits)."""
+    backend = LocalBackend(str(tiny_model_dir), device="cpu")
+    yield backend
+    asyncio.run(backend.close())
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeDiscord]:
+    async with FakeDiscord() as server:
+        yield server
+
+
+def streaming_settings(fake: FakeDiscord, tmp_path: Path, model: Path, **overrides: Any) -> Any:
+    return bot_settings(fake, tmp_path, model, stream_replies=True, **overrides)
+
+
+def operations(fake: FakeDiscord, channel_id: int) -> list[Call]:
+    """Accepted posts and edits of messages in a channel, in order."""
+    calls = fake.find(rf"(POST /channels/{channel_id}/messages|PATCH /channels/{channel_id}/.*)")
+    return [call for call in calls if call.status == 200]
+
+
+def gaps(calls: list[Call]) -> list[float]:
+    return [b.at - a.at for a, b in itertools.pairwise(calls)]
+
+
+async def stored_replies(harness: Harness, channel_id: int, user: JSON) -> list[str]:
+    return [text for role, text in await harness.turns(channel_id, user) if role is Role.AI]
+
+
+async def test_a_reply_grows_in_place_at_most_once_a_second(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    backend = PacedStream(tiny, fake)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    async with running_bot(fake, settings, backend, stream_first_after_s=0.0) as harness:
+        user = harness.person("하준")
+        channel = backend.channel_id = fake.dm_channel_id(user)
+        asked = await fake.send_message(user, "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
+        stored = await stored_replies(harness, channel, user)
+
+    calls = operations(fake, channel)
+    assert [call.method for call in calls] == ["POST", "PATCH", "PATCH", "PATCH"]
+    assert [call.body["content"] for call in calls] == [*PARTIALS, FINAL]
+    assert stored == [FINAL]
+    assert all(gap >= 1.0 for gap in gaps(calls)), gaps(calls)
+    first = fake.replies_to(asked)
+    assert len(first) == 1 and first[0]["allowed_mentions"] == {"parse": [], "replied_user": True}
+
+
+async def test_a_429_on_an_edit_is_waited_out(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    fake.rate_limit(EDITS, times=1)
+    backend = PacedStream(tiny, fake)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    options = {"stream_interval_s": 0.2, "stream_first_after_s": 0.0}
+    async with running_bot(fake, settings, backend, **options) as harness:
+        user = harness.person("서아")
+        channel = backend.channel_id = fake.dm_channel_id(user)
+        await fake.send_message(user, "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
+
+    limited = [call for call in fake.find(EDITS) if call.status == 429]
+    assert len(limited) == 1
+    assert len(fake.edits_in(channel)) == len(PARTIALS)
+    assert all(gap >= 0.2 for gap in gaps(operations(fake, channel)))
+
+
+async def test_the_model_commands_as_messages_and_slash_commands(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir, story_max_new_tokens=16)
+    async with running_bot(fake, settings, Forwarding(tiny)) as harness:
+        synced = {command["name"]: command for command in fake.calls[2].body}
+        user = harness.person("민준")
+        channel = fake.dm_channel_id(user)
+        chat = await fake.send_message(user, "안녕 반가워")
+        await harness.replies(chat)
+        typed = await fake.send_message(user, "/sentiment 오늘 정말 행복해")
+        sentiment = await harness.reply_text(typed)
+
+        answers: dict[str, str] = {}
+        for name, options in [
+            ("complete", {"text": "오늘 날씨가"}),
+            ("story", {"text": "옛날 옛적에"}),
+            ("retry", None),
+        ]:
+            interaction = await fake.send_command(user, name, options)
+            answers[name] = (await harness.answers(interaction))[-1]["body"]["data"]["content"]
+        stored = await stored_replies(harness, channel, user)
+
+    for name in ("complete", "story", "sentiment"):
+        [option] = synced[name]["options"]
+        assert option["name"] == "text" and option["required"] is True
+    assert "retry" in synced and not synced["retry"].get("options")
+    assert "확신도" in sentiment and sentiment.split(" ")[0] in ("긍정", "부정")
+    assert answers["complete"].startswith("오늘 날씨가")
+    assert answers["story"].startswith("옛날 옛적에")
+    assert [displayable(text) for text in stored] == [answers["retry"]]  # replaced in storage

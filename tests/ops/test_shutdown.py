@@ -1,0 +1,149 @@
+"""SIGTERM during a reply, with real `kobot chat` and `kobot telegram` processes and a generation
+server the test holds: the reply is sent and stored, or (past KOBOT_SHUTDOWN_TIMEOUT_S, or on a
+second signal) neither; never a stored turn whose reply was not sent. Also `/healthz`, `/metrics`
+and `kobot health` of the live process, and the bot token never in its DEBUG output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.fake_telegram import FakeTelegram, private_chat, user
+from tests.ops.helpers import (
+    REPLY,
+    START_TIMEOUT_S,
+    GatedOpenAI,
+    Kobot,
+    http_get,
+    kobot_env,
+    parse_exposition,
+    run_kobot,
+    sample,
+    stored_turns,
+    wait_until,
+)
+from tests.services import closed_port
+
+STOPPING = "SIGTERM: stopping"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[GatedOpenAI]:
+    gated = GatedOpenAI()
+    await gated.start()
+    yield gated
+    await gated.stop()
+
+
+async def start_chat(
+    server: GatedOpenAI, model_dir: Path, workdir: Path, **settings: str
+) -> tuple[Kobot, dict[str, str]]:
+    env = kobot_env(model_dir, workdir, backend="openai", backend_url=server.url, **settings)
+    return await Kobot.start(["chat"], env, workdir), env
+
+
+async def healthy(base: str) -> bool:
+    status, _ = await http_get(f"{base}/healthz")
+    return status == 200
+
+
+async def test_sigterm_lets_the_reply_in_flight_finish_then_takes_nothing_more(
+    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    port = closed_port()
+    base = f"http://127.0.0.1:{port}"
+    kobot, env = await start_chat(server, tiny_model_dir, tmp_path, metrics_port=str(port))
+    try:
+        await wait_until(lambda: healthy(base))
+        out, err, code = await asyncio.to_thread(run_kobot, ["health"], env, tmp_path)
+        assert code == 0 and json.loads(out)["status"] == "ok", err
+        await kobot.send("안녕하세요")
+        await asyncio.wait_for(server.arrived.wait(), 60)
+        samples, _ = parse_exposition((await http_get(f"{base}/metrics"))[1])
+        assert sample(samples, "kobot_in_flight") == 1
+        assert sample(samples, "kobot_platform_connected", platform="console") == 1
+        kobot.process.send_signal(signal.SIGTERM)
+        await kobot.wait_for_stderr(STOPPING, 30)
+        status, text = await http_get(f"{base}/healthz")
+        assert status == 503 and json.loads(text)["status"] == "stopping"
+        await kobot.send("이건 종료 신호 뒤에 보낸 메시지")  # after the signal: not taken
+        await asyncio.sleep(0.3)
+        server.gate.set()
+        out, err, code = await kobot.finish()
+    finally:
+        if kobot.process.returncode is None:
+            kobot.process.kill()
+    assert code == 0, err[-3000:]
+    assert out.splitlines() == [REPLY]
+    assert stored_turns(tmp_path / "kobot.db") == [("user", "안녕하세요"), ("ai", REPLY)]
+    assert len(server.received) == 1
+
+
+async def test_a_reply_past_the_bound_is_cancelled_and_not_stored(
+    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    kobot, _ = await start_chat(server, tiny_model_dir, tmp_path, shutdown_timeout_s="1")
+    await kobot.send("오래 걸리는 질문")
+    await asyncio.wait_for(server.arrived.wait(), 120)
+    started = time.monotonic()
+    kobot.process.send_signal(signal.SIGTERM)
+    out, err, code = await kobot.finish(timeout_s=30)
+    assert code == 0, err[-3000:]
+    assert time.monotonic() - started < 15
+    assert out == "" and "did not finish within 1 s" in err
+    assert stored_turns(tmp_path / "kobot.db") == []
+
+
+async def test_a_second_signal_exits_at_once(
+    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    kobot, _ = await start_chat(server, tiny_model_dir, tmp_path, shutdown_timeout_s="600")
+    await kobot.send("오래 걸리는 질문")
+    await asyncio.wait_for(server.arrived.wait(), 120)
+    kobot.process.send_signal(signal.SIGTERM)
+    await kobot.wait_for_stderr(STOPPING, 30)
+    started = time.monotonic()
+    kobot.process.send_signal(signal.SIGINT)
+    out, err, code = await kobot.finish(timeout_s=30)
+    assert code == 128 + signal.SIGINT, err[-3000:]
+    assert time.monotonic() - started < 5
+    assert out == "" and "exiting now" in err
+    assert stored_turns(tmp_path / "kobot.db") == []
+
+
+async def test_kobot_telegram_sends_the_reply_in_flight_after_sigterm(
+    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """At DEBUG, where PTB logs Bot API URLs (token included) and the token must not show."""
+    token = "4242:CanaryTelegramTokenForShutdown"
+    fake = await FakeTelegram(token).start()
+    try:
+        env = kobot_env(
+            tiny_model_dir, tmp_path, backend="openai", backend_url=server.url,
+            telegram_token=token, telegram_base_url=fake.base_url, log_level="DEBUG",
+        )  # fmt: skip
+        kobot = await Kobot.start(["telegram"], env, tmp_path)
+        try:
+            update = fake.send(private_chat(77), user(77), "종료 직전의 질문")
+            await asyncio.wait_for(server.arrived.wait(), START_TIMEOUT_S)
+            kobot.process.send_signal(signal.SIGTERM)
+            await kobot.wait_for_stderr(STOPPING, 30)
+            later = fake.send(private_chat(78), user(78), "종료 신호 뒤의 질문")
+            server.gate.set()
+            out, err, code = await kobot.finish()
+        finally:
+            if kobot.process.returncode is None:
+                kobot.process.kill()
+        assert code == 0, err[-3000:]
+        assert fake.replies_to(77) == [REPLY] and fake.replies_to(78) == []
+        assert fake.confirmed > update["update_id"] and fake.confirmed <= later["update_id"]
+    finally:
+        await fake.stop()
+    assert stored_turns(tmp_path / "kobot.db") == [("user", "종료 직전의 질문"), ("ai", REPLY)]
+    assert "getUpdates" in err and token not in out + err and token.split(":")[1] not in err
