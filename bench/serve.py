@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shared_data import shared_dir
 from core.dialogue import ContextStarts, sampling_params
 from core.generation.base import SamplingParams
-from core.generation.engine import Engine, EngineConfig, EngineRequest
+from core.generation.engine import Engine, EngineConfig, EngineRequest, EngineStats
 from core.generation.gpt2_forward import GPT2Forward
 from core.generation.local import generation_config
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
@@ -150,14 +150,18 @@ class Prompts:
         self.budget = token_budget(n_positions, settings.max_new_tokens)
         self.low_water = int(self.budget * settings.trim_low_water)
         self.starts = ContextStarts()
+        self.trimmed = 0
 
     def build(self, user: User, text: str) -> tuple[int, ...]:
         recent = user.history[-self.settings.history_turns :]
-        recent = self.starts.since(user.key, recent)
+        recent = self.starts.since(
+            user.key, recent, self.settings.history_turns, self.settings.trim_low_water
+        )
         prompt = self.builder.build(
             self.settings.persona, recent, text, self.budget, self.low_water
         )
         self.starts.update(user.key, recent, prompt)
+        self.trimmed += prompt.dropped_turns > 0
         return prompt.prompt_ids
 
 
@@ -319,6 +323,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--history", default="0", help="prior exchanges per user: N or MIN-MAX (random)"
     )
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument(
+        "--history-turns", type=int, default=0, help="KOBOT_HISTORY_TURNS (0: kobot's default)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
@@ -339,24 +346,57 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-async def main(argv: Sequence[str] | None = None) -> None:
+@dataclass
+class Bench:
+    """Everything both arms share: the settings, the model, the data."""
+
+    args: argparse.Namespace
+    tokenizer: KoGPT2Tokenizer
+    settings: Settings
+    params: SamplingParams
+    model: GPT2LMHeadModel
+    pairs: list[tuple[str, str]]
+
+    def users(self) -> list[User]:
+        """The same users (same messages, same prior history) for every arm."""
+        low, _, high = self.args.history.partition("-")
+        history = (int(low), int(high or low))
+        return make_users(self.pairs, self.args.users, self.args.turns, history, self.args.seed)
+
+    def prompts(self) -> Prompts:
+        return Prompts(self.tokenizer, self.settings, int(self.model.config.n_positions))
+
+    @property
+    def warm_up_ids(self) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode_text("안녕하세요\nAI:"))
+
+
+def setup(argv: Sequence[str] | None) -> Bench:
     args = parse_args(argv)
-    dtype = resolve_dtype(args.dtype, args.device)
-    low, _, high = args.history.partition("-")
-    history = (int(low), int(high or low))
     if args.threads:
         torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(str(args.model_config))
-    settings = Settings(_env_file=None, max_new_tokens=args.max_new_tokens)  # type: ignore[call-arg]
-    params = sampling_params(settings)
-    model = build_model(args.model_config, args.device, dtype, args.seed)
-    n_positions = int(model.config.n_positions)
-    pairs = load_pairs(args.data)
+    overrides = {"history_turns": args.history_turns} if args.history_turns else {}
+    settings = Settings(_env_file=None, max_new_tokens=args.max_new_tokens, **overrides)  # type: ignore[call-arg]
+    dtype = resolve_dtype(args.dtype, args.device)
+    return Bench(
+        args=args,
+        tokenizer=load_tokenizer(str(args.model_config)),
+        settings=settings,
+        params=sampling_params(settings),
+        model=build_model(args.model_config, args.device, dtype, args.seed),
+        pairs=load_pairs(args.data),
+    )
+
+
+def print_header(bench: Bench) -> None:
+    args = bench.args
+    dtype = str(bench.model.dtype).removeprefix("torch.")
     print(
-        f"model: kogpt2-base-v2 config, random weights, {str(dtype).removeprefix('torch.')} on "
-        f"{args.device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', '')}) | {args.users} users × {args.turns} "
-        f"turns, prior history {args.history} exchanges | {params}",
+        f"model: kogpt2-base-v2 config, random weights, {dtype} on {args.device} "
+        f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
+        f"{os.environ.get('OMP_WAIT_POLICY', '')}) | {args.users} users × {args.turns} turns, "
+        f"prior history {args.history} exchanges, history window "
+        f"{bench.settings.history_turns} turns | {bench.params}",
         flush=True,
     )
     print(
@@ -364,46 +404,69 @@ async def main(argv: Sequence[str] | None = None) -> None:
         "strings off), so tokens/s compare like for like",
         flush=True,
     )
-    warm = tuple(tokenizer.encode_text("안녕하세요\nAI:"))
+
+
+async def run_naive(bench: Bench, prompts: Prompts) -> ArmResult:
+    naive = NaiveArm(bench.model, bench.tokenizer, bench.params, bench.args.device)
+    try:
+        await warm_up(naive.generate, bench.warm_up_ids)
+        return await measure("naive", bench.users(), prompts, naive.generate)
+    finally:
+        naive.executor.shutdown()
+
+
+async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
+    args = bench.args
+    config = EngineConfig(
+        max_batch=args.max_batch, kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk
+    )
+    engine = Engine(GPT2Forward(bench.model, args.compile), config)
+    try:
+        arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
+        await warm_up(arm.generate, bench.warm_up_ids)
+        engine.cache.clear()
+        engine.stats = EngineStats()
+        result = await measure("engine", bench.users(), prompts, arm.generate)
+        result.extra |= engine_figures(engine, result.wall_s)
+        return result
+    finally:
+        await asyncio.to_thread(engine.close)
+
+
+def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
+    stats, arena = engine.stats, engine.arena
+    step_ms = 1000 * stats.busy_s / max(stats.steps, 1)
+    return {
+        "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
+        "max batch": str(stats.max_batch_seen),
+        "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
+        "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
+        f"of {arena.budget_bytes / MB:.0f} MB",
+    }
+
+
+async def main(argv: Sequence[str] | None = None) -> None:
+    bench = setup(argv)
+    print_header(bench)
+    arms = {"naive": run_naive, "engine": run_engine}
     results: dict[str, ArmResult] = {}
-    for name in args.arms.split(","):
-        users = make_users(pairs, args.users, args.turns, history, args.seed)
-        prompts = Prompts(tokenizer, settings, n_positions)
-        if name == "naive":
-            naive = NaiveArm(model, tokenizer, params, args.device)
-            await warm_up(naive.generate, warm)
-            results[name] = await measure(name, users, prompts, naive.generate)
-            naive.executor.shutdown()
-        else:
-            config = EngineConfig(
-                max_batch=args.max_batch,
-                kv_budget_mb=args.kv_budget_mb,
-                prefill_chunk=args.prefill_chunk,
-            )
-            engine = Engine(GPT2Forward(model, args.compile), config)
-            arm = EngineArm(engine, params, tokenizer.eos_id)
-            await warm_up(arm.generate, warm)
-            engine.cache.clear()
-            result = await measure(name, users, prompts, arm.generate)
-            stats = engine.stats
-            result.extra |= {
-                "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
-                "max batch": str(stats.max_batch_seen),
-                "KV peak": f"{engine.arena.peak_used * engine.arena.bytes_per_token / MB:.0f} MB "
-                f"of {engine.arena.budget_bytes / MB:.0f} MB",
-            }
-            results[name] = result
-            await asyncio.to_thread(engine.close)
-        lengths = results[name].prompt_tokens
+    for index, name in enumerate(bench.args.arms.split(",")):
+        prompts = bench.prompts()
+        results[name] = await arms[name](bench, prompts)
         report(results[name])
-        if name == args.arms.split(",")[0]:
-            print(
-                f"prompt tokens: min {min(lengths)} median {statistics.median(lengths):.0f} "
-                f"max {max(lengths)}",
-                flush=True,
-            )
+        if index == 0:
+            print_prompts(results[name].prompt_tokens, prompts.trimmed)
     if {"naive", "engine"} <= results.keys():
-        compare(results["naive"], results["engine"], args.users)
+        compare(results["naive"], results["engine"], bench.args.users)
+
+
+def print_prompts(lengths: list[int], trimmed: int) -> None:
+    print(
+        f"prompt tokens: min {min(lengths)} median {statistics.median(lengths):.0f} "
+        f"max {max(lengths)}; {trimmed} of {len(lengths)} prompts trimmed (older turns dropped "
+        "down to the low-water mark)",
+        flush=True,
+    )
 
 
 def compare(naive: ArmResult, engine: ArmResult, users: int) -> None:

@@ -76,16 +76,28 @@ class ContextStarts:
         self._first: OrderedDict[ConversationKey, Turn] = OrderedDict()
         self._max = max_conversations
 
-    def since(self, key: ConversationKey, history: list[Turn]) -> list[Turn]:
+    def since(
+        self, key: ConversationKey, history: list[Turn], limit: int, low_water: float
+    ) -> list[Turn]:
+        """The history from the remembered start. When the turn limit slides past that start,
+        a new start is chosen `low_water` of the limit from the end, so the limit too drops old
+        turns in chunks rather than one exchange per message."""
         first = self._first.get(key)
-        if first is None or first not in history:
+        if first is not None and first in history:
+            return history[history.index(first) :]
+        if len(history) < limit:
             return history
-        return history[history.index(first) :]
+        start = _first_user_turn(history, len(history) - int(limit * low_water))
+        self._remember(key, history[start])
+        return history[start:]
+
+    def _remember(self, key: ConversationKey, turn: Turn) -> None:
+        self._first[key] = turn
+        self._first.move_to_end(key)
 
     def update(self, key: ConversationKey, history: list[Turn], prompt: TrimmedPrompt) -> None:
         if prompt.dropped_turns and prompt.kept_turns:
-            self._first[key] = history[prompt.dropped_turns]
-            self._first.move_to_end(key)
+            self._remember(key, history[prompt.dropped_turns])
         elif prompt.dropped_turns:
             self._first.pop(key, None)
         while len(self._first) > self._max:
@@ -93,6 +105,13 @@ class ContextStarts:
 
     def forget(self, key: ConversationKey) -> None:
         self._first.pop(key, None)
+
+
+def _first_user_turn(history: list[Turn], start: int) -> int:
+    """`start`, moved forward to a user turn so the history never opens with an AI line."""
+    while start < len(history) - 1 and history[start].role is not Role.USER:
+        start += 1
+    return start
 
 
 class DialogueManager:
@@ -189,7 +208,7 @@ class DialogueManager:
         if earlier is not None:
             return earlier
         history = await self.storage.recent(key, self.settings.history_turns)
-        history = self.context_starts.since(key, history)
+        history = self.context_since_start(key, history)
         persona = await self.persona_for(key)
         prompt = self.prompts.build(persona, history, text, self.budget, self.low_water)
         self.context_starts.update(key, history, prompt)
@@ -246,6 +265,10 @@ class DialogueManager:
             self.stats.trimmed += 1
             reply_text = texts.TRIMMED_NOTE + reply_text
         return Reply(reply_text, ReplyKind.CHAT, trimmed=trimmed)
+
+    def context_since_start(self, key: ConversationKey, history: list[Turn]) -> list[Turn]:
+        limit, low_water = self.settings.history_turns, self.settings.trim_low_water
+        return self.context_starts.since(key, history, limit, low_water)
 
     async def persona_for(self, key: ConversationKey) -> str:
         return await self.storage.get_persona(key) or self.settings.persona

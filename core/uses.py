@@ -129,7 +129,7 @@ class ModelCommands:
     async def _fresh_reply(self, key: ConversationKey, earlier: list[Turn], question: str) -> str:
         """Sample new candidates for `question`: the first one not shown before is the reply."""
         manager = self.manager
-        earlier = manager.context_starts.since(key, earlier)
+        earlier = manager.context_since_start(key, earlier)
         persona = await manager.persona_for(key)
         prompt = manager.prompts.build(persona, earlier, question, manager.budget)
         request = GenerationRequest(

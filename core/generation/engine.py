@@ -61,11 +61,18 @@ StopCheck = Callable[[Sequence[int]], bool]
 
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
+    """The scheduler's bounds (KOBOT_ENGINE_* settings)."""
+
     max_batch: int = 32
+    """Most requests in one forward pass; more wait in the queue."""
     kv_budget_mb: float = 1024
+    """The KV arena, allocated once; running requests and cached conversations share it."""
     kv_idle_s: float = 600.0
+    """A conversation's cached KV unused this long is dropped."""
     prefill_chunk: int = 512
+    """Prompt tokens read per step (beside every decoding request's one token)."""
     idle_poll_s: float = 0.5
+    """How often an idle (or busy) scheduler looks for idle conversations to drop."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +180,8 @@ class EngineStats:
     reused_tokens: int = 0
     generated_tokens: int = 0
     max_batch_seen: int = 0
+    busy_s: float = 0.0
+    """Seconds spent in steps (forward passes and sampling)."""
 
 
 class Engine:
@@ -286,6 +295,7 @@ class Engine:
 
     def _guarded_step(self) -> None:
         """The error boundary: a failing step fails its requests, never the engine."""
+        started = time.perf_counter()
         try:
             self._step()
         except Exception as error:
@@ -297,6 +307,8 @@ class Engine:
                 self.arena.free(running.block)
                 running.handle.fail(mapped)
             self._running = []
+        finally:
+            self.stats.busy_s += time.perf_counter() - started
 
     def _step(self) -> None:
         self._drop_idle()
@@ -500,7 +512,6 @@ class Engine:
         for handle in waiting:
             handle.fail(closed)
         self.cache.clear()
-        self.forward.close()
 
 
 def _generator(seed: int | None) -> torch.Generator:

@@ -13,6 +13,7 @@ engine on each step's scores), `_generate_ids` replaces the model call.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import weakref
 from collections.abc import Sequence
@@ -131,7 +132,7 @@ class EngineBackend(LocalBackend):
     async def close(self) -> None:
         """Stop running requests and the worker threads, then the engine; free the model."""
         await super().close()
-        self._engine.close()
+        await asyncio.to_thread(self._engine.close)
 
     # --- on a worker thread ---
 

@@ -66,6 +66,7 @@ class SamplerState:
     eos_id: int | None = None
     min_new_tokens: int = 0
     generator: torch.Generator = field(default_factory=torch.Generator)
+    """Draws of this sequence only (a new `torch.Generator` starts from a fixed seed)."""
     hook: LogitsHook | None = None
     ngrams: NgramBans | None = field(init=False, default=None)
     _seen: set[int] = field(init=False, default_factory=set)
@@ -113,17 +114,12 @@ def apply_repetition_penalty(scores: torch.Tensor, states: Sequence[SamplerState
     rows = [i for i, s in enumerate(states) if s.params.repetition_penalty != 1.0]
     if not rows:
         return
-    seen = [states[i].seen_ids(scores.device) for i in rows]
-    row_index = torch.repeat_interleave(
-        torch.tensor(rows, device=scores.device),
-        torch.tensor([len(ids) for ids in seen], device=scores.device),
-    )
-    penalty = torch.tensor(
-        [states[i].params.repetition_penalty for i in rows], device=scores.device
-    )
-    penalty = torch.repeat_interleave(
-        penalty, torch.tensor([len(ids) for ids in seen], device=scores.device)
-    )
+    device = scores.device
+    seen = [states[i].seen_ids(device) for i in rows]
+    counts = torch.tensor([len(ids) for ids in seen], device=device)
+    row_index = torch.repeat_interleave(torch.tensor(rows, device=device), counts)
+    penalties = [states[i].params.repetition_penalty for i in rows]
+    penalty = torch.repeat_interleave(torch.tensor(penalties, device=device), counts)
     col_index = torch.cat(seen)
     picked = scores[row_index, col_index]
     scores[row_index, col_index] = torch.where(picked < 0, picked * penalty, picked / penalty)

@@ -13,7 +13,6 @@ A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `engine_k
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -143,7 +142,6 @@ class GPT2Forward:
         self.device = self.wte.device
         self.dtype = self.wte.dtype
         self.scale = self.dims.head_dim**-0.5
-        self._splitter = CpuSplitter() if self.device.type == "cpu" else None
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
         if compile_mode == "compile":
@@ -151,11 +149,6 @@ class GPT2Forward:
             self._post = torch.compile(self._post_attention, dynamic=True)
 
     # --- public -----------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Stop the helper threads (the weights stay with the model)."""
-        if self._splitter is not None:
-            self._splitter.close()
 
     @torch.inference_mode()
     def logits(
@@ -233,15 +226,10 @@ class GPT2Forward:
         """Each chunk attends over its own block (its past plus its new tokens, causally);
         `split` is `[tokens, 3, heads, head_dim]`."""
 
-        def attend(index: int) -> torch.Tensor:
-            begin, end = bounds[index]
-            return self._attend_one(layer, chunks[index], split[begin:end], write)
-
-        if self._splitter is not None and len(chunks) > 1:
-            costs = [len(c.ids) * (c.start + len(c.ids)) for c in chunks]
-            outputs = self._splitter.map(attend, costs)
-        else:
-            outputs = [attend(index) for index in range(len(chunks))]
+        outputs = [
+            self._attend_one(layer, chunk, split[begin:end], write)
+            for chunk, (begin, end) in zip(chunks, bounds, strict=True)
+        ]
         attended = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
         return attended.transpose(0, 1).reshape(split.shape[0], self.dims.n_embd)
 
@@ -261,64 +249,6 @@ class GPT2Forward:
             query, keys, values, attn_mask=mask, is_causal=n > 1 and start == 0, scale=self.scale
         )
         return attended[0]
-
-
-class CpuSplitter:
-    """Runs many small per-sequence ops on the CPU as single-threaded groups, one per intra-op
-    thread, in parallel (torch releases the GIL inside ops).
-
-    Hundreds of tiny attention calls per step each pay an OpenMP fork/join; when the cores are
-    shared with other processes a join waits for a descheduled thread, and a decode step gets
-    several times slower. One thread per group has no joins, and the groups still use every core.
-    """
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-
-    def map(self, work: Callable[[int], torch.Tensor], costs: Sequence[int]) -> list[torch.Tensor]:
-        """`[work(i) for i in range(len(costs))]`, split into cost-balanced groups."""
-        threads = torch.get_num_threads()
-        if threads <= 1:
-            return [work(i) for i in range(len(costs))]
-        groups = balanced_groups(costs, threads)
-        results: dict[int, torch.Tensor] = {}
-
-        def run(group: list[int]) -> None:
-            with torch.inference_mode():
-                for index in group:
-                    results[index] = work(index)
-
-        torch.set_num_threads(1)
-        try:
-            pending = [self._executor(threads).submit(run, group) for group in groups[1:]]
-            run(groups[0])
-            for future in pending:
-                future.result()
-        finally:
-            torch.set_num_threads(threads)
-        return [results[i] for i in range(len(costs))]
-
-    def _executor(self, threads: int) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool._max_workers < threads - 1:
-            self.close()
-            self._pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="kobot-attention")
-        return self._pool
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-
-
-def balanced_groups(costs: Sequence[int], groups: int) -> list[list[int]]:
-    """Indices split into `groups` lists of similar total cost (largest first, to the lightest)."""
-    loads = [0] * groups
-    members: list[list[int]] = [[] for _ in range(groups)]
-    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
-        lightest = loads.index(min(loads))
-        loads[lightest] += costs[index] + 1
-        members[lightest].append(index)
-    return [m for m in members if m] or [[]]
 
 
 class KVWriter:

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from core import commands as texts
-from core.dialogue import DialogueManager
-from core.messages import ConversationKey, ReplyKind, Role
+from core.dialogue import ContextStarts, DialogueManager
+from core.messages import ConversationKey, ReplyKind, Role, Turn
 from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings, message
 
 SPECIAL_IDS = set(range(0, 109)) - {5}  # KoGPT2's control/unused ids; 5 (<unk>) can be genuine
@@ -246,3 +246,17 @@ async def test_a_generation_timeout_is_a_polite_error_and_stores_nothing(
         assert await manager.storage.recent(ConversationKey("test", "c1", "u1"), 10) == []
     finally:
         await manager.close()
+
+
+def test_the_turn_limit_also_drops_old_turns_in_chunks() -> None:
+    starts = ContextStarts()
+    key = ConversationKey("test", "c", "u")
+    everything = [Turn(Role.USER if i % 2 == 0 else Role.AI, f"줄 {i}", "u") for i in range(200)]
+    firsts = []
+    for end in range(40, 200, 2):  # the storage returns the newest 40 turns each message
+        window = everything[end - 40 : end]
+        context = starts.since(key, window, limit=40, low_water=0.75)
+        assert context[0].role is Role.USER and context[-1] == window[-1]
+        firsts.append(context[0])
+    # A start that moved with every message would give 80 distinct starts (no KV reuse at all).
+    assert len(set(firsts)) <= 80 // 4

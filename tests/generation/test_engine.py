@@ -374,3 +374,20 @@ async def test_close_fails_running_and_later_requests(model: GPT2LMHeadModel) ->
     with pytest.raises(GenerationError) as later:
         closing.submit(endless)
     assert later.value.kind is GenerationErrorKind.UNAVAILABLE
+
+
+async def test_half_precision_keeps_the_kv_in_the_model_dtype(model: GPT2LMHeadModel) -> None:
+    """The GPU path's dtype handling, on the CPU: bf16 weights, bf16 KV, float32 logits."""
+    half = GPT2LMHeadModel(model.config)
+    half.load_state_dict(model.state_dict())
+    torch.nn.Module.to(half, dtype=torch.bfloat16)
+    engine = Engine(GPT2Forward(half.eval()), EngineConfig(kv_budget_mb=4))
+    try:
+        assert engine.arena.buffer.dtype == torch.bfloat16
+        assert engine.arena.bytes_per_token == 2 * 2 * 64 * 2  # layers × K/V × width × bytes
+        output = await engine.generate(request(ids(30, 90), cache_key="half"))
+        assert len(output.ids) == GREEDY.max_new_tokens
+        again = await engine.generate(request(ids(30, 90) + output.ids[:-1], cache_key="half"))
+        assert again.reused_tokens >= 30
+    finally:
+        engine.close()

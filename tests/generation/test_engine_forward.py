@@ -18,15 +18,16 @@ FP32_ATOL = 1e-4
 BF16_ATOL = 1e-1
 
 
-def model(dtype: torch.dtype = torch.float32, **overrides: object) -> GPT2LMHeadModel:
-    values: dict[str, object] = {"n_layer": 3, "n_embd": 96, "n_head": 4, "vocab_size": 51200}
+def model(dtype: torch.dtype = torch.float32, **overrides: Any) -> GPT2LMHeadModel:
+    values: dict[str, Any] = {"n_layer": 3, "n_embd": 96, "n_head": 4, "vocab_size": 51200}
     values.update(overrides)
     torch.manual_seed(0)
-    built = GPT2LMHeadModel(GPT2Config(**values)).to(dtype).eval()
+    built = GPT2LMHeadModel(GPT2Config(**values))
+    torch.nn.Module.to(built, dtype=dtype)
     with torch.no_grad():  # larger weights than the init's, so the layers matter
         for parameter in built.transformer.h.parameters():
             parameter.mul_(3)
-    return built
+    return built.eval()
 
 
 def block(forward: GPT2Forward, capacity: int = 128) -> torch.Tensor:
@@ -123,13 +124,14 @@ def test_bf16_logits_match_within_bf16_rounding(ids: list[int]) -> None:
 def test_the_weights_are_shared_not_copied(hf: GPT2LMHeadModel) -> None:
     forward = GPT2Forward(hf)
     assert forward.wte.data_ptr() == hf.transformer.wte.weight.data_ptr()
-    assert forward.layers[0].fc_w.data_ptr() == hf.transformer.h[0].mlp.c_fc.weight.data_ptr()
+    first_block: Any = hf.transformer.h[0]
+    assert forward.layers[0].fc_w.data_ptr() == first_block.mlp.c_fc.weight.data_ptr()
 
 
 @pytest.mark.parametrize(
     "overrides", [{"scale_attn_by_inverse_layer_idx": True}, {"reorder_and_upcast_attn": True}]
 )
-def test_gpt2_variants_it_does_not_reproduce_are_refused(overrides: dict[str, object]) -> None:
+def test_gpt2_variants_it_does_not_reproduce_are_refused(overrides: dict[str, Any]) -> None:
     with pytest.raises(UnsupportedModelError):
         GPT2Forward(model(n_layer=1, n_embd=32, n_head=2, **overrides))
 
