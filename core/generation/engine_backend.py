@@ -149,7 +149,7 @@ class EngineBackend(LocalBackend):
         control: RunControl,
     ) -> list[list[int]]:
         """Each candidate's new ids, decoded by the engine with whatever else is running."""
-        rows = 1 if is_greedy(params) else max(1, getattr(params, "num_return_sequences", 1))
+        rows = 1 if is_greedy(params) else max(1, params.num_return_sequences)
         hook = self._logits_hook()
         criteria = [
             ReplyStoppingCriteria(
