@@ -48,8 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.shared_data import shared_dir
 from core.dialogue import ContextStarts, sampling_params
 from core.generation.base import SamplingParams
-from core.generation.engine import Engine, EngineConfig, EngineRequest, EngineStats
-from core.generation.gpt2_forward import GPT2Forward
+from core.generation.engine.forward import GPT2Forward
+from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, EngineStats
 from core.generation.local import generation_config
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, Role, Turn

@@ -30,7 +30,9 @@ from core.generation.base import (
     GenerationResult,
     SamplingParams,
 )
-from core.generation.engine import (
+from core.generation.engine.forward import GPT2Forward, UnsupportedModelError
+from core.generation.engine.sampling import LogitsHook
+from core.generation.engine.scheduler import (
     Engine,
     EngineConfig,
     EngineHandle,
@@ -40,8 +42,6 @@ from core.generation.engine import (
     FinishKind,
     StopCheck,
 )
-from core.generation.engine_sampling import LogitsHook
-from core.generation.gpt2_forward import GPT2Forward, UnsupportedModelError
 from core.generation.local import (
     LocalBackend,
     ReplyStoppingCriteria,

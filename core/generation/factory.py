@@ -62,7 +62,7 @@ def _openai_backend(settings: Settings) -> GenerationBackend:
 
 def _local_backend(settings: Settings) -> GenerationBackend:
     """The local model on the continuous-batching engine (a LocalBackend subclass)."""
-    from core.generation.engine import EngineConfig
+    from core.generation.engine.scheduler import EngineConfig
     from core.generation.engine_backend import EngineBackend
 
     return EngineBackend(

@@ -13,8 +13,8 @@ import torch
 from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
-from core.generation.engine import Engine, EngineConfig, EngineRequest, FinishKind
-from core.generation.gpt2_forward import GPT2Forward
+from core.generation.engine.forward import GPT2Forward
+from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, FinishKind
 
 EOS = 1
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)

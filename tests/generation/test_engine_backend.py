@@ -20,7 +20,7 @@ from core.generation.base import (
     GenerationRequest,
     SamplingParams,
 )
-from core.generation.engine import EngineConfig
+from core.generation.engine.scheduler import EngineConfig
 from core.generation.engine_backend import EngineBackend
 from core.generation.factory import build_backend
 from core.generation.local import FALLBACK_REPLY, LocalBackend

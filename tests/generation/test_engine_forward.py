@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from core.generation.gpt2_forward import GPT2Forward, SeqChunk, UnsupportedModelError
+from core.generation.engine.forward import GPT2Forward, SeqChunk, UnsupportedModelError
 
 FP32_ATOL = 1e-4
 BF16_ATOL = 1e-1

@@ -8,14 +8,14 @@ import random
 import pytest
 import torch
 
-from core.generation.engine_kv import (
+from core.generation.engine.forward import GPT2Dims
+from core.generation.engine.kv import (
     GRANULE_TOKENS,
     ConversationCache,
     KVArena,
     KVBlock,
     common_prefix,
 )
-from core.generation.gpt2_forward import GPT2Dims
 
 DIMS = GPT2Dims(
     n_layer=2, n_head=2, head_dim=4, n_embd=8, n_positions=1024, vocab_size=100, eps=1e-5

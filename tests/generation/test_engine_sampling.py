@@ -16,7 +16,7 @@ from transformers import (
 )
 
 from core.generation.base import SamplingParams
-from core.generation.engine_sampling import (
+from core.generation.engine.sampling import (
     NgramBans,
     SamplerState,
     apply_bans,

@@ -36,9 +36,9 @@ from enum import StrEnum
 import torch
 
 from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
-from core.generation.engine_kv import ConversationCache, KVArena, KVBlock, common_prefix
-from core.generation.engine_sampling import LogitsHook, SamplerState, choose_tokens
-from core.generation.gpt2_forward import GPT2Forward, SeqChunk
+from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
+from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
 from core.generation.local import classify_error, free_cuda_cache
 
 __all__ = [

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from core.generation.gpt2_forward import GPT2Dims
+from core.generation.engine.forward import GPT2Dims
 
 __all__ = ["CachedKV", "ConversationCache", "KVArena", "KVBlock", "common_prefix"]
 
