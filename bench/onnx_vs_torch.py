@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
 from core.generation.base import SamplingParams
-from core.generation.local import ReplyStoppingCriteria, RunControl
-from core.generation.onnx_backend import OnnxDecoder, decode_ids
-from core.generation.onnx_export import export_model
+from core.generation.onnx.decoder import OnnxSession, decode_ids
+from core.generation.onnx.export import export_model
+from core.generation.stopping import RunControl, StopRule
 
 SHARED = shared_dir()
 DECODE_STEPS = 16
@@ -79,7 +79,7 @@ def torch_decode(model: GPT2LMHeadModel, ids: torch.Tensor) -> Callable[[], None
     return steps
 
 
-def onnx_decode(decoder: OnnxDecoder, prompt: list[int]) -> Callable[[], None]:
+def onnx_decode(decoder: OnnxSession, prompt: list[int]) -> Callable[[], None]:
     """DECODE_STEPS decode steps after the prompt."""
     _, past = decoder.prefill(prompt)
 
@@ -92,7 +92,7 @@ def onnx_decode(decoder: OnnxDecoder, prompt: list[int]) -> Callable[[], None]:
 
 
 def reply_ms(
-    model: GPT2LMHeadModel, decoder: OnnxDecoder, prompt: list[int], repeats: int
+    model: GPT2LMHeadModel, decoder: OnnxSession, prompt: list[int], repeats: int
 ) -> tuple[float, float]:
     """A greedy 32-token reply: transformers' `generate` vs the ONNX backend's loop."""
     params = SamplingParams(max_new_tokens=REPLY_TOKENS, do_sample=False, temperature=0.0)
@@ -112,7 +112,7 @@ def reply_ms(
             )
 
     def with_onnx() -> None:
-        stopper = ReplyStoppingCriteria(lambda _: "", len(prompt), (), RunControl(600))
+        stopper = StopRule(lambda _: "", (), RunControl(600))
         decode_ids(decoder, prompt, params, stopper, eos_id=-1)
 
     return paired_ms(with_torch, with_onnx, repeats)
@@ -144,7 +144,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         report = export_model(model, folder, source_model="random kogpt2-base-v2")
         print(f"export: {report.seconds:.1f} s, max |logit diff| {report.max_abs_diff:.2e}")
-        decoder = OnnxDecoder(folder, threads=torch.get_num_threads())
+        decoder = OnnxSession(folder, threads=torch.get_num_threads())
         for length in args.prompts:
             prompt = torch.randint(1000, config.vocab_size, (1, length))
             as_list = prompt[0].tolist()

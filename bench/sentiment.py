@@ -25,8 +25,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
-from core.generation.local import LocalBackend
+from core.generation.factory import build_backend
 from core.sentiment import LABELS, SentimentScorer, decide
+from core.settings import Settings
 
 LABEL_OF = {"1": "부정", "2": "긍정"}
 
@@ -45,7 +46,8 @@ def load_labelled(path: Path, limit: int | None, seed: int) -> list[tuple[str, s
 
 
 async def evaluate(model: str, rows: list[tuple[str, str]], batch: int, device: str) -> None:
-    backend = await asyncio.to_thread(LocalBackend, model, device=device)
+    settings = Settings(_env_file=None, model=model, device=device)  # type: ignore[call-arg]
+    backend = await asyncio.to_thread(build_backend, settings)
     scorer = SentimentScorer(backend)
     raw_right = calibrated_right = 0
     started = time.perf_counter()

@@ -50,7 +50,7 @@ from core.dialogue import ContextStarts, sampling_params
 from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, EngineStats
-from core.generation.local import generation_config
+from core.generation.hf_decoder import generation_config
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, Role, Turn
 from core.prompt import PromptBuilder
@@ -215,7 +215,7 @@ class NaiveArm:
         device: str,
     ) -> None:
         self.model = model
-        self.config = generation_config(params, tokenizer)
+        self.config = generation_config(params, tokenizer.eos_id, tokenizer.pad_id)
         self.config.min_new_tokens = params.max_new_tokens
         self.device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="naive")

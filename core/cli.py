@@ -85,7 +85,7 @@ def _new_model(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _export_onnx(settings: Settings, args: argparse.Namespace) -> int:
-    from core.generation.onnx_export import export_onnx
+    from core.generation.onnx.export import export_onnx
 
     report = export_onnx(settings.model, args.out or settings.onnx_dir)
     print(

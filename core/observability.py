@@ -13,9 +13,9 @@ message text is never logged).
 * `GET /livez`: 200 while the process serves HTTP at all.
 * `GET /metrics`: Prometheus text format (see `core.metrics`).
 
-Backends may offer an optional `metrics() -> Mapping[str, float]` (KV-cache use, batch size,
-queue depth...); every key becomes `kobot_backend_<key>` (a counter when it ends in `_total`).
-Backends without it expose nothing extra; the local engine's public stats are read when present.
+Every key of the backend's `stats()` (KV-cache use, batch size, engine steps...) becomes
+`kobot_backend_<key>` (a counter when it ends in `_total`); a backend without figures exposes
+nothing extra. `/healthz`'s model check is the backend's own `health()`.
 GPU memory is reported when CUDA is already initialised in the process.
 """
 
@@ -198,47 +198,11 @@ class TurnObserver:
 # --- backend figures --------------------------------------------------------------------------
 
 
-def _unwrapped(backend: object) -> Iterator[object]:
-    """The backend, then what it wraps (`inner`), for instrumentation and test wrappers."""
-    seen = 0
-    current: object | None = backend
-    while current is not None and seen < 4:
-        yield current
-        current = getattr(current, "inner", None)
-        seen += 1
-
-
-def engine_figures(backend: object) -> dict[str, float]:
-    """The local engine's public stats (`engine_stats()`, `engine.arena`), when it has them."""
-    stats_of = getattr(backend, "engine_stats", None)
-    if not callable(stats_of):
-        return {}
-    stats = stats_of()
-    figures = {
-        "engine_steps_total": stats.steps,
-        "engine_finished_total": stats.finished,
-        "engine_prompt_tokens_total": stats.prompt_tokens,
-        "engine_reused_tokens_total": stats.reused_tokens,
-        "engine_generated_tokens_total": stats.generated_tokens,
-        "batch_size_max": stats.max_batch_seen,
-    }
-    arena = getattr(getattr(backend, "engine", None), "arena", None)
-    if arena is not None:
-        figures["kv_cache_used_bytes"] = arena.used_bytes
-        figures["kv_cache_capacity_bytes"] = arena.budget_bytes
-    return {name: float(value) for name, value in figures.items()}
-
-
 def backend_figures(backend: GenerationBackend | None) -> dict[str, float]:
-    """The optional `metrics()` of the backend (or of what it wraps), else the engine's stats."""
-    for candidate in _unwrapped(backend):
-        probe = getattr(candidate, "metrics", None)
-        if callable(probe):
-            return {str(k): float(v) for k, v in dict(probe()).items()}
-        figures = engine_figures(candidate)
-        if figures:
-            return figures
-    return {}
+    """The backend's public `stats()` (engine steps, KV-cache use…), none before it exists."""
+    if backend is None:
+        return {}
+    return {str(key): float(value) for key, value in backend.stats().items()}
 
 
 def backend_metrics(figures: Mapping[str, float]) -> list[Metric]:
@@ -438,10 +402,10 @@ class OpsServer:
         return shown
 
     async def _model(self, manager: DialogueManager) -> str:
-        info = manager.backend.info()
-        if getattr(manager.backend, "_closed", False):
-            raise RuntimeError("the backend is closed")
-        return f"{info.name} {info.model} on {info.device}"
+        health = manager.backend.health()
+        if not health.ok:
+            raise RuntimeError(health.detail)
+        return health.detail
 
     async def _platform(self) -> str:
         if self.probe is None:

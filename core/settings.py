@@ -12,12 +12,12 @@ from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from core.generation.device import parse_device
 from core.messages import ContextScope
 
 ENV_PREFIX = "KOBOT_"
 ENV_FILE_VARIABLE = "KOBOT_ENV_FILE"
 DEFAULT_PERSONA = "다음은 친절하고 예의 바른 AI 챗봇과 사용자의 대화입니다."
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 IdList = Annotated[list[int], NoDecode]
 TextList = Annotated[list[str], NoDecode]
@@ -125,10 +125,8 @@ class Settings(BaseSettings):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if not _DEVICE_PATTERN.match(value):
-            raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
-        return value
+        parse_device(value)
+        return value.strip().lower()
 
     @field_validator("backend_url")
     @classmethod

@@ -10,13 +10,32 @@ _LINE_BREAKS = re.compile(r"[\r\n\t\v\f\u0085\u2028\u2029]+")
 _SPACES = re.compile(r"[ \u00a0\u3000]{2,}")
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？~])\s+|(?<=[다요죠까네군])[.!?]*\s+")
 _KEEP_CONTROLS = {"\n", "\t"}
+_INVISIBLE = frozenset(
+    {
+        "\u200e",
+        "\u200f",
+        "\ufeff",
+        *map(chr, range(0x202A, 0x202F)),
+        *map(chr, range(0x2066, 0x206A)),
+    }
+)
+"""Direction marks, bidi overrides and isolates, the BOM: invisible, and able to reorder text."""
 
 
-def remove_control_characters(text: str) -> str:
-    """Drop C0/C1 controls (NUL included) and lone surrogates; keep newlines, tabs and ZWJ."""
-    return "".join(
-        ch for ch in text if ch in _KEEP_CONTROLS or unicodedata.category(ch) not in {"Cc", "Cs"}
-    )
+def remove_control_characters(text: str, *, breaks_to_spaces: bool = False) -> str:
+    """Drop C0/C1 controls (NUL included), lone surrogates and bidi marks/overrides; joiners
+    (ZWJ) and variation selectors stay, so emoji sequences survive. Newlines and tabs stay, or
+    with `breaks_to_spaces` every whitespace character (line breaks included) becomes a space."""
+    if breaks_to_spaces:
+        return "".join(" " if ch.isspace() else ch for ch in text if _kept(ch, ch.isspace()))
+    return "".join(ch for ch in text if _kept(ch, ch in _KEEP_CONTROLS))
+
+
+def _kept(ch: str, keep_if_control: bool) -> bool:
+    category = unicodedata.category(ch)
+    if category == "Cc":
+        return keep_if_control
+    return category != "Cs" and ch not in _INVISIBLE
 
 
 def to_single_line(text: str) -> str:

@@ -37,7 +37,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from core.generation.local import available_device, n_positions_of
+from core.generation.device import available_device, n_positions_of
 from core.generation.tokenizer import (
     MODEL_VARIABLE,
     KoGPT2Tokenizer,

@@ -1,17 +1,24 @@
-"""The generation backend contract: `generate`, `info`, `close`, and one typed error.
+"""The generation contracts: the backend callers use, the decoder a backend runs, one typed error.
 
-Optional: `generate_stream` (the reply as it grows; by default one chunk with the whole reply)
-and `score` (log-likelihoods of continuations, for zero-shot classification; by default
-unavailable).
+`GenerationBackend` is what the dialogue manager sees: `generate`, `info`, `close`, `health`,
+`stats`, optionally `generate_stream` (the reply as it grows; by default one chunk with the whole
+reply) and `score` (log-likelihoods of continuations; by default unavailable).
+
+`Decoder` is the small thing each model runtime implements (the engine, a remote server, ONNX,
+Hugging Face `generate`): one `Attempt` in, raw `Candidate`s out. The reply policy
+(`policy.py`) turns a decoder into a backend: validation, retries, cleaning, judging, fallback.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from core.generation.stopping import RunControl
 
 
 class TokenCounter(Protocol):
@@ -19,6 +26,17 @@ class TokenCounter(Protocol):
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of `text`, with special-token look-alikes treated as plain text."""
+        ...
+
+
+class ReplyTokenizer(TokenCounter, Protocol):
+    """What the reply policy and the decoders need of a tokenizer."""
+
+    @property
+    def eos_id(self) -> int: ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids` without control tokens."""
         ...
 
 
@@ -34,6 +52,16 @@ class SamplingParams:
     num_return_sequences: int = 1
     """Candidates per attempt (sampling only): the first good one is the reply, the others
     come back as `GenerationResult.alternatives`."""
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Temperature 0 or `do_sample=False`: the argmax at every step, one candidate."""
+    return not params.do_sample or params.temperature <= 0
+
+
+def candidate_rows(params: SamplingParams) -> int:
+    """How many candidates one attempt decodes: one when greedy, else `num_return_sequences`."""
+    return 1 if is_greedy(params) else max(1, params.num_return_sequences)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +105,8 @@ class StreamChunk:
 
 @dataclass(frozen=True, slots=True)
 class BackendInfo:
+    """What runs the model, for `/status`, logs and health checks."""
+
     name: str
     model: str
     device: str
@@ -99,6 +129,81 @@ class GenerationError(Exception):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Health:
+    """A backend's own view of whether it can serve: `detail` says what it runs or what is wrong."""
+
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelLimits:
+    """What a prompt must respect: ids below `vocab_size`, prompt + new tokens ≤ `n_positions`.
+    `vocab_size` None: the decoder cannot tell (a remote server), so ids are not range-checked."""
+
+    n_positions: int
+    vocab_size: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One try at a reply, as the policy asks a decoder for it."""
+
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams
+    seed: int | None
+    stop_strings: tuple[str, ...]
+    control: RunControl
+    """The request's deadline and cancel flag; a decoder stops when it expires."""
+    cache_key: str | None = None
+    on_ids: Callable[[list[int]], None] | None = None
+    """Streaming: called (on any thread) with the first candidate's new ids after each step."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One decoded continuation, before cleaning."""
+
+    text: str
+    """The raw new text (the EOS token left out)."""
+    new_tokens: int
+    """Tokens the model produced for it, the EOS included."""
+    ended: FinishReason
+    """Why the decoder stopped: EOS, STOP (a stop string) or LENGTH."""
+    ids: tuple[int, ...] | None = None
+    """The new ids without the EOS, when the decoder has them (a continuation's spacing)."""
+
+
+class Decoder(Protocol):
+    """A model runtime: turns one `Attempt` into candidates; raises GenerationError (or any
+    exception, which the policy classifies). A timeout raises GenerationError(TIMEOUT)."""
+
+    @property
+    def tokenizer(self) -> ReplyTokenizer: ...
+
+    def limits(self) -> ModelLimits: ...
+
+    def info(self) -> BackendInfo: ...
+
+    async def decode(self, attempt: Attempt) -> list[Candidate]: ...
+
+    def stats(self) -> dict[str, float]:
+        """Counters and gauges for `/metrics` (empty when the decoder keeps none)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """A decoder that can also score continuations (see `GenerationBackend.score`)."""
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]: ...
 
 
 class GenerationBackend(abc.ABC):
@@ -132,6 +237,15 @@ class GenerationBackend(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model and its memory."""
+
+    def health(self) -> Health:
+        """Whether the backend can serve now (by default: yes, naming what it runs)."""
+        info = self.info()
+        return Health(True, f"{info.name} {info.model} on {info.device}")
+
+    def stats(self) -> dict[str, float]:
+        """Figures for `/metrics` (engine steps, KV use…); by default none."""
+        return {}
 
 
 def token_tuple(ids: Sequence[int]) -> tuple[int, ...]:

@@ -1,11 +1,12 @@
-"""The remote backend: an OpenAI-compatible `/v1/completions` server (`vllm serve
+"""The remote decoder: an OpenAI-compatible `/v1/completions` server (`vllm serve
 skt/kogpt2-base-v2`), shared by several bot workers: the scale-out path past one GPU.
 
 Trimming stays exact: the prompt is tokenized here with KOBOT_MODEL's tokenizer and sent as token
 ids (`"prompt": [ids]`, which vLLM accepts), so the server sees exactly the counted tokens. vLLM's
 extra sampling parameters (`top_k`, `repetition_penalty`, `skip_special_tokens`…) ride in the same
-body; `no_repeat_ngram_size` has no vLLM equivalent and is not sent. The reply is cleaned with the
-local backend's functions, retried once when empty or looping, else the friendly fallback.
+body; `no_repeat_ngram_size` has no vLLM equivalent and is not sent. The reply policy cleans,
+judges and retries the text as for every decoder. Imports no torch (the tokenizer is loaded with
+`tokenizers`/`transformers` only when the factory builds it).
 
 Failures: each HTTP try has a timeout (KOBOT_BACKEND_TIMEOUT_S); connection errors, timeouts,
 5xx and 429 are retried (KOBOT_BACKEND_RETRIES) with exponential backoff and jitter, honouring
@@ -27,7 +28,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -35,32 +35,25 @@ from pydantic import SecretStr
 from yarl import URL
 
 from core.generation.base import (
+    Attempt,
     BackendInfo,
+    Candidate,
     FinishReason,
-    GenerationBackend,
     GenerationError,
     GenerationErrorKind,
-    GenerationRequest,
-    GenerationResult,
+    ModelLimits,
+    ReplyTokenizer,
     SamplingParams,
-)
-from core.generation.local import (
-    FALLBACK_REPLY,
-    MAX_ATTEMPTS,
-    classify_error,
-    is_degenerate,
-    is_empty_reply,
     is_greedy,
-    retry_plan,
-    split_reply,
 )
-from core.generation.tokenizer import KoGPT2Tokenizer, ModelLoadError, load_tokenizer
+from core.generation.device import model_window
+from core.generation.errors import ModelLoadError, timeout_error
+from core.generation.stopping import RunControl
 
 __all__ = [
-    "DEFAULT_N_POSITIONS",
     "BreakerState",
     "CircuitBreaker",
-    "OpenAICompletionsBackend",
+    "OpenAICompletionsDecoder",
     "RetryPolicy",
     "completion_body",
     "completions_url",
@@ -69,7 +62,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_N_POSITIONS = 1024
 RETRYABLE_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 Sleep = Callable[[float], Awaitable[None]]
 Clock = Callable[[], float]
@@ -150,9 +142,9 @@ def describe_json(data: Any) -> str:
     return json.dumps(data, ensure_ascii=False)[:200] if data is not None else "empty"
 
 
-def finish_of(completion: Completion, cut_here: bool) -> FinishReason:
-    """`stop` with a stop string (or a marker cut here) → STOP; `stop` at `</s>` → EOS."""
-    if cut_here or (completion.finish_reason == "stop" and completion.stop_reason is not None):
+def finish_of(completion: Completion) -> FinishReason:
+    """`stop` with a stop string → STOP; `stop` at `</s>` → EOS; else LENGTH."""
+    if completion.finish_reason == "stop" and completion.stop_reason is not None:
         return FinishReason.STOP
     return FinishReason.EOS if completion.finish_reason == "stop" else FinishReason.LENGTH
 
@@ -283,44 +275,14 @@ def final_error(failure: TryFailed, tries: int) -> GenerationError:
     return GenerationError(kind, f"{failure.detail} (after {tries} tries)")
 
 
-# --- model window ----------------------------------------------------------------------------
-
-
-def config_path(model: str) -> Path | None:
-    """config.json of a model folder, or of a hub id already in the Hugging Face cache."""
-    folder = Path(model).expanduser()
-    if folder.is_dir():
-        return folder / "config.json" if (folder / "config.json").is_file() else None
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(model, "config.json")
-    except Exception:
-        return None
-    return Path(cached) if isinstance(cached, str) else None
-
-
-def window_of(model: str, configured: int | None) -> int:
-    """The context window: KOBOT_BACKEND_N_POSITIONS when set, else the model's config.json,
-    else 1,024 (KoGPT2's)."""
-    if configured:
-        return configured
-    path = config_path(model)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if path else {}
-        return int(config.get("n_positions") or config["max_position_embeddings"])
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return DEFAULT_N_POSITIONS
-
-
 # --- the backend -----------------------------------------------------------------------------
 
 
-class OpenAICompletionsBackend(GenerationBackend):
-    """Generation on an OpenAI-compatible completions server (vLLM), tokenized here.
+class OpenAICompletionsDecoder:
+    """Decoding on an OpenAI-compatible completions server (vLLM), tokenized here.
 
-    Construction loads only the tokenizer (KOBOT_MODEL: a hub id or a folder) and never contacts
-    the server. `sleep` and `clock` are test seams (backoff waits, the breaker's clock).
+    Construction never contacts the server. `sleep` and `clock` are test seams (backoff waits,
+    the breaker's clock).
     """
 
     def __init__(
@@ -328,35 +290,34 @@ class OpenAICompletionsBackend(GenerationBackend):
         url: str,
         *,
         model: str,
+        tokenizer: ReplyTokenizer,
         served_model: str | None = None,
         api_key: SecretStr | None = None,
         timeout_s: float = 60.0,
-        generation_timeout_s: float = 120.0,
         retry: RetryPolicy | None = None,
         breaker: CircuitBreaker | None = None,
         n_positions: int | None = None,
-        tokenizer: KoGPT2Tokenizer | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self._url = completions_url(check_url(url))
         self._where = server_name(self._url)
-        self._model_name = model
         self._served_model = served_model or model
         self._headers = auth_headers(api_key)
         self._timeout_s = timeout_s
-        self._generation_timeout_s = generation_timeout_s
         self.retry = retry or RetryPolicy()
         self.breaker = breaker or CircuitBreaker(failures=5, cooldown_s=30.0)
-        self._tokenizer = tokenizer or load_tokenizer(model)
-        self._n_positions = window_of(model, n_positions)
+        self._tokenizer = tokenizer
+        self._n_positions = model_window(model, n_positions)
         self._sleep = sleep
         self._session: aiohttp.ClientSession | None = None
         self._session_loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
 
     @property
-    def tokenizer(self) -> KoGPT2Tokenizer:
+    def tokenizer(self) -> ReplyTokenizer:
         return self._tokenizer
+
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self._n_positions, None)
 
     def info(self) -> BackendInfo:
         return BackendInfo(
@@ -367,75 +328,39 @@ class OpenAICompletionsBackend(GenerationBackend):
             n_positions=self._n_positions,
         )
 
+    def stats(self) -> dict[str, float]:
+        return {"breaker_open": float(self.breaker.state is not BreakerState.CLOSED)}
+
     async def close(self) -> None:
-        """Close the HTTP connections; later requests fail with UNAVAILABLE."""
-        self._closed = True
+        """Close the HTTP connections."""
         if self._session is not None and self._session_loop is asyncio.get_running_loop():
             await self._session.close()
         self._session = None
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Ask the server, retrying an empty or looping reply once, then the fallback."""
-        if self._closed:
-            raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the remote backend is closed")
-        try:
-            return await self._generate(request)
-        except Exception as error:
-            mapped = classify_error(error)
-            if mapped is not error:
-                logger.error("remote generation failed: %s", mapped, exc_info=error)
-            raise mapped from error
-
-    async def _generate(self, request: GenerationRequest) -> GenerationResult:
-        prompt = self._checked_prompt(request)
-        deadline = time.monotonic() + self._generation_timeout_s
-        spent = 0
-        for attempt, (params, seed) in enumerate(retry_plan(request.params, request.seed), 1):
-            body = completion_body(self._served_model, prompt, params, request.stop_strings, seed)
-            completion = parse_or_fail(await self._complete(body, deadline))
-            result = self._result_from(completion, request.stop_strings)
-            spent += result.new_tokens if result else completion.completion_tokens or 0
-            if result is not None:
-                return result
-            logger.info("attempt %d/%d gave an empty or looping reply", attempt, MAX_ATTEMPTS)
-        return GenerationResult(FALLBACK_REPLY, spent, FinishReason.FALLBACK)
-
-    def _checked_prompt(self, request: GenerationRequest) -> list[int]:
-        prompt = list(request.prompt_ids)
-        if not prompt:
-            raise GenerationError(GenerationErrorKind.INTERNAL, "empty prompt")
-        if len(prompt) + request.params.max_new_tokens > self._n_positions:
-            raise GenerationError(
-                GenerationErrorKind.INTERNAL,
-                f"prompt ({len(prompt)}) + max_new_tokens ({request.params.max_new_tokens}) "
-                f"exceeds the {self._n_positions}-token window",
-            )
-        return prompt
-
-    def _result_from(
-        self, completion: Completion, stop_strings: Sequence[str]
-    ) -> GenerationResult | None:
-        """The cleaned result, or None when the reply is empty or degenerate."""
-        text, cut = split_reply(completion.text, stop_strings)
-        if is_empty_reply(text) or is_degenerate(self._tokenizer.encode_text(text)):
-            return None
+    async def decode(self, attempt: Attempt) -> list[Candidate]:
+        """One completion from the server (HTTP retries and the breaker included)."""
+        body = completion_body(
+            self._served_model,
+            attempt.prompt_ids,
+            attempt.params,
+            attempt.stop_strings,
+            attempt.seed,
+        )
+        completion = parse_or_fail(await self._complete(body, attempt.control))
         tokens = completion.completion_tokens
         if tokens is None:
             tokens = len(self._tokenizer.encode_text(completion.text))
-        return GenerationResult(text, tokens, finish_of(completion, cut))
+        return [Candidate(completion.text, tokens, finish_of(completion))]
 
     # --- HTTP with retries and the breaker ---
 
-    async def _complete(self, body: dict[str, Any], deadline: float) -> Any:
+    async def _complete(self, body: dict[str, Any], control: RunControl) -> Any:
         """The server's JSON answer, after retries; GenerationError when there is none."""
+        deadline = control.deadline
         retry = 0
         while True:
             if time.monotonic() >= deadline:
-                raise GenerationError(
-                    GenerationErrorKind.TIMEOUT,
-                    f"no reply within {self._generation_timeout_s:g} s "
-                    "(KOBOT_GENERATION_TIMEOUT_S)",
-                )
+                raise timeout_error(control.timeout_s)
             self._admit()
             try:
                 return await self._try(body, deadline)

@@ -8,10 +8,13 @@ logits for a batch would cost hundreds of megabytes for a handful of useful rows
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from core.generation.device import LoadedModel
 
 
 def continuation_log_probs(
@@ -39,3 +42,18 @@ def continuation_log_probs(
     totals = torch.zeros(len(pairs), dtype=torch.float64, device=ids.device)
     totals.index_add_(0, where_rows, picked[:, 0].double())
     return [float(total) for total in totals.tolist()]
+
+
+async def score_pairs(
+    loaded: LoadedModel, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+) -> list[float]:
+    """`continuation_log_probs` of the pairs on `loaded`, off the event loop."""
+    pairs = [(list(p), list(c)) for p, c in zip(prompts, continuations, strict=True)]
+
+    def run() -> list[float]:
+        with torch.inference_mode():
+            return continuation_log_probs(
+                loaded.model, pairs, loaded.tokenizer.pad_id, loaded.device
+            )
+
+    return await asyncio.to_thread(run)

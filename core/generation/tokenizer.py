@@ -22,7 +22,17 @@ from huggingface_hub import get_session
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from core.errors import StartupError
+from core.generation.errors import ModelLoadError, describe
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KoGPT2Tokenizer",
+    "ModelLoadError",
+    "ModelSource",
+    "load_tokenizer",
+    "resolve_model_source",
+    "tokenizer_from_source",
+]
 
 KOGPT2_SPECIAL_TOKENS: dict[str, str] = {
     "bos_token": "</s>",
@@ -37,10 +47,6 @@ _CONTROL_TOKEN = re.compile(r"<[^<>\s]+>")
 _ENCODE_CACHE_SIZE = 4096
 _CACHE_MAX_CHARS = 1024
 HUB_PROBE_TIMEOUT_S = 5.0
-
-
-class ModelLoadError(StartupError):
-    """The model or its tokenizer cannot be loaded; the message says how to fix KOBOT_MODEL."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +98,7 @@ def resolve_model_source(model: str) -> ModelSource:
 
 def load_error(source: ModelSource, error: BaseException) -> ModelLoadError:
     """A ModelLoadError that says what failed and how to set KOBOT_MODEL."""
-    lines = str(error).strip().splitlines()
-    reason = f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    reason = describe(error)
     if source.is_folder:
         return ModelLoadError(
             f"{MODEL_VARIABLE}: could not load the folder {source.name!r} ({reason}). It must hold "

@@ -13,6 +13,7 @@ from core.generation.base import (
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
+    Health,
     StreamChunk,
     TokenCounter,
 )
@@ -49,6 +50,12 @@ class RecordingBackend(GenerationBackend):
 
     def info(self) -> BackendInfo:
         return self.inner.info()
+
+    def health(self) -> Health:
+        return self.inner.health()
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -64,11 +64,12 @@ NO_PING: JSON = {"parse": []}
 
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    from core.generation.local import LocalBackend
+    """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
+    from tests.generation.backends import close_now, engine_backend
 
-    backend = LocalBackend(str(tiny_model_dir), device="cpu")
+    backend = engine_backend(tiny_model_dir)
     yield backend
-    asyncio.run(backend.close())
+    close_now(backend)
 
 
 class TestBackend(GenerationBackend):

@@ -8,7 +8,6 @@ only once the fake shows the previous one, so nothing depends on timing.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,10 +23,10 @@ from core.generation.base import (
     GenerationResult,
     StreamChunk,
 )
-from core.generation.local import LocalBackend
 from core.messages import Role
 from tests.e2e.fake_discord import JSON, Call, FakeDiscord
 from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
+from tests.generation.backends import close_now, engine_backend
 
 PARTIALS = ["오늘은", "오늘은 날씨가", "오늘은 날씨가 정말"]
 FINAL = "오늘은 날씨가 정말 좋네요"
@@ -75,10 +74,10 @@ class PacedStream(TestBackend):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    """LocalBackend itself (its streaming is what the engine backend inherits)."""
-    backend = LocalBackend(str(tiny_model_dir), device="cpu")
+    """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
+    backend = engine_backend(tiny_model_dir)
     yield backend
-    asyncio.run(backend.close())
+    close_now(backend)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ next partial only once the fake shows the previous one, so nothing depends on ti
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -26,11 +25,11 @@ from core.generation.base import (
     GenerationResult,
     StreamChunk,
 )
-from core.generation.local import LocalBackend
 from core.messages import ConversationKey, IncomingMessage, Role
 from core.settings import Settings
 from tests.e2e.fake_telegram import TOKEN, Call, FakeTelegram, private_chat, user
 from tests.e2e.test_telegram import OPTIONS, running
+from tests.generation.backends import close_now, engine_backend
 from tests.uses.helpers import Unclosed
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
@@ -62,10 +61,10 @@ class PacedStream(Unclosed):
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    """LocalBackend itself (its streaming is what the engine backend inherits)."""
-    backend = LocalBackend(str(tiny_model_dir), device="cpu")
+    """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
+    backend = engine_backend(tiny_model_dir)
     yield backend
-    asyncio.run(backend.close())
+    close_now(backend)
 
 
 @pytest.fixture

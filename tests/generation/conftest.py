@@ -1,14 +1,12 @@
-"""Fixtures for the generation tests: the real tokenizer and backends on the tiny random GPT-2."""
+"""Fixtures for the generation tests: the real tokenizer and a prompt on the tiny random GPT-2."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
-from tests.generation.backends import RecordingBackend, ScriptedBackend, close_now
 
 PROMPT = "다음은 친절한 AI 챗봇과 사용자의 대화입니다.\nUser: 안녕하세요\nAI:"
 
@@ -17,22 +15,6 @@ PROMPT = "다음은 친절한 AI 챗봇과 사용자의 대화입니다.\nUser: 
 def tokenizer(kogpt2_dir: Path) -> KoGPT2Tokenizer:
     """The real KoGPT2 tokenizer, loaded from the shared folder as from the hub (no config)."""
     return load_tokenizer(str(kogpt2_dir))
-
-
-@pytest.fixture(scope="module")
-def recording_backend(tiny_model_dir: Path) -> Iterator[RecordingBackend]:
-    backend = RecordingBackend(str(tiny_model_dir), device="cpu")
-    backend.attempts = []
-    yield backend
-    close_now(backend)
-
-
-@pytest.fixture(scope="module")
-def scripted_backend(tiny_model_dir: Path) -> Iterator[ScriptedBackend]:
-    backend = ScriptedBackend(str(tiny_model_dir), device="cpu")
-    backend.script("</s>")
-    yield backend
-    close_now(backend)
 
 
 @pytest.fixture

@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from core.generation.base import GenerationBackend
+from core.generation.engine.decoder import EngineDecoder
+from core.generation.errors import ModelLoadError
 from core.generation.factory import UnknownBackendError, build_backend
-from core.generation.local import LocalBackend
-from core.generation.tokenizer import ModelLoadError
 from core.settings import Settings
 
 
@@ -19,12 +18,13 @@ def settings(**values: Any) -> Settings:
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
-async def test_builds_the_local_backend_off_the_loop(tiny_model_dir: Path) -> None:
+async def test_builds_the_engine_for_local_off_the_loop(tiny_model_dir: Path) -> None:
     backend = await asyncio.to_thread(
         build_backend, settings(model=str(tiny_model_dir), device="cpu", generation_timeout_s=9)
     )
     try:
-        assert isinstance(backend, LocalBackend) and isinstance(backend, GenerationBackend)
+        assert isinstance(backend.decoder, EngineDecoder)
+        assert backend.policy.timeout_s == 9
         info = backend.info()
         assert (info.name, info.model, info.device, info.dtype) == (
             "local",

@@ -1,4 +1,4 @@
-"""The ONNX export and backend on the tiny GPT-2: logits and greedy tokens match torch.
+"""The ONNX export and decoder on the tiny GPT-2: logits and greedy tokens match torch.
 
 Tolerance: the last-position logits of ONNX Runtime and `GPT2LMHeadModel` agree within 1e-4
 absolute (logits of magnitude ~1; typically ~3e-7 apart), over a prefill and cached decode steps.
@@ -26,23 +26,27 @@ from transformers import (
 
 from core.app import build_dialogue_manager
 from core.cli import main as cli_main
-from core.generation import onnx_export
 from core.generation.base import (
+    Attempt,
     GenerationError,
     GenerationErrorKind,
     GenerationRequest,
     SamplingParams,
 )
+from core.generation.device import load_local_model
+from core.generation.errors import ModelLoadError
 from core.generation.factory import build_backend
-from core.generation.local import LocalBackend, RunControl
-from core.generation.onnx_backend import (
-    OnnxBackend,
+from core.generation.hf_decoder import HFGenerateDecoder
+from core.generation.onnx import export as onnx_export
+from core.generation.onnx.decoder import (
     OnnxDecoder,
+    OnnxSession,
     processed_scores,
     select_providers,
 )
-from core.generation.onnx_export import METADATA_FILE, MODEL_FILE, ExportReport, export_onnx
-from core.generation.tokenizer import ModelLoadError
+from core.generation.onnx.export import METADATA_FILE, MODEL_FILE, ExportReport, export_onnx
+from core.generation.policy import ReplyBackend
+from core.generation.stopping import RunControl
 from core.messages import ConversationKey, ReplyKind, Role
 from tests.core.dialogue_helpers import make_settings, message
 
@@ -70,17 +74,31 @@ def export(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ex
 
 
 @pytest.fixture(scope="module")
-def onnx_backend(export: ExportReport, tiny_model_dir: Path) -> Iterator[OnnxBackend]:
-    backend = OnnxBackend(export.folder, model=str(tiny_model_dir), device="cpu")
-    yield backend
-    asyncio.run(backend.close())
+def onnx_backend(export: ExportReport, tiny_model_dir: Path) -> Iterator[OnnxDecoder]:
+    decoder = OnnxDecoder(export.folder, model=str(tiny_model_dir), device="cpu")
+    yield decoder
+    asyncio.run(decoder.close())
 
 
 @pytest.fixture(scope="module")
-def local_backend(tiny_model_dir: Path) -> Iterator[LocalBackend]:
-    backend = LocalBackend(str(tiny_model_dir), device="cpu")
-    yield backend
-    asyncio.run(backend.close())
+def local_backend(tiny_model_dir: Path) -> Iterator[HFGenerateDecoder]:
+    """transformers' `generate` on the same model: the reference."""
+    decoder = HFGenerateDecoder(load_local_model(str(tiny_model_dir), "cpu"))
+    yield decoder
+    asyncio.run(decoder.close())
+
+
+def new_ids(
+    decoder: OnnxDecoder | HFGenerateDecoder,
+    prompt: list[int],
+    params: SamplingParams,
+    seed: int | None = None,
+    stop_strings: tuple[str, ...] = ("User:",),
+) -> tuple[tuple[int, ...] | None, int]:
+    """One candidate's new ids (without the EOS) and token count, decoded on this thread."""
+    attempt = Attempt(tuple(prompt), params, seed, stop_strings, RunControl(60))
+    [candidate] = decoder.decode_now(attempt)
+    return candidate.ids, candidate.new_tokens
 
 
 def test_the_export_folder_is_self_contained(export: ExportReport, tiny_model_dir: Path) -> None:
@@ -98,13 +116,13 @@ def test_the_export_folder_is_self_contained(export: ExportReport, tiny_model_di
 
 
 def test_logits_match_torch_over_prefill_and_cached_decoding(
-    export: ExportReport, tiny_model_dir: Path, onnx_backend: OnnxBackend
+    export: ExportReport, tiny_model_dir: Path, onnx_backend: OnnxDecoder
 ) -> None:
     ids = onnx_backend.tokenizer.encode_text(PROMPTS[0] + " 반가워요! 오늘은 뭐 하고 지내세요?")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     with torch.inference_mode():
         expected = model(torch.tensor([ids])).logits[0].numpy()
-    decoder = OnnxDecoder(export.folder)
+    decoder = OnnxSession(export.folder)
     split = len(ids) - 8
     logits, past = decoder.step(ids[:split], decoder.empty_past())
     got = [logits]
@@ -121,26 +139,24 @@ def test_logits_match_torch_over_prefill_and_cached_decoding(
 
 @pytest.mark.parametrize("params", [PENALIZED, PLAIN], ids=["penalties", "plain"])
 def test_greedy_tokens_are_identical_to_torch(
-    onnx_backend: OnnxBackend, local_backend: LocalBackend, params: SamplingParams
+    onnx_backend: OnnxDecoder, local_backend: HFGenerateDecoder, params: SamplingParams
 ) -> None:
     for text in PROMPTS:
         prompt = onnx_backend.tokenizer.encode_text(text)
-        expected = local_backend._generate_ids(prompt, params, None, ("User:",), RunControl(60))
-        got = onnx_backend.generate_ids(prompt, params, None, ("User:",), RunControl(60))
-        assert got == expected and len(got) > 0
+        expected = new_ids(local_backend, prompt, params)
+        got = new_ids(onnx_backend, prompt, params)
+        assert got == expected and got[1] > 0
 
 
-def test_sampling_is_seeded_and_top_k_1_is_greedy(onnx_backend: OnnxBackend) -> None:
+def test_sampling_is_seeded_and_top_k_1_is_greedy(onnx_backend: OnnxDecoder) -> None:
     prompt = onnx_backend.tokenizer.encode_text(PROMPTS[1])
     sampled = SamplingParams(max_new_tokens=12, temperature=1.5, top_k=0, top_p=1.0)
-    runs = [
-        onnx_backend.generate_ids(prompt, sampled, seed, (), RunControl(60)) for seed in (1, 1, 2)
-    ]
+    runs = [new_ids(onnx_backend, prompt, sampled, seed, ()) for seed in (1, 1, 2)]
     assert runs[0] == runs[1] and runs[0] != runs[2]
     top1 = SamplingParams(max_new_tokens=12, temperature=0.7, top_k=1)
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0, do_sample=False)
-    assert onnx_backend.generate_ids(prompt, top1, 5, (), RunControl(60)) == (
-        onnx_backend.generate_ids(prompt, greedy, None, (), RunControl(60))
+    assert new_ids(onnx_backend, prompt, top1, 5, ()) == new_ids(
+        onnx_backend, prompt, greedy, None, ()
     )
 
 
@@ -189,14 +205,14 @@ async def test_a_chat_round_trip_matches_transformers_generate(
         tiny_model_dir, tmp_path, backend="onnx", onnx_dir=str(export.folder), max_new_tokens=16
     )
     backend = await asyncio.to_thread(build_backend, settings)
-    assert isinstance(backend, OnnxBackend)
+    assert isinstance(backend.decoder, OnnxDecoder)
     assert (backend.info().name, backend.info().device, backend.info().n_positions) == (
         "onnx",
         "cpu",
         1024,
     )
     manager = await build_dialogue_manager(settings, backend)
-    reference = LocalBackend(str(tiny_model_dir), device="cpu")  # transformers' generate
+    reference = ReplyBackend(HFGenerateDecoder(load_local_model(str(tiny_model_dir), "cpu")))
     local_manager = await build_dialogue_manager(
         make_settings(tiny_model_dir, tmp_path / "local", max_new_tokens=16), reference
     )
@@ -217,7 +233,7 @@ async def test_a_chat_round_trip_matches_transformers_generate(
 
 def test_a_folder_without_an_export_says_how_to_make_one(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"KOBOT_ONNX_DIR.*kobot export-onnx"):
-        OnnxBackend(tmp_path, device="cpu")
+        OnnxDecoder(tmp_path, device="cpu")
 
 
 def test_cuda_must_exist_when_asked_for() -> None:

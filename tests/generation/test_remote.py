@@ -1,4 +1,5 @@
-"""The remote backend against a fake OpenAI-compatible (vLLM) server on 127.0.0.1."""
+"""The remote backend (the reply policy over the HTTP decoder) against a fake OpenAI-compatible
+(vLLM) server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -22,16 +23,16 @@ from core.generation.base import (
     SamplingParams,
 )
 from core.generation.factory import build_backend
-from core.generation.local import FALLBACK_REPLY
+from core.generation.policy import FALLBACK_REPLY, ReplyBackend
 from core.generation.remote import (
     BreakerState,
     CircuitBreaker,
-    OpenAICompletionsBackend,
+    OpenAICompletionsDecoder,
     RetryPolicy,
     completions_url,
     parse_retry_after,
 )
-from core.generation.tokenizer import KoGPT2Tokenizer
+from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, ReplyKind, Role
 from core.settings import ConfigError, load_settings
 from tests.core.dialogue_helpers import make_settings, message
@@ -92,8 +93,9 @@ def remote(
     *,
     retries: int = 2,
     failures: int = 100,
+    generation_timeout_s: float = 120.0,
     **options: Any,
-) -> OpenAICompletionsBackend:
+) -> ReplyBackend:
     values: dict[str, Any] = {
         "model": "skt/kogpt2-base-v2",
         "tokenizer": tokenizer,
@@ -104,13 +106,21 @@ def remote(
         "sleep": sleeps,
     }
     values.update(options)
-    return OpenAICompletionsBackend(url, **values)
+    values["tokenizer"] = values["tokenizer"] or load_tokenizer(values["model"])
+    decoder = OpenAICompletionsDecoder(url, **values)
+    return ReplyBackend(decoder, timeout_s=generation_timeout_s)
+
+
+def breaker_of(backend: ReplyBackend) -> CircuitBreaker:
+    decoder = backend.decoder
+    assert isinstance(decoder, OpenAICompletionsDecoder)
+    return decoder.breaker
 
 
 @pytest.fixture
 async def backend(
     server: FakeOpenAI, tokenizer: KoGPT2Tokenizer, sleeps: Sleeps
-) -> AsyncIterator[OpenAICompletionsBackend]:
+) -> AsyncIterator[ReplyBackend]:
     made = remote(server.url, tokenizer, sleeps, api_key=SecretStr("sk-test-123"))
     yield made
     await made.close()
@@ -126,7 +136,7 @@ def request(
 
 
 async def test_the_prompt_goes_as_token_ids_with_params_stop_and_auth(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
 ) -> None:
     params = SamplingParams(
         max_new_tokens=24, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.3
@@ -150,7 +160,7 @@ async def test_the_prompt_goes_as_token_ids_with_params_stop_and_auth(
 
 
 async def test_greedy_is_temperature_zero_without_top_k(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
 ) -> None:
     await backend.generate(request(prompt_ids))
     body = server.received[0].body
@@ -172,7 +182,7 @@ async def test_no_authorization_header_without_a_key(
 
 
 async def test_a_closed_backend_is_unavailable(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
 ) -> None:
     await backend.generate(request(prompt_ids))
     await backend.close()
@@ -200,7 +210,7 @@ def test_completions_url_accepts_the_base_or_the_v1_url() -> None:
     ],
 )
 async def test_the_reply_is_cleaned_and_its_finish_reason_kept(
-    backend: OpenAICompletionsBackend,
+    backend: ReplyBackend,
     server: FakeOpenAI,
     prompt_ids: tuple[int, ...],
     answer: Answer,
@@ -213,7 +223,7 @@ async def test_the_reply_is_cleaned_and_its_finish_reason_kept(
 
 
 async def test_a_looping_reply_is_retried_with_sampling_then_kept(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
 ) -> None:
     server.then(Answer(LOOPING), Answer("   "), Answer("다시 말해 볼게요."))
     result = await backend.generate(request(prompt_ids))
@@ -238,7 +248,7 @@ async def test_a_timeout_is_retried_and_then_succeeds(
 
 
 async def test_5xx_are_retried_with_growing_jittered_backoff(
-    backend: OpenAICompletionsBackend,
+    backend: ReplyBackend,
     server: FakeOpenAI,
     sleeps: Sleeps,
     prompt_ids: tuple[int, ...],
@@ -251,7 +261,7 @@ async def test_5xx_are_retried_with_growing_jittered_backoff(
 
 
 async def test_429_waits_as_long_as_retry_after_says(
-    backend: OpenAICompletionsBackend,
+    backend: ReplyBackend,
     server: FakeOpenAI,
     sleeps: Sleeps,
     prompt_ids: tuple[int, ...],
@@ -274,7 +284,7 @@ async def test_a_retry_after_past_the_deadline_gives_up_at_once(
 
 
 async def test_retries_run_out_as_unavailable(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...]
 ) -> None:
     server.default = Status(502)
     with pytest.raises(GenerationError) as caught:
@@ -284,7 +294,7 @@ async def test_retries_run_out_as_unavailable(
 
 
 async def test_a_client_error_is_not_retried_and_the_key_never_shows(
-    backend: OpenAICompletionsBackend,
+    backend: ReplyBackend,
     server: FakeOpenAI,
     prompt_ids: tuple[int, ...],
     caplog: pytest.LogCaptureFixture,
@@ -304,13 +314,13 @@ async def test_a_client_error_is_not_retried_and_the_key_never_shows(
 
 @pytest.mark.parametrize("body", ["not json", '{"choices": []}', '{"choices": [{"text": 3}]}'])
 async def test_a_malformed_answer_is_an_internal_error(
-    backend: OpenAICompletionsBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...], body: str
+    backend: ReplyBackend, server: FakeOpenAI, prompt_ids: tuple[int, ...], body: str
 ) -> None:
     server.then(Status(200, body=body))
     with pytest.raises(GenerationError) as caught:
         await backend.generate(request(prompt_ids))
     assert caught.value.kind is GenerationErrorKind.INTERNAL and len(server.received) == 1
-    assert backend.breaker.state is BreakerState.CLOSED
+    assert breaker_of(backend).state is BreakerState.CLOSED
 
 
 async def test_a_dead_server_is_unavailable(
@@ -382,7 +392,7 @@ async def test_the_breaker_fails_fast_then_half_opens_and_recovers(
     clock.advance(30.0)
     server.default = Answer("다시 왔어요.")
     assert (await backend.generate(request(prompt_ids))).text == "다시 왔어요."
-    assert backend.breaker.state is BreakerState.CLOSED
+    assert breaker_of(backend).state is BreakerState.CLOSED
     await backend.close()
 
 
@@ -448,7 +458,7 @@ async def test_the_factory_builds_the_remote_backend_without_contacting_it(
         backend_n_positions=512,
     )
     backend = await asyncio.to_thread(build_backend, settings)
-    assert isinstance(backend, OpenAICompletionsBackend)
+    assert isinstance(backend.decoder, OpenAICompletionsDecoder)
     info = backend.info()
     assert (info.name, info.model, info.device, info.n_positions) == (
         "openai",

@@ -1,4 +1,5 @@
-"""The pure parts of the local backend: cleaning, loops, stopping, retries, errors, devices."""
+"""The pure policies of the generation layer: reply text, quality, stopping, retries, errors,
+devices (each from its one home)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,14 @@ import pytest
 import torch
 
 from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
-from core.generation.local import (
-    FALLBACK_REPLY,
-    ReplyStoppingCriteria,
-    RunControl,
-    classify_error,
-    clean_reply,
-    compat_jamo,
-    find_stop,
-    generation_config,
-    is_degenerate,
-    is_empty_reply,
-    longest_loop,
-    resolve_device,
-    resolve_dtype,
-    retry_plan,
-    split_reply,
-)
-from core.generation.tokenizer import KoGPT2Tokenizer, ModelLoadError
+from core.generation.device import parse_device, resolve_device, resolve_dtype
+from core.generation.errors import ModelLoadError, classify_error
+from core.generation.hf_decoder import generation_config
+from core.generation.policy import FALLBACK_REPLY, retry_plan
+from core.generation.quality import is_degenerate, is_empty_reply, longest_loop
+from core.generation.reply_text import clean_reply, compat_jamo, find_stop, split_reply
+from core.generation.stopping import RunControl, StopRule
+from core.generation.tokenizer import KoGPT2Tokenizer
 
 # --- clean_reply -----------------------------------------------------------------------------
 
@@ -143,36 +134,41 @@ def test_sampled_request_retries_with_next_seed_and_stronger_penalties() -> None
     assert retry_plan(asked, None)[1][1] is None
 
 
-def test_generation_config(tokenizer: KoGPT2Tokenizer) -> None:
-    greedy = generation_config(SamplingParams(temperature=0.0, max_new_tokens=7), tokenizer)
+def test_generation_config() -> None:
+    greedy = generation_config(SamplingParams(temperature=0.0, max_new_tokens=7), 1, 3)
     assert (greedy.do_sample, greedy.max_new_tokens, greedy.eos_token_id) == (False, 7, 1)
     assert greedy.pad_token_id == 3 and greedy.use_cache
-    sampled = generation_config(SamplingParams(temperature=0.5, top_k=10, top_p=0.9), tokenizer)
+    sampled = generation_config(SamplingParams(temperature=0.5, top_k=10, top_p=0.9), 1, 3)
     assert (sampled.do_sample, sampled.temperature, sampled.top_k, sampled.top_p) == (
         True,
         0.5,
         10,
         0.9,
     )
-    assert not generation_config(SamplingParams(do_sample=False), tokenizer).do_sample
+    assert not generation_config(SamplingParams(do_sample=False), 1, 3).do_sample
 
 
-# --- the stopping criterion ------------------------------------------------------------------
+# --- the stop rule ---------------------------------------------------------------------------
 
 
-def criterion_for(tokenizer: KoGPT2Tokenizer, control: RunControl) -> ReplyStoppingCriteria:
-    return ReplyStoppingCriteria(tokenizer.decode, 3, ("User:",), control)
+def criterion_for(tokenizer: KoGPT2Tokenizer, control: RunControl) -> StopRule:
+    return StopRule(tokenizer.decode, ("User:",), control)
 
 
-def run_steps(criterion: ReplyStoppingCriteria, new_ids: list[int]) -> int | None:
-    """Feed the ids one step at a time as `generate` would; the step count at the stop."""
+def run_steps(criterion: StopRule, new_ids: list[int]) -> int | None:
+    """Feed the new ids one step at a time as a decoder would; the step count at the stop."""
     for step in range(1, len(new_ids) + 1):
-        input_ids = torch.tensor([[10, 11, 12, *new_ids[:step]]])
-        flags = criterion(input_ids, None)  # type: ignore[arg-type]
-        assert flags.dtype == torch.bool and flags.shape == (1,)
-        if bool(flags[0]):
+        if criterion(new_ids[:step]):
             return step
     return None
+
+
+def test_the_stop_rule_reports_every_step_to_its_listener(tokenizer: KoGPT2Tokenizer) -> None:
+    heard: list[list[int]] = []
+    rule = StopRule(tokenizer.decode, ("User:",), RunControl(60), heard.append)
+    ids = tokenizer.encode_text("안녕 User:")
+    assert run_steps(rule, ids) == len(ids)
+    assert heard == [ids[:n] for n in range(1, len(ids) + 1)]
 
 
 def test_stops_right_after_user_prefix(tokenizer: KoGPT2Tokenizer) -> None:
@@ -290,16 +286,24 @@ def test_resolve_device_errors(requested: str, cuda_count: int, mps: bool, messa
 @pytest.mark.parametrize(
     ("requested", "device", "dtype"),
     [
-        ("auto", "cpu", torch.float32),
-        ("auto", "cuda:0", torch.float16),
-        ("auto", "mps", torch.float16),
-        ("fp32", "cuda:0", torch.float32),
-        ("bf16", "cpu", torch.bfloat16),
-        ("FP16", "cuda:1", torch.float16),
+        ("auto", "cpu", "fp32"),
+        ("auto", "cuda:0", "fp16"),
+        ("auto", "mps", "fp16"),
+        ("fp32", "cuda:0", "fp32"),
+        ("bf16", "cpu", "bf16"),
+        ("FP16", "cuda:1", "fp16"),
     ],
 )
-def test_resolve_dtype(requested: str, device: str, dtype: torch.dtype) -> None:
+def test_resolve_dtype(requested: str, device: str, dtype: str) -> None:
     assert resolve_dtype(requested, device) == dtype
+
+
+def test_parse_device_is_the_one_check_settings_and_decoders_share() -> None:
+    assert (parse_device(" CUDA:3 ").kind, parse_device("cuda:3").index) == ("cuda", 3)
+    assert parse_device("auto").kind == "auto"
+    for bad in ("tpu", "cuda:", "cuda:x", "gpu0"):
+        with pytest.raises(ValueError, match="must be auto, cpu, mps, cuda or cuda:N"):
+            parse_device(bad)
 
 
 def test_resolve_dtype_rejects_unknown() -> None:

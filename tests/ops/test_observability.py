@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -25,9 +25,9 @@ CANARY = "canary-redis-password-7d1f"
 
 
 class MeteredBackend(RecordingBackend):
-    """A real backend that also offers the optional `metrics()` a backend may implement."""
+    """A real backend whose `stats()` reports figures of its own."""
 
-    def metrics(self) -> Mapping[str, float]:
+    def stats(self) -> dict[str, float]:
         return {"kv_cache_used_bytes": 4096, "batch_size": 2, "steps_total": 7}
 
 

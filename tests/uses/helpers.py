@@ -1,56 +1,43 @@
-"""Backends for the uses tests: the real LocalBackend with each candidate row scripted."""
+"""Backends for the uses tests: the engine backend as shipped, each candidate row scripted."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-
-import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from core.generation.base import (
     BackendInfo,
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
+    Health,
     StreamChunk,
     TokenCounter,
 )
-from core.generation.local import LocalBackend
+from core.generation.policy import ReplyBackend
+from core.generation.tokenizer import KoGPT2Tokenizer
+from tests.generation.backends import script_rows
 
 
-class RowScript(LogitsProcessor):
-    """Row i of the batch says `scripts[i % len(scripts)]` token by token, then keeps its last."""
+class RowScripts:
+    """The factory's local backend whose model says scripted ids per candidate row (through
+    the decoder's public `logits_hook`; no script: the model itself)."""
 
-    def __init__(self, scripts: Sequence[Sequence[int]]) -> None:
-        self.scripts = scripts
-        self.start: int | None = None
+    def __init__(self, backend: ReplyBackend) -> None:
+        self.backend = backend
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.start is None:
-            self.start = input_ids.shape[1]
-        step = input_ids.shape[1] - self.start
-        forced = torch.full_like(scores, float("-inf"))
-        for row in range(scores.shape[0]):
-            script = self.scripts[row % len(self.scripts)]
-            forced[row, script[min(step, len(script) - 1)]] = 0.0
-        return forced  # type: ignore[return-value]
-
-
-class RowScriptedBackend(LocalBackend):
-    """LocalBackend whose model says scripted ids per candidate row (no script: the model)."""
-
-    rows: tuple[tuple[int, ...], ...] = ()
+    @property
+    def tokenizer(self) -> KoGPT2Tokenizer:
+        tokenizer = self.backend.tokenizer
+        assert isinstance(tokenizer, KoGPT2Tokenizer)
+        return tokenizer
 
     def script(self, *rows: Sequence[int]) -> None:
-        self.rows = tuple(tuple(row) for row in rows)
+        script_rows(self.backend, *rows)
 
     def script_texts(self, *texts: str) -> None:
         """Each text's ids then `</s>` (KoGPT2 prepends ▁: the first token starts a word)."""
         eos = self.tokenizer.eos_id
         self.script(*[[*self.tokenizer.encode_text(text), eos] for text in texts])
-
-    def _logits_processors(self) -> LogitsProcessorList | None:
-        return LogitsProcessorList([RowScript(self.rows)]) if self.rows else None
 
 
 class Unclosed(GenerationBackend):
@@ -65,6 +52,12 @@ class Unclosed(GenerationBackend):
 
     def info(self) -> BackendInfo:
         return self.inner.info()
+
+    def health(self) -> Health:
+        return self.inner.health()
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return await self.inner.generate(request)

@@ -1,6 +1,6 @@
 """`/complete`, `/story`, `/sentiment`, `/retry` and several candidates, through the dialogue
-manager with SQLite and the real LocalBackend on the tiny model (scripted where a test needs to
-know what the model says)."""
+manager with SQLite and the factory's local backend (the engine) on the tiny model (scripted
+where a test needs to know what the model says)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from core.messages import ConversationKey, ReplyKind, Role
 from core.sentiment import LABELS
 from tests.core.dialogue_helpers import message
 from tests.uses.conftest import ManagerFactory
-from tests.uses.helpers import RowScriptedBackend
+from tests.uses.helpers import RowScripts
 
 KEY = ConversationKey("test", "c1", "u1")
 
@@ -43,7 +43,7 @@ def test_help_lists_the_new_commands_with_their_arguments() -> None:
 
 
 async def test_complete_continues_the_text_itself(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, backend = await make_manager()
     tokenizer = scripted_local.tokenizer
@@ -62,7 +62,7 @@ async def test_complete_continues_the_text_itself(
 
 
 async def test_story_has_its_own_budget_and_cuts_a_long_opening_from_the_left(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, backend = await make_manager(story_max_new_tokens=300, max_new_tokens=8)
     scripted_local.script_texts("그래서 모두 행복하게 살았답니다.")
@@ -125,7 +125,7 @@ async def test_sentiment_without_a_scoring_backend_says_so(make_manager: Manager
 
 
 async def test_chat_keeps_its_other_candidates_for_retry(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, backend = await make_manager(num_candidates=3, temperature=0.8)
     scripted_local.script_texts("첫째 답이에요", "둘째 답이에요", "셋째 답이에요")
@@ -147,7 +147,7 @@ async def test_chat_keeps_its_other_candidates_for_retry(
 
 
 async def test_retry_generates_fresh_candidates_when_none_are_left(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, backend = await make_manager(temperature=0.0, retry_candidates=3)
     scripted_local.script_texts("처음 답")
@@ -175,7 +175,7 @@ async def test_retry_needs_an_answered_message(make_manager: ManagerFactory) -> 
 
 
 async def test_candidates_of_another_exchange_are_never_used(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, _ = await make_manager(num_candidates=2, temperature=0.8)
     scripted_local.script_texts("가 답", "가 후보")
@@ -187,7 +187,7 @@ async def test_candidates_of_another_exchange_are_never_used(
 
 
 async def test_the_console_offers_the_model_commands(
-    make_manager: ManagerFactory, scripted_local: RowScriptedBackend
+    make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
     manager, _ = await make_manager()
     console = ConsoleAdapter(manager, "alice")

@@ -10,16 +10,16 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
 
 from bots.streaming import EditFailed, FloodWait, LiveMessage
 from core import commands as texts
 from core.generation.base import (
+    Attempt,
     BackendInfo,
     FinishReason,
     GenerationBackend,
@@ -29,42 +29,48 @@ from core.generation.base import (
     StreamChunk,
     TokenCounter,
 )
-from core.generation.local import partial_reply
+from core.generation.engine.decoder import EngineDecoder
+from core.generation.engine.sampling import LogitsHook
+from core.generation.policy import ReplyBackend
+from core.generation.reply_text import partial_reply
 from tests.core.dialogue_helpers import message
+from tests.generation.backends import close_now, engine_backend, force_hook
 from tests.uses.conftest import ManagerFactory
-from tests.uses.helpers import RowScript, RowScriptedBackend
 
 # The backend
 
 
-class Gate(LogitsProcessor):
-    """Scripts the model and, before step `at`, holds the worker until `opened` is set."""
+class Gate:
+    """Scripts the model and, before step `at`, holds the engine until `opened` is set (an
+    `AttemptHook` for the engine decoder)."""
 
     def __init__(self, script: list[int], at: int, opened: threading.Event) -> None:
-        self.script = RowScript([script])
+        self.script = script
         self.at = at
         self.opened = opened
-        self.step = 0
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.step == self.at and not self.opened.wait(timeout=30):
-            raise AssertionError("no partial reply reached the event loop")
-        self.step += 1
-        return self.script(input_ids, scores)
+    def __call__(self, attempt: Attempt, row: int) -> LogitsHook:
+        forced = force_hook(self.script)
+        steps = itertools.count()
+
+        def hook(ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+            if next(steps) == self.at and not self.opened.wait(timeout=30):
+                raise AssertionError("no partial reply reached the event loop")
+            return forced(ids, scores)
+
+        return hook
 
 
-class GatedBackend(RowScriptedBackend):
-    gate: Gate | None = None
-
-    def _logits_processors(self) -> LogitsProcessorList | None:
-        return LogitsProcessorList([self.gate]) if self.gate else super()._logits_processors()
+def gate(backend: ReplyBackend, hook: Gate | None) -> None:
+    assert isinstance(backend.decoder, EngineDecoder)
+    backend.decoder.logits_hook = hook
 
 
 @pytest.fixture(scope="module")
-def gated(tiny_model_dir: Path) -> Iterator[GatedBackend]:
-    backend = GatedBackend(str(tiny_model_dir), device="cpu")
+def gated(tiny_model_dir: Path) -> Iterator[ReplyBackend]:
+    backend = engine_backend(tiny_model_dir)
     yield backend
-    asyncio.run(backend.close())
+    close_now(backend)
 
 
 def test_a_partial_reply_hides_what_may_become_a_stop_marker() -> None:
@@ -74,11 +80,11 @@ def test_a_partial_reply_hides_what_may_become_a_stop_marker() -> None:
     assert partial_reply("AI: 네 좋아요") == "네 좋아요"
 
 
-async def test_the_stream_grows_and_ends_with_what_generate_gives(gated: GatedBackend) -> None:
+async def test_the_stream_grows_and_ends_with_what_generate_gives(gated: ReplyBackend) -> None:
     tokenizer = gated.tokenizer
     reply = "오늘은 날씨가 정말 좋네요"
     opened = threading.Event()
-    gated.gate = Gate([*tokenizer.encode_text(reply), tokenizer.eos_id], at=3, opened=opened)
+    gate(gated, Gate([*tokenizer.encode_text(reply), tokenizer.eos_id], at=3, opened=opened))
     request = GenerationRequest(tuple(tokenizer.encode_text("User: 안녕\nAI:")), SamplingParams())
     partials: list[str] = []
     final: GenerationResult | None = None
@@ -88,7 +94,7 @@ async def test_the_stream_grows_and_ends_with_what_generate_gives(gated: GatedBa
             opened.set()
         else:
             final = chunk.result
-    gated.gate = Gate([*tokenizer.encode_text(reply), tokenizer.eos_id], at=99, opened=opened)
+    gate(gated, Gate([*tokenizer.encode_text(reply), tokenizer.eos_id], at=99, opened=opened))
     assert final is not None and final == await gated.generate(request)
     assert final.text == reply and final.finish_reason is FinishReason.EOS
     assert partials and all(reply.startswith(partial) for partial in partials)
@@ -96,10 +102,9 @@ async def test_the_stream_grows_and_ends_with_what_generate_gives(gated: GatedBa
 
 
 async def test_a_sampled_stream_ends_exactly_like_the_same_seeded_generate(
-    gated: GatedBackend,
+    gated: ReplyBackend,
 ) -> None:
-    gated.gate = None
-    gated.script()
+    gate(gated, None)
     prompt = tuple(gated.tokenizer.encode_text("User: 오늘 뭐 해?\nAI:"))
     request = GenerationRequest(prompt, SamplingParams(max_new_tokens=12), seed=7)
     chunks = [chunk async for chunk in gated.generate_stream(request)]

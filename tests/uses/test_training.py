@@ -12,7 +12,6 @@ import torch
 
 from core.app import build_dialogue_manager
 from core.cli import main as cli_main
-from core.generation.local import LocalBackend
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ReplyKind, Role, Turn
 from core.prompt import PromptBuilder
@@ -27,6 +26,7 @@ from core.training_data import (
 )
 from tests.conftest import CHATBOT_CSV
 from tests.core.dialogue_helpers import make_settings, message
+from tests.generation.backends import engine_backend
 
 PERSONA = "다음은 친절한 AI 챗봇과 사용자의 대화입니다."
 
@@ -254,7 +254,7 @@ async def test_demo_from_scratch_on_chatbot_data_lowers_held_out_loss(
     steps = int(report.held_out_loss[-1]["step"])
     print(f"held-out loss {untrained:.3f} → {trained:.3f} after {steps} steps")
 
-    backend = LocalBackend(str(out), device="cpu")  # the folder KOBOT_MODEL loads
+    backend = engine_backend(out)  # the folder KOBOT_MODEL loads, as the factory ships it
     settings = make_settings(out, tmp_path, temperature=0.0)
     manager = await build_dialogue_manager(settings, backend)
     try:

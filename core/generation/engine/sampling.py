@@ -20,8 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from core.generation.base import SamplingParams
-from core.generation.local import is_greedy
+from core.generation.base import SamplingParams, is_greedy
 
 __all__ = ["LogitsHook", "NgramBans", "SamplerState", "choose_tokens", "top_candidates"]
 

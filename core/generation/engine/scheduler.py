@@ -16,7 +16,7 @@ its prompt plus `max_new_tokens` when admitted, so admitted requests always fini
 arena never holds more than the budget.
 
 Errors: a failure in a forward pass or in sampling fails the requests of that step with the
-classified `GenerationError` (local.classify_error: OOM, device, internal); the engine keeps
+classified `GenerationError` (errors.classify_error: OOM, device, internal); the engine keeps
 serving the others.
 """
 
@@ -36,10 +36,11 @@ from enum import StrEnum
 import torch
 
 from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
+from core.generation.device import free_cuda_cache
 from core.generation.engine.forward import GPT2Forward, SeqChunk
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
 from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
-from core.generation.local import classify_error, free_cuda_cache
+from core.generation.errors import classify_error
 
 __all__ = [
     "Engine",

@@ -1,11 +1,10 @@
-"""The ONNX Runtime backend: KoGPT2 exported by `kobot export-onnx`, decoded with its KV cache.
+"""The ONNX Runtime decoder: KoGPT2 exported by `kobot export-onnx`, decoded with its KV cache.
 
-One request goes as in the local backend: check the prompt fits → prefill the prompt in one
-forward → decode token by token (the same logits processors as transformers' `generate`:
-repetition penalty, no-repeat n-grams, then temperature, top-k and top-p when sampling) until a
-stop string, `</s>`, `max_new_tokens` or the deadline → clean the reply → one retry on an empty or
-looping reply → else the friendly fallback. Reply cleaning, stopping, retries and the error
-boundary are the local backend's functions; only the forward pass differs.
+One attempt goes: prefill the prompt → decode token by token (the same logits processors as
+transformers' `generate`: repetition penalty, no-repeat n-grams, then temperature, top-k and
+top-p when sampling) until `</s>`, `max_new_tokens` or the shared `StopRule` (a stop string, the
+deadline). The reply policy does the rest, as for every decoder. Attempts run one at a time on
+one worker thread, awaited as futures.
 
 The sampling step runs in numpy (see `processed_scores`), the forward in ONNX Runtime. Runs on the
 CPU execution provider, or CUDA when onnxruntime-gpu provides it (the KV cache then
@@ -22,44 +21,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from core.generation.base import (
+    Attempt,
     BackendInfo,
+    Candidate,
     FinishReason,
-    GenerationBackend,
-    GenerationError,
-    GenerationErrorKind,
-    GenerationRequest,
-    GenerationResult,
+    ModelLimits,
     SamplingParams,
-)
-from core.generation.local import (
-    FALLBACK_REPLY,
-    MAX_ATTEMPTS,
-    ReplyStoppingCriteria,
-    RunControl,
-    classify_error,
-    finish_reason,
-    is_degenerate,
-    is_empty_reply,
     is_greedy,
-    retry_plan,
-    split_reply,
-    timeout_detail,
 )
-from core.generation.onnx_export import (
+from core.generation.device import parse_device
+from core.generation.errors import ModelLoadError, timeout_error
+from core.generation.onnx.export import (
     MODEL_FILE,
     OnnxMetadata,
     input_names,
     output_names,
     read_metadata,
 )
-from core.generation.tokenizer import KoGPT2Tokenizer, ModelLoadError, load_tokenizer
+from core.generation.reply_text import candidate_from_ids
+from core.generation.stopping import StopRule
+from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 
 __all__ = [
-    "OnnxBackend",
     "OnnxDecoder",
+    "OnnxSession",
     "decode_ids",
     "pick_token",
     "processed_scores",
@@ -89,16 +76,18 @@ def import_onnxruntime() -> Any:
 
 def select_providers(device: str, available: Sequence[str]) -> list[Provider]:
     """Execution providers for KOBOT_DEVICE: auto → CUDA when available, else the CPU."""
-    device = device.strip().lower()
-    if device in {"cpu", "mps"} or (device == "auto" and CUDA not in available):
+    try:
+        spec = parse_device(device)
+    except ValueError as error:
+        raise ModelLoadError(f"KOBOT_DEVICE: {error}") from None
+    if spec.kind in {"cpu", "mps"} or (spec.kind == "auto" and CUDA not in available):
         return [CPU]
     if CUDA not in available:
         raise ModelLoadError(
-            f"KOBOT_DEVICE: {device} was asked for but onnxruntime has no CUDA execution "
-            "provider here (install onnxruntime-gpu); use auto or cpu"
+            f"KOBOT_DEVICE: {device.strip().lower()} was asked for but onnxruntime has no CUDA "
+            "execution provider here (install onnxruntime-gpu); use auto or cpu"
         )
-    index = int(device.partition(":")[2] or 0)
-    return [(CUDA, {"device_id": index}), CPU]
+    return [(CUDA, {"device_id": spec.index}), CPU]
 
 
 def provider_device(providers: Sequence[Provider]) -> str:
@@ -108,7 +97,7 @@ def provider_device(providers: Sequence[Provider]) -> str:
     return "cpu"
 
 
-class OnnxDecoder:
+class OnnxSession:
     """An ONNX Runtime session over an export folder: `step` is one forward with the KV cache."""
 
     def __init__(
@@ -227,10 +216,10 @@ def pick_token(scores: np.ndarray, greedy: bool, rng: np.random.Generator) -> in
 
 
 def decode_ids(
-    decoder: OnnxDecoder,
+    decoder: OnnxSession,
     prompt: Sequence[int],
     params: SamplingParams,
-    stopper: ReplyStoppingCriteria,
+    stopper: StopRule,
     eos_id: int,
     seed: int | None = None,
 ) -> list[int]:
@@ -245,47 +234,34 @@ def decode_ids(
         ids[length] = token
         length += 1
         done = length - len(prompt) >= params.max_new_tokens
-        if token == eos_id or done or _stops(stopper, ids[:length]):
+        if token == eos_id or done or stopper(ids[len(prompt) : length].tolist()):
             return ids[len(prompt) : length].tolist()
         logits, past = decoder.step([token], past)
 
 
-def _stops(stopper: ReplyStoppingCriteria, ids: np.ndarray) -> bool:
-    return bool(stopper(torch.from_numpy(ids)[None], None)[0])  # type: ignore[arg-type]
+# --- the decoder -----------------------------------------------------------------------------
 
 
-# --- the backend -----------------------------------------------------------------------------
+class OnnxDecoder:
+    """KoGPT2 exported to ONNX (`kobot export-onnx`), as a `Decoder` on one worker thread.
 
-
-class OnnxBackend(GenerationBackend):
-    """KoGPT2 exported to ONNX (`kobot export-onnx`), run with onnxruntime on a worker thread.
-
-    Construction loads the session (seconds; call it via `asyncio.to_thread`) and raises
-    ModelLoadError naming KOBOT_ONNX_DIR when the folder holds no export.
+    Construction loads the session (seconds; call it off the loop) and raises ModelLoadError
+    naming KOBOT_ONNX_DIR when the folder holds no export.
     """
 
     def __init__(
-        self,
-        onnx_dir: str | Path,
-        *,
-        model: str | None = None,
-        device: str = "auto",
-        generation_timeout_s: float = 120.0,
+        self, onnx_dir: str | Path, *, model: str | None = None, device: str = "auto"
     ) -> None:
         ort = import_onnxruntime()
         self._folder = Path(onnx_dir)
-        meta = read_metadata(self._folder)
-        self._model_name = model or meta.source_model or str(self._folder)
-        self._warn_if_other_model(model, meta)
+        self._meta = read_metadata(self._folder)
+        self._model_name = model or self._meta.source_model or str(self._folder)
+        self._warn_if_other_model(model)
         self._tokenizer = self._load_tokenizer(model)
         self._providers = select_providers(device, ort.get_available_providers())
-        self._decoder: OnnxDecoder | None = OnnxDecoder(self._folder, self._providers)
-        self._meta = meta
+        self.session = OnnxSession(self._folder, self._providers)
         self._check_vocabulary()
-        self._timeout_s = generation_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kobot-onnx")
-        self._running: set[RunControl] = set()
-        self._closed = False
 
     def _load_tokenizer(self, model: str | None) -> KoGPT2Tokenizer:
         """The tokenizer saved with the export, else KOBOT_MODEL's."""
@@ -293,12 +269,13 @@ class OnnxBackend(GenerationBackend):
             return load_tokenizer(str(self._folder))
         return load_tokenizer(model or self._model_name)
 
-    def _warn_if_other_model(self, model: str | None, meta: OnnxMetadata) -> None:
-        if model and meta.source_model and model != meta.source_model:
+    def _warn_if_other_model(self, model: str | None) -> None:
+        source = self._meta.source_model
+        if model and source and model != source:
             logger.warning(
                 "KOBOT_ONNX_DIR %s was exported from %r, not KOBOT_MODEL %r",
                 self._folder,
-                meta.source_model,
+                source,
                 model,
             )
 
@@ -313,6 +290,9 @@ class OnnxBackend(GenerationBackend):
     def tokenizer(self) -> KoGPT2Tokenizer:
         return self._tokenizer
 
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self._meta.n_positions, self._meta.vocab_size)
+
     def info(self) -> BackendInfo:
         return BackendInfo(
             name="onnx",
@@ -322,99 +302,23 @@ class OnnxBackend(GenerationBackend):
             n_positions=self._meta.n_positions,
         )
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """Run `request` on the worker thread; the event loop stays free meanwhile."""
-        if self._closed:
-            raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the onnx backend is closed")
-        control = RunControl(self._timeout_s)
-        future = self._executor.submit(self._guarded_run, request, control)
-        self._running.add(control)
-        try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self._timeout_s)
-        except TimeoutError:
-            raise GenerationError(
-                GenerationErrorKind.TIMEOUT, timeout_detail(self._timeout_s)
-            ) from None
-        finally:
-            control.cancel()
-            self._running.discard(control)
+    async def decode(self, attempt: Attempt) -> list[Candidate]:
+        """One candidate (ONNX decodes a single sequence per attempt)."""
+        return await asyncio.wrap_future(self._executor.submit(self.decode_now, attempt))
+
+    def decode_now(self, attempt: Attempt) -> list[Candidate]:
+        """The candidate of `attempt`, on the calling thread."""
+        tokenizer = self._tokenizer
+        stopper = StopRule(tokenizer.decode, attempt.stop_strings, attempt.control, attempt.on_ids)
+        prompt, params = list(attempt.prompt_ids), attempt.params
+        new_ids = decode_ids(self.session, prompt, params, stopper, tokenizer.eos_id, attempt.seed)
+        if stopper.reason == "timeout":
+            raise timeout_error(attempt.control.timeout_s)
+        return [candidate_from_ids(tokenizer, new_ids, FinishReason.LENGTH)]
+
+    def stats(self) -> dict[str, float]:
+        return {}
 
     async def close(self) -> None:
-        """Stop running work, shut the worker thread down and drop the session."""
-        if self._closed:
-            return
-        self._closed = True
-        for control in list(self._running):
-            control.cancel()
+        """Stop the worker thread (the running attempt stops at its next token)."""
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
-        self._decoder = None
-
-    # --- on the worker thread ---
-
-    def _guarded_run(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
-        try:
-            return self._run(request, control)
-        except Exception as error:
-            mapped = classify_error(error)
-            if mapped is not error:
-                logger.error("onnx generation failed: %s", mapped, exc_info=error)
-            raise mapped from error
-
-    def _run(self, request: GenerationRequest, control: RunControl) -> GenerationResult:
-        prompt = self._checked_prompt(request)
-        spent = 0
-        for attempt, (params, seed) in enumerate(retry_plan(request.params, request.seed), 1):
-            control.check()
-            new_ids = self.generate_ids(prompt, params, seed, request.stop_strings, control)
-            spent += len(new_ids)
-            result = self._result_from(new_ids, request.stop_strings)
-            if result is not None:
-                return result
-            logger.info("attempt %d/%d gave an empty or looping reply", attempt, MAX_ATTEMPTS)
-        return GenerationResult(FALLBACK_REPLY, spent, FinishReason.FALLBACK)
-
-    def _checked_prompt(self, request: GenerationRequest) -> list[int]:
-        """The prompt ids, refused (INTERNAL) when empty, out of the vocabulary or too long."""
-        prompt = list(request.prompt_ids)
-        vocab, window = self._meta.vocab_size, self._meta.n_positions
-        if not prompt:
-            raise GenerationError(GenerationErrorKind.INTERNAL, "empty prompt")
-        if any(not 0 <= i < vocab for i in prompt):
-            raise GenerationError(
-                GenerationErrorKind.INTERNAL, f"prompt ids outside 0..{vocab - 1}"
-            )
-        if len(prompt) + request.params.max_new_tokens > window:
-            raise GenerationError(
-                GenerationErrorKind.INTERNAL,
-                f"prompt ({len(prompt)}) + max_new_tokens ({request.params.max_new_tokens}) "
-                f"exceeds the {window}-token window",
-            )
-        return prompt
-
-    def generate_ids(
-        self,
-        prompt: list[int],
-        params: SamplingParams,
-        seed: int | None,
-        stop_strings: Sequence[str],
-        control: RunControl,
-    ) -> list[int]:
-        """The new token ids after `prompt` (what `LocalBackend._generate_ids` returns)."""
-        if self._decoder is None:
-            raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the onnx backend is closed")
-        stopper = ReplyStoppingCriteria(self._tokenizer.decode, len(prompt), stop_strings, control)
-        new_ids = decode_ids(self._decoder, prompt, params, stopper, self._tokenizer.eos_id, seed)
-        if stopper.reason == "timeout":
-            control.check()
-        return new_ids
-
-    def _result_from(
-        self, new_ids: list[int], stop_strings: Sequence[str]
-    ) -> GenerationResult | None:
-        """The cleaned result, or None when the reply is empty or degenerate."""
-        eos = self._tokenizer.eos_id
-        ids = new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids
-        text, stopped = split_reply(self._tokenizer.decode(ids), stop_strings)
-        if is_empty_reply(text) or is_degenerate(self._tokenizer.encode_text(text)):
-            return None
-        return GenerationResult(text, len(new_ids), finish_reason(stopped, eos in new_ids))

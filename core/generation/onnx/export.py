@@ -286,9 +286,9 @@ def _trace_to_onnx(step: KvStep, meta: OnnxMetadata, path: Path) -> None:
 
 def verify_export(step: KvStep, folder: Path, length: int = 12) -> float:
     """Max |logit difference| of ONNX Runtime against torch over a prefill and 3 decode steps."""
-    from core.generation.onnx_backend import OnnxDecoder
+    from core.generation.onnx.decoder import OnnxSession
 
-    decoder = OnnxDecoder(folder, providers=["CPUExecutionProvider"])
+    decoder = OnnxSession(folder, providers=["CPUExecutionProvider"])
     ids = torch.randint(0, decoder.meta.vocab_size, (1, length)).tolist()[0]
     worst = 0.0
     ort_past = decoder.empty_past()
@@ -303,11 +303,11 @@ def verify_export(step: KvStep, folder: Path, length: int = 12) -> float:
 
 def export_onnx(model: str, out_dir: str | Path, *, verify: bool = True) -> ExportReport:
     """Load `model` (a hub id or folder, as KOBOT_MODEL) and export it with its tokenizer."""
-    from core.generation.local import load_model
+    from core.generation.device import load_model
 
     source = resolve_model_source(model)
     tokenizer = tokenizer_from_source(source)
-    loaded = load_model(source, "cpu", torch.float32)
+    loaded = load_model(source, "cpu", "fp32")
     check_supported(loaded.config)
     report = export_model(loaded, out_dir, tokenizer=tokenizer, source_model=model, verify=verify)
     if report.max_abs_diff is not None and report.max_abs_diff > VERIFY_TOLERANCE:
