@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from core.generation.base import BackendInfo, ModelLimits
 from core.generation.errors import ModelLoadError, describe
 
 if TYPE_CHECKING:
@@ -157,6 +158,12 @@ class LoadedModel:
     dtype: str
     n_positions: int
     vocab_size: int
+
+    def limits(self) -> ModelLimits:
+        return ModelLimits(self.n_positions, self.vocab_size)
+
+    def info(self) -> BackendInfo:
+        return BackendInfo("local", self.name, self.device, self.dtype, self.n_positions)
 
 
 def n_positions_of(config: Any) -> int:

@@ -116,11 +116,10 @@ class HFGenerateDecoder:
         return self.loaded.tokenizer
 
     def limits(self) -> ModelLimits:
-        return ModelLimits(self.loaded.n_positions, self.loaded.vocab_size)
+        return self.loaded.limits()
 
     def info(self) -> BackendInfo:
-        loaded = self.loaded
-        return BackendInfo("local", loaded.name, loaded.device, loaded.dtype, loaded.n_positions)
+        return self.loaded.info()
 
     async def decode(self, attempt: Attempt) -> list[Candidate]:
         return await asyncio.wrap_future(self._executor.submit(self.decode_now, attempt))

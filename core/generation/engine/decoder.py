@@ -13,7 +13,6 @@ the model says.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -26,7 +25,7 @@ from core.generation.base import (
     candidate_rows,
 )
 from core.generation.device import LoadedModel, free_cuda_cache
-from core.generation.engine.forward import GPT2Forward, UnsupportedModelError
+from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.sampling import LogitsHook
 from core.generation.engine.scheduler import (
     Engine,
@@ -42,8 +41,6 @@ from core.generation.stopping import StopRule
 from core.generation.tokenizer import KoGPT2Tokenizer
 
 __all__ = ["AttemptHook", "CompileMode", "EngineDecoder", "start_engine"]
-
-logger = logging.getLogger(__name__)
 
 CompileMode = Literal["off", "compile"]
 AttemptHook = Callable[[Attempt, int], LogitsHook | None]
@@ -75,32 +72,15 @@ class EngineDecoder:
         self.engine = engine
         self.logits_hook: AttemptHook | None = None
 
-    @classmethod
-    def start(
-        cls,
-        loaded: LoadedModel,
-        config: EngineConfig | None = None,
-        compile_mode: CompileMode = "off",
-    ) -> EngineDecoder:
-        """ModelLoadError when the engine cannot run `loaded` (see `start_engine`)."""
-        try:
-            engine = start_engine(loaded, config or EngineConfig(), compile_mode)
-        except UnsupportedModelError as error:
-            raise ModelLoadError(
-                f"KOBOT_MODEL: the local engine runs plain GPT-2 models ({error})"
-            ) from error
-        return cls(loaded, engine)
-
     @property
     def tokenizer(self) -> KoGPT2Tokenizer:
         return self.loaded.tokenizer
 
     def limits(self) -> ModelLimits:
-        return ModelLimits(self.loaded.n_positions, self.loaded.vocab_size)
+        return self.loaded.limits()
 
     def info(self) -> BackendInfo:
-        loaded = self.loaded
-        return BackendInfo("local", loaded.name, loaded.device, loaded.dtype, loaded.n_positions)
+        return self.loaded.info()
 
     async def decode(self, attempt: Attempt) -> list[Candidate]:
         """Every candidate of `attempt`, each an engine request decoded beside all others."""

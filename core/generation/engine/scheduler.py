@@ -35,12 +35,13 @@ from enum import StrEnum
 
 import torch
 
-from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
+from core.generation.base import GenerationError, GenerationErrorKind, ModelLimits, SamplingParams
 from core.generation.device import free_cuda_cache
 from core.generation.engine.forward import GPT2Forward, SeqChunk
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
 from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
 from core.generation.errors import classify_error
+from core.generation.policy import check_prompt
 
 __all__ = [
     "Engine",
@@ -255,20 +256,9 @@ class Engine:
 
     def _check(self, request: EngineRequest) -> None:
         dims = self.forward.dims
-        prompt = request.prompt_ids
-        needed = len(prompt) + request.params.max_new_tokens
-        if not prompt:
-            raise GenerationError(GenerationErrorKind.INTERNAL, "empty prompt")
-        if any(not 0 <= i < dims.vocab_size for i in prompt):
-            raise GenerationError(
-                GenerationErrorKind.INTERNAL, f"prompt ids outside 0..{dims.vocab_size - 1}"
-            )
-        if needed > dims.n_positions:
-            raise GenerationError(
-                GenerationErrorKind.INTERNAL,
-                f"prompt ({len(prompt)}) + max_new_tokens ({request.params.max_new_tokens}) "
-                f"exceeds the {dims.n_positions}-token window",
-            )
+        max_new = request.params.max_new_tokens
+        check_prompt(request.prompt_ids, max_new, ModelLimits(dims.n_positions, dims.vocab_size))
+        needed = len(request.prompt_ids) + max_new
         if needed > self.arena.capacity:
             raise GenerationError(
                 GenerationErrorKind.OUT_OF_MEMORY,
