@@ -252,6 +252,21 @@ async def test_degenerate_reply_is_retried_then_falls_back(
     assert len(said.attempts) == 2
 
 
+async def test_the_generate_fallback_stops_cleans_and_streams_like_the_engine(
+    hf_backend: ReplyBackend, prompt_ids: tuple[int, ...]
+) -> None:
+    script(hf_backend, "AI: 안녕하세요! 반가워요. User: 뭐 해? 나는 계속 말하는 중")
+    params = SamplingParams(temperature=0, max_new_tokens=60, no_repeat_ngram_size=0)
+    try:
+        chunks = [c async for c in hf_backend.generate_stream(request(prompt_ids, params))]
+    finally:
+        unscript(hf_backend)
+    final = chunks[-1].result
+    assert final is not None
+    assert (final.text, final.finish_reason) == ("안녕하세요! 반가워요.", FinishReason.STOP)
+    assert len(chunks) > 1 and all(final.text.startswith(c.text) for c in chunks[:-1])
+
+
 # --- errors, timeouts, lifecycle ------------------------------------------------------------
 
 

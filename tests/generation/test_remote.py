@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -383,6 +385,7 @@ async def test_the_breaker_fails_fast_then_half_opens_and_recovers(
         fast.value.kind is GenerationErrorKind.UNAVAILABLE and "circuit open" in fast.value.detail
     )
     assert len(server.received) == 2  # failed fast: the server was not asked
+    assert backend.stats() == {"breaker_open": 1.0}  # what /metrics shows
     clock.advance(30.0)
     with pytest.raises(GenerationError):  # the half-open trial fails: open again
         await backend.generate(request(prompt_ids))
@@ -431,6 +434,14 @@ async def test_the_dialogue_manager_answers_politely_while_the_server_is_down(
 
 
 # --- settings and the factory ----------------------------------------------------------------
+
+
+def test_the_remote_decoder_loads_no_torch() -> None:
+    code = (
+        "import sys, core.generation.remote, core.generation.factory; print('torch' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "False"
 
 
 def test_openai_without_a_url_is_a_config_error(
