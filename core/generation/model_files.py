@@ -6,13 +6,7 @@ from pathlib import Path
 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-KOGPT2_SPECIAL_TOKENS = {
-    "bos_token": "</s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "<pad>",
-    "mask_token": "<mask>",
-}
+from core.generation.tokenizer import KOGPT2_SPECIAL_TOKENS
 
 
 def load_tokenizer_file(tokenizer_file: str | Path) -> PreTrainedTokenizerFast:

@@ -26,6 +26,7 @@ from core.generation.errors import ModelLoadError, describe
 
 __all__ = [
     "DEFAULT_MODEL",
+    "KOGPT2_SPECIAL_TOKENS",
     "KoGPT2Tokenizer",
     "ModelLoadError",
     "ModelSource",
