@@ -84,6 +84,11 @@ async def test_healthz_follows_start_up_checks_and_shutdown(manager: DialogueMan
         probe.connected = False
         assert (await get_json(f"{base}/healthz"))[0] == 503
         probe.connected = True
+        assert body["checks"]["model"]["detail"].startswith("local ")  # type: ignore[index]
+        await manager.backend.close()  # the backend's own health() now says it is closed
+        status, body = await get_json(f"{base}/healthz")
+        model = body["checks"]["model"]  # type: ignore[index]
+        assert status == 503 and not model["ok"] and "closed" in model["detail"]
         ops.stopping.set()
         assert await get_json(f"{base}/healthz") == (
             503,
