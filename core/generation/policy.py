@@ -123,6 +123,12 @@ class ReplyPolicy:
     def __init__(self, decoder: Decoder, timeout_s: float) -> None:
         self.decoder = decoder
         self.timeout_s = timeout_s
+        self._running: set[RunControl] = set()
+
+    def cancel_running(self) -> None:
+        """Expire every request in flight: each decoder stops it at its next token."""
+        for control in list(self._running):
+            control.cancel()
 
     @property
     def tokenizer(self) -> ReplyTokenizer:
@@ -134,6 +140,7 @@ class ReplyPolicy:
         """The request's result; `on_ids` hears the first candidate's ids as they grow."""
         check_prompt(request.prompt_ids, request.params.max_new_tokens, self.decoder.limits())
         control = RunControl(self.timeout_s)
+        self._running.add(control)
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await self._attempts(request, control, on_ids)
@@ -143,6 +150,7 @@ class ReplyPolicy:
             raise boundary_error(error, "generation") from error
         finally:
             control.cancel()
+            self._running.discard(control)
 
     async def _attempts(
         self,
@@ -266,10 +274,11 @@ class ReplyBackend(GenerationBackend):
         return await guarded(scorer.score(prompts, continuations), self.policy.timeout_s)
 
     async def close(self) -> None:
-        """Refuse new requests, then stop the decoder (running requests fail UNAVAILABLE)."""
+        """Refuse new requests, expire the running ones, then stop the decoder."""
         if self._closed:
             return
         self._closed = True
+        self.policy.cancel_running()
         await self.decoder.close()
 
     def _check_open(self) -> None:

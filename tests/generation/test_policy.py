@@ -156,6 +156,27 @@ async def test_a_closed_backend_is_unhealthy_and_unavailable(fake: FakeDecoder) 
     assert error.value.kind is GenerationErrorKind.UNAVAILABLE
 
 
+async def test_closing_expires_the_requests_in_flight(fake: FakeDecoder) -> None:
+    def until_expired(attempt: Attempt) -> list[Candidate]:
+        while not attempt.control.expired():  # as a decoder's thread polls its stop rule
+            time.sleep(0.005)
+        attempt.control.check()  # raises TIMEOUT, as a decoder whose rule stopped it does
+        return []
+
+    async def on_a_thread(attempt: Attempt) -> list[Candidate]:
+        return await asyncio.to_thread(until_expired, attempt)
+
+    fake.decode = on_a_thread  # type: ignore[method-assign]
+    backend = ReplyBackend(fake, timeout_s=30.0)
+    running = asyncio.create_task(backend.generate(request()))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await backend.close()
+    with pytest.raises(GenerationError) as error:
+        await running
+    assert error.value.kind is GenerationErrorKind.TIMEOUT and time.monotonic() - started < 1.0
+
+
 async def test_a_decoder_that_cannot_score_says_so(fake: FakeDecoder) -> None:
     with pytest.raises(GenerationError) as error:
         await ReplyBackend(fake).score([[400]], [[401]])
