@@ -108,12 +108,9 @@ class HFGenerateDecoder:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
+        self.tokenizer: KoGPT2Tokenizer = loaded.tokenizer
         self.logits_hook: AttemptHook | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kobot-generate")
-
-    @property
-    def tokenizer(self) -> KoGPT2Tokenizer:
-        return self.loaded.tokenizer
 
     def limits(self) -> ModelLimits:
         return self.loaded.limits()

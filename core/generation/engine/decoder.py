@@ -69,12 +69,9 @@ class EngineDecoder:
 
     def __init__(self, loaded: LoadedModel, engine: Engine) -> None:
         self.loaded = loaded
+        self.tokenizer: KoGPT2Tokenizer = loaded.tokenizer
         self.engine = engine
         self.logits_hook: AttemptHook | None = None
-
-    @property
-    def tokenizer(self) -> KoGPT2Tokenizer:
-        return self.loaded.tokenizer
 
     def limits(self) -> ModelLimits:
         return self.loaded.limits()
