@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)
     stream_replies: bool = True
+    reply_filter: Literal["off", "mask", "block"] = "off"
+    reply_filter_words: str | None = None
 
     # Storage
     database_url: str = Field("sqlite+aiosqlite:///kobot.db", min_length=1)
@@ -128,6 +130,13 @@ class Settings(BaseSettings):
         value = value.strip().lower()
         if not _DEVICE_PATTERN.match(value):
             raise ValueError("must be auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    @field_validator("reply_filter_words")
+    @classmethod
+    def _check_words_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("must name a readable file of words, one a line")
         return value
 
     @field_validator("backend_url")
