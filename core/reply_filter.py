@@ -35,7 +35,7 @@ REPLY_BLOCKED = (
 )
 _FIRST_SYLLABLE, _LAST_SYLLABLE = 0xAC00, 0xD7A3
 _INITIALS = "ㄱㄲㄴㄷㄸㄹㅁㅂㅃㅅㅆㅇㅈㅉㅊㅋㅌㅍㅎ"
-_CLUSTERS = {"ㅄ": "ㅂㅅ", "ㅆ": "ㅆ"}
+_CLUSTERS = {"ㅄ": "ㅂㅅ"}  # one jamo written for two
 _LEET = str.maketrans({"1": "i", "!": "i", "3": "e", "4": "a", "@": "a", "0": "o", "$": "s"})
 
 
@@ -120,7 +120,6 @@ class ProfanityFilter:
     """Finds blocked words in a text (see the module doc); stateless once built."""
 
     def __init__(self, blocked: Iterable[str], allowed: Iterable[str] = ()) -> None:
-        blocked = list(blocked)
         self._pattern = _compile(blocked)
         self._allowed = _compile(allowed, literal=True)
 
