@@ -1,4 +1,5 @@
-"""`kobot chat`: talk to the bot in a terminal, or pipe one message per line through it."""
+"""`kobot chat`: talk to the bot in a terminal (`bots.terminal`: streamed replies, Ctrl-C), or
+pipe one message per line through it (exactly one reply line per input line)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from core.dialogue import DialogueManager
 from core.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
+from core.streaming import PartialCallback
 from core.text import to_single_line
 
 PLATFORM = "console"
-BANNER = "kobot 콘솔 채팅입니다. /help 로 사용법을, Ctrl-D 로 종료합니다. (Ctrl-D quits.)"
 
 
 class ConsoleAdapter:
@@ -50,9 +51,15 @@ class ConsoleAdapter:
             is_admin=True,
         )
 
-    async def answer(self, text: str) -> str:
-        """The reply to one input line (exactly one output line when piped)."""
-        reply = self._with_attachment(await self.manager.handle(self.message(text)))
+    async def answer(self, text: str, on_partial: PartialCallback | None = None) -> str:
+        """The reply to one input line (exactly one output line when piped); streamed to
+        `on_partial` while it is generated when given."""
+        incoming = self.message(text)
+        if on_partial is None:
+            handled = await self.manager.handle(incoming)
+        else:
+            handled = await self.manager.handle_stream(incoming, on_partial)
+        reply = self._with_attachment(handled)
         return to_single_line(reply) if self.one_line_replies else reply
 
     def _with_attachment(self, reply: Reply) -> str:
@@ -73,7 +80,7 @@ class ConsoleAdapter:
         gets `grace_s` to finish (then it is printed), else it is cancelled and not stored."""
         stop = stop or asyncio.Event()
         while not stop.is_set():
-            line = await _next_or_stop(lines, stop)
+            line = await next_or_stop(lines, stop)
             if line is None or stop.is_set():
                 return
             answering = asyncio.create_task(self.answer(line))
@@ -84,7 +91,7 @@ class ConsoleAdapter:
             print(reply, file=self.out, flush=True)
 
 
-async def _next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
+async def next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
     """The next line, or None when the lines end or `stop` is set first."""
     reading = asyncio.ensure_future(anext(lines, None))
     stopped = asyncio.ensure_future(stop.wait())
@@ -137,33 +144,26 @@ async def _stdin_lines() -> AsyncIterator[str]:
         yield line
 
 
-async def _terminal_lines(user: str) -> AsyncIterator[str]:
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.patch_stdout import patch_stdout
-
-    session: PromptSession[str] = PromptSession()
-    print(BANNER, flush=True)
-    while True:
-        try:
-            with patch_stdout():
-                yield await session.prompt_async(f"{user}> ")
-        except (EOFError, KeyboardInterrupt):
-            return
-
-
 async def run_console(
     settings: Settings, user: str, interactive: bool, stop: asyncio.Event | None = None
 ) -> None:
     """Chat until the input ends or SIGTERM/SIGINT (see `core.lifecycle`)."""
+    from bots import terminal
+
     async with BotServices(settings, PLATFORM, stop) as services:
         if services.stop.is_set():
             return
+        if interactive:
+            terminal.quiet_start()
         manager = await build_dialogue_manager(settings)
         try:
             adapter = ConsoleAdapter(manager, user, one_line_replies=not interactive)
             services.attach(manager, adapter)
-            lines = _terminal_lines(user) if interactive else _stdin_lines()
-            await adapter.run_lines(lines, services.stop, services.grace_s)
+            if interactive:
+                print(f"{terminal.BANNER}\n{terminal.status_line(manager.backend.info())}")
+                await terminal.run_terminal(adapter, terminal.prompt_lines(user), services)
+            else:
+                await adapter.run_lines(_stdin_lines(), services.stop, services.grace_s)
         finally:
             await services.detach()
             await manager.close()

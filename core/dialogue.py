@@ -31,8 +31,9 @@ from core.messages import (
 from core.observability import TurnObserver
 from core.prompt import STOP_STRINGS, PromptBuilder
 from core.ratelimit import RateLimiter
+from core.reply_filter import ReplyGuard
 from core.settings import Settings
-from core.streaming import PartialCallback, generate, partials_to
+from core.streaming import PartialCallback, partials_to
 from core.text import remove_control_characters, to_single_line
 from core.trimming import TrimmedPrompt, token_budget
 from core.uses import MODEL_COMMANDS, ModelCommands
@@ -139,6 +140,7 @@ class DialogueManager:
         self.observer = TurnObserver(settings)
         self.low_water = int(self.budget * settings.trim_low_water)
         self.context_starts = ContextStarts()
+        self.replies = ReplyGuard.from_settings(settings)
         self.uses = ModelCommands(self)
 
     async def handle(self, message: IncomingMessage) -> Reply:
@@ -236,7 +238,7 @@ class DialogueManager:
         request = GenerationRequest(
             prompt.prompt_ids, self.params, STOP_STRINGS, cache_key=key.as_id()
         )
-        result = await generate(self.backend, request, shown)
+        result = await self.replies.generate(self.backend, request, shown)
         self.observer.generated(prompt, result, time.perf_counter() - started)
         log.debug(
             "generated %d tokens from a %d-token prompt in %.3fs (%s)",

@@ -67,6 +67,25 @@ class Shutdown:
                 loop.remove_signal_handler(signum)
         self._installed.clear()
 
+    @contextlib.contextmanager
+    def interrupts_to(self, callback: Callable[[], object]) -> Iterator[None]:
+        """Inside the block SIGINT calls `callback` instead of stopping the process (a terminal
+        chat's Ctrl-C stops the reply being generated); SIGTERM still stops. Afterwards SIGINT
+        is handled as before."""
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGINT, callback)
+        except (NotImplementedError, RuntimeError, ValueError):
+            yield  # no signal handlers here (not the main thread, or Windows)
+            return
+        try:
+            yield
+        finally:
+            if signal.SIGINT in self._installed:
+                loop.add_signal_handler(signal.SIGINT, self.on_signal, signal.SIGINT)
+            else:
+                loop.remove_signal_handler(signal.SIGINT)
+
     def on_signal(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.requested.is_set():

@@ -35,7 +35,7 @@ from core.settings import Settings
 
 REDACTED = "***"
 HTTP_LOGGERS = ("httpx", "httpcore")  # they log request URLs, and a Bot API URL holds the token
-NOISY_LOGGERS = ("httpx", "httpcore", "aiosqlite", "asyncio")
+NOISY_LOGGERS = ("httpx", "httpcore", "aiosqlite", "asyncio", "alembic.runtime.plugins")
 URL_SETTINGS = ("database_url", "redis_url", "backend_url")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _RECORD_KEYS = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
@@ -259,6 +259,14 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
         name,
         exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
     )
+
+
+def quiet_stderr(level: int = logging.WARNING) -> None:
+    """Raise the stderr handler's threshold to `level` (an interactive terminal chat: its
+    screen is the conversation); loggers keep their levels, so other handlers see everything."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, StderrHandler):
+            handler.setLevel(max(level, handler.level))
 
 
 def configure_logging(settings: Settings) -> SecretRedactor:

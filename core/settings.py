@@ -81,6 +81,8 @@ class Settings(BaseSettings):
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)
     stream_replies: bool = True
+    reply_filter: Literal["off", "mask", "block"] = "off"
+    reply_filter_words: str | None = None
 
     # Storage
     database_url: str = Field("sqlite+aiosqlite:///kobot.db", min_length=1)
@@ -127,6 +129,13 @@ class Settings(BaseSettings):
     def _check_device(cls, value: str) -> str:
         parse_device(value)
         return value.strip().lower()
+
+    @field_validator("reply_filter_words")
+    @classmethod
+    def _check_words_file(cls, value: str | None) -> str | None:
+        if value is not None and not Path(value).is_file():
+            raise ValueError("must name a readable file of words, one a line")
+        return value
 
     @field_validator("backend_url")
     @classmethod

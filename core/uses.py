@@ -1,6 +1,7 @@
 """The model's other uses, as commands every adapter gets: `/complete`, `/story`, `/sentiment`,
 `/retry`. The DialogueManager routes them here (rate-limited like chat, failures answered
-politely); every generation goes through `core.streaming`, so streaming adapters see them grow.
+politely); every generation goes through the manager's `ReplyGuard` (`core.reply_filter`) and
+`core.streaming`, so streaming adapters see them grow and the reply filter sees every reply.
 
 * `/complete <text>`: the prompt is the text itself (no persona, no turns); the reply is the
   text and its continuation (a space between them when the model began a new word).
@@ -32,7 +33,6 @@ from core.generation.base import (
 from core.messages import ConversationKey, IncomingMessage, Reply, ReplyKind, Role, Turn
 from core.prompt import STOP_STRINGS
 from core.sentiment import SentimentScorer
-from core.streaming import generate
 from core.text import remove_control_characters, to_single_line
 from core.trimming import token_budget
 
@@ -90,7 +90,9 @@ class ModelCommands:
         request = GenerationRequest(
             tuple(ids[-budget:]), params, stop_strings=(), continuation=True
         )
-        result = await generate(self.manager.backend, request, lambda more: text + more)
+        result = await self.manager.replies.generate(
+            self.manager.backend, request, lambda more: text + more
+        )
         if result.finish_reason is FinishReason.FALLBACK:
             return Reply(texts.NO_CONTINUATION, ReplyKind.NOTICE)
         return Reply(text + result.text, ReplyKind.CHAT)
@@ -135,7 +137,7 @@ class ModelCommands:
         request = GenerationRequest(
             prompt.prompt_ids, self.retry_params, STOP_STRINGS, cache_key=key.as_id()
         )
-        result = await generate(manager.backend, request)
+        result = await manager.replies.generate(manager.backend, request)
         fresh = [
             text for text in candidates_of(result) if self.candidates.is_new(key, question, text)
         ]

@@ -26,6 +26,7 @@ from core.generation.base import (
     StreamChunk,
 )
 from core.messages import ConversationKey, IncomingMessage, Role
+from core.reply_filter import MASK_CHAR, build_filter
 from core.settings import Settings
 from tests.e2e.fake_telegram import TOKEN, Call, FakeTelegram, private_chat, user
 from tests.e2e.test_telegram import OPTIONS, running
@@ -214,3 +215,48 @@ async def test_a_streamed_reply_longer_than_a_message_continues_in_new_ones(
     assert len(pieces) >= 2 and fake.shown_in(808) == pieces
     first_id = fake.sent_messages(808)[0]["message_id"]
     assert {int(call.params["message_id"]) for call in fake.edits_of(808)} == {first_id}
+
+
+# The reply filter (core.reply_filter), seen from a platform: no adapter code knows about it
+
+SWEARING = ["아 씨", "아 씨발", "아 씨발 또 늦었다"]
+SWORE = "아 씨발 또 늦었다!"
+MASKED = f"아 {MASK_CHAR * 2} 또 늦었다!"
+WORDS = build_filter()
+
+
+class SwearingStream(Unclosed):
+    """Streams `SWEARING`, each once the chat shows it (as the filter lets it through)."""
+
+    def __init__(self, inner: GenerationBackend, fake: FakeTelegram, chat_id: int) -> None:
+        super().__init__(inner)
+        self.fake = fake
+        self.chat_id = chat_id
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return GenerationResult(SWORE, 7, FinishReason.STOP)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        for partial in SWEARING:
+            yield StreamChunk(partial)
+            await self.fake.wait_for(self._showing(WORDS.mask(partial)))
+        yield StreamChunk(SWORE, await self.generate(request))
+
+    def _showing(self, text: str) -> Callable[[], bool]:
+        return lambda: text in self.fake.shown_in(self.chat_id)
+
+
+async def test_the_reply_filter_masks_every_edit_and_the_stored_reply(
+    fake: FakeTelegram, make_settings: Callable[..., Settings], tiny: GenerationBackend
+) -> None:
+    options = replace(OPTIONS, stream_interval_s=0.2, stream_first_after_s=0.0)
+    settings = make_settings(reply_filter="mask")
+    async with running(settings, SwearingStream(tiny, fake, 811), options) as adapter:
+        update = fake.send(private_chat(811), user(811), "늦었어?")
+        await fake.wait_handled(update, timeout_s=30)
+        stored = await stored_reply(adapter.manager, 811)
+
+    shown = [call.text for call in operations(fake, 811)]
+    assert len(shown) >= 2  # it did stream: posted, then edited
+    assert not any("씨발" in text for text in shown), shown
+    assert fake.shown_in(811) == [MASKED] == [stored]
