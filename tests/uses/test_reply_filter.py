@@ -1,5 +1,5 @@
 """The reply filter through the dialogue manager: chat, /complete, /retry and streaming, with
-SQLite and the engine backend (as the factory ships it) on the tiny model, scripted to say what each test needs."""
+SQLite and the engine backend as the factory ships it (tiny model), scripted per test."""
 
 from __future__ import annotations
 
