@@ -632,3 +632,23 @@ async def test_restart_neither_loses_nor_repeats_an_answer(
         "세 번째 메시지예요",
     ]
     assert texts_of(turns, Role.AI) == replies
+
+
+async def test_commands_followed_by_a_line_break(
+    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+) -> None:
+    """`/help\\n…` is /help (Telegram's entity says so) in a private chat and in a group."""
+    hana, group = user(1601), group_chat(-101600)
+    async with running(settings, backend) as adapter:
+        fake.send(private_chat(1601), hana, "/help\n두 번째 줄")
+        fake.send(group, hana, "/help\n그룹에서도")
+        last = fake.send(private_chat(1601), hana, "/persona\n친절한\n선생님")
+        await fake.wait_handled(last)
+        persona = await adapter.manager.storage.get_persona(key(1601, 1601))
+
+    assert fake.replies_to(1601) == [
+        texts.help_text(),
+        texts.PERSONA_SET.format(persona="친절한 선생님"),
+    ]
+    assert fake.replies_to(-101600) == [texts.help_text()]
+    assert persona == "친절한 선생님"
