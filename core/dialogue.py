@@ -18,7 +18,7 @@ from core.generation.base import (
     GenerationResult,
     SamplingParams,
 )
-from core.locks import ConversationLocks, LockTimeout
+from core.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
 from core.messages import (
     Attachment,
     ConversationKey,
@@ -40,6 +40,7 @@ from storage.base import Storage, StorageError
 
 log = logging.getLogger(__name__)
 PERSONA_MAX_CHARS = 500
+LEASE_ATTEMPTS = 2
 
 
 @dataclass
@@ -184,12 +185,29 @@ class DialogueManager:
             return self._rate_limited(message)
         self.stats.in_flight += 1
         try:
-            async with self.locks.lock(key):
-                return await self._chat_locked(key, message, text, cut)
+            return await self._chat_leased(key, message, text, cut)
         except LockTimeout:
             return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
         finally:
             self.stats.in_flight -= 1
+
+    async def _chat_leased(
+        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
+    ) -> Reply:
+        """The turn under the conversation's lock; a turn whose lock was lost before it was
+        stored is thrown away and made again under a fresh lock (once), so it never lands on
+        top of another worker's turn."""
+        for _ in range(LEASE_ATTEMPTS):
+            try:
+                async with self.locks.lock(key) as lease:
+                    return await self._chat_locked(key, message, text, cut, lease)
+            except LeaseLost as lost:
+                log.warning(
+                    "lost the lock of %s before storing a reply (%s); not stored, answering again",
+                    self.observer.user_ids.conversation(key),
+                    lost,
+                )
+        return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
 
     def _clean_input(self, text: str) -> tuple[str, bool]:
         """Control characters out, length bounded (keeping the end, which trimming keeps too)."""
@@ -202,7 +220,7 @@ class DialogueManager:
         return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
 
     async def _chat_locked(
-        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
+        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool, lease: Lease
     ) -> Reply:
         earlier = await self._earlier_reply(key, message)
         if earlier is not None:
@@ -217,6 +235,7 @@ class DialogueManager:
             result = await self._generate(prompt, key, lambda partial: note + partial)
         except GenerationError as error:
             return self._generation_failed(error)
+        await lease.confirm()
         await self.storage.append(key, self._exchange(message, text, result.text))
         self.uses.candidates.keep(key, text, result.text, result.alternatives)
         return self._chat_reply(result.text, prompt, cut)
@@ -304,7 +323,7 @@ class DialogueManager:
             return await self.uses.run(message, parsed)
         except GenerationError as error:
             return self._generation_failed(error)
-        except LockTimeout:
+        except (LockTimeout, LeaseLost):
             return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
         finally:
             self.stats.in_flight -= 1
