@@ -10,12 +10,16 @@ Facts it honours, as python-telegram-bot 22 expects them:
 * `getUpdates` long-polls: `offset` confirms every update below it (confirmed ones are never
   returned again, unless a test `rewind`s to simulate a confirmation Telegram never got), and a
   parked poll returns as soon as an update arrives, its timeout passes, or the server stops.
+  Unconfirmed updates stay and are returned again to the next `getUpdates` (a restarted bot's
+  too), as Telegram keeps them for 24 hours.
 * `CommandHandler` fires only with a `bot_command` entity at offset 0, so `text_message` adds
   entities (commands, @mentions) the way Telegram does, with offsets in UTF-16 units.
 * `editMessageText` changes a message the bot sent (`shown` keeps each one's current text);
   an unknown message or an unchanged text is a 400, as on Telegram ("message is not modified").
 
 Every call is recorded (`calls`); `wait_for` waits on a condition re-checked after every call.
+The bot confirms an update once it is stored, before it is handled: `wait_handled` also asks
+`busy` (set by a test to the running bot's `dispatcher.is_running`) whether it is finished.
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import itertools
 import json
 import re
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import ClientSession, web
 
@@ -152,6 +157,17 @@ class FakeTelegram:
         self._runner: web.AppRunner | None = None
         self._client: ClientSession | None = None
         self.port = 0
+        self.busy: Callable[[int], bool] = lambda _update_id: False
+        FakeTelegram.running[self.base_url] = self
+
+    running: ClassVar[weakref.WeakValueDictionary[str, FakeTelegram]] = (
+        weakref.WeakValueDictionary()
+    )
+
+    @classmethod
+    def at(cls, base_url: str) -> FakeTelegram | None:
+        """The fake serving `base_url` (a bot's settings), if any."""
+        return cls.running.get(base_url)
 
     # Lifecycle
 
@@ -167,6 +183,7 @@ class FakeTelegram:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
+        FakeTelegram.running[self.base_url] = self
         self._client = ClientSession()
         return self
 
@@ -263,8 +280,11 @@ class FakeTelegram:
             await self._changed.wait_for(condition)
 
     async def wait_handled(self, update: JSON, timeout_s: float = 20.0) -> None:
-        """Wait until the bot confirmed `update` (and so every update before it)."""
-        await self.wait_for(lambda: self.confirmed > update["update_id"], timeout_s)
+        """Wait until the bot confirmed `update` (stored it) and finished handling it."""
+        async with asyncio.timeout(timeout_s):
+            await self.wait_for(lambda: self.confirmed > update["update_id"], timeout_s)
+            while self.busy(update["update_id"]):  # noqa: ASYNC110 - the bot's side has no event
+                await asyncio.sleep(0.01)
 
     async def post_webhook(self, url: str, update: JSON, secret: str | None) -> int:
         """Deliver an update to the bot's webhook as Telegram does; returns the HTTP status."""
