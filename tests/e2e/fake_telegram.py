@@ -14,6 +14,8 @@ Facts it honours, as python-telegram-bot 22 expects them:
   too), as Telegram keeps them for 24 hours.
 * `CommandHandler` fires only with a `bot_command` entity at offset 0, so `text_message` adds
   entities (commands, @mentions) the way Telegram does, with offsets in UTF-16 units.
+* `accepting_sends` cleared holds every `sendMessage` unanswered (and unrecorded) until it is
+  set again; one whose sender died meanwhile is dropped, as a request Telegram never got.
 * `editMessageText` changes a message the bot sent (`shown` keeps each one's current text);
   an unknown message or an unchanged text is a 400, as on Telegram ("message is not modified").
 
@@ -158,6 +160,9 @@ class FakeTelegram:
         self._client: ClientSession | None = None
         self.port = 0
         self.busy: Callable[[int], bool] = lambda _update_id: False
+        self.accepting_sends = asyncio.Event()  # cleared: sendMessage waits, not yet accepted
+        self.accepting_sends.set()
+        self.dropped_sends = 0
         FakeTelegram.running[self.base_url] = self
 
     running: ClassVar[weakref.WeakValueDictionary[str, FakeTelegram]] = (
@@ -200,10 +205,18 @@ class FakeTelegram:
 
     def add_update(self, update: JSON) -> JSON:
         """Queue an update (an `update_id` is assigned) for `getUpdates`."""
-        update = {"update_id": next(self._update_ids), **update}
+        update = self.new_update(update)
+        self.publish(update)
+        return update
+
+    def new_update(self, update: JSON) -> JSON:
+        """The update with the next `update_id`, not queued (for a webhook, or `publish`)."""
+        return {"update_id": next(self._update_ids), **update}
+
+    def publish(self, update: JSON) -> None:
+        """Queue an update for `getUpdates`; kept until an `offset` above it confirms it."""
         self.updates.append(update)
         self._schedule_notify()
-        return update
 
     def message(
         self,
@@ -298,6 +311,11 @@ class FakeTelegram:
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         call = Call(method, *await self._parse(request))
+        if method == "sendMessage" and not self.accepting_sends.is_set():
+            await self.accepting_sends.wait()
+            if request.transport is None or request.transport.is_closing():
+                self.dropped_sends += 1  # its sender died first: never accepted, not recorded
+                return web.Response(status=503)
         if request.match_info["token"] != self.token:
             return await self._record(call, Failure(401, "Unauthorized"))
         if self._failures[method]:
