@@ -725,3 +725,37 @@ async def test_commands_followed_by_a_line_break(
     ]
     assert fake.replies_to(-101600) == [texts.help_text()]
     assert persona == "친절한 선생님"
+
+
+async def test_no_plain_id_in_any_log_line(
+    fake: FakeTelegram,
+    make_settings: Callable[..., Settings],
+    backend: SharedBackend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ignored users, refused and failing sends, duplicates: every line hashes the ids (the
+    soak test scans a real process's log the same way)."""
+    caplog.set_level(logging.DEBUG)
+    settings = make_settings(telegram_allowed_users=[7_770_001, 7_770_002])
+    allowed, refused, stranger = user(7_770_001), user(7_770_002), user(7_770_003)
+    fake.fail_next("sendMessage", status=403, retry_after=None)
+    fake.fail_next("sendMessage", status=429, retry_after=1)
+    async with running(settings, backend):
+        fake.send(private_chat(7_770_003), stranger, "누구세요")
+        fake.send(group_chat(-1_007_770_004), allowed, "혼잣말")
+        first = fake.send(private_chat(7_770_002), refused, "차단했어요")
+        await fake.wait_handled(first)
+        last = fake.send(private_chat(7_770_001), allowed, "안녕")
+        await fake.wait_handled(last)
+        fake.rewind(first["update_id"])  # delivered again: answered already
+        await fake.wait_handled(last)
+    ours = ("bots", "core", "storage", "kobot")  # at DEBUG, libraries log whole payloads
+    text = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO or r.name.split(".")[0] in ours
+    )
+    assert "not in the allowlists" in text and "refused a message" in text
+    assert "flood control" in text
+    for plain in ("7770001", "7770002", "7770003", "1007770004"):
+        assert plain not in text
