@@ -46,6 +46,7 @@ MAX_WAIT_AFTER_RESTART_S = 20.0
 REPLY_TIMEOUT_S = 90.0
 BAD_REPLIES = {texts.BUSY_TEXT, texts.STORAGE_FAILED, *texts.GENERATION_FAILED.values()}
 SECRET = "soak-webhook-secret"
+CLAIM = "soak:claim"  # marks a Redis logical database as taken by one soak run
 SENT_REPLIES = "SELECT count(*) FROM turns WHERE role = 'ai' AND delivery = 'sent'"
 
 
@@ -96,7 +97,7 @@ async def redis_database() -> AsyncIterator[str]:
     for number in range(15, 0, -1):
         client = Redis.from_url(f"redis://127.0.0.1:6379/{number}")
         try:
-            if await client.dbsize() == 0 and await client.set("soak:claim", "1", nx=True):
+            if await client.dbsize() == 0 and await client.set(CLAIM, "1", nx=True):
                 yield f"redis://127.0.0.1:6379/{number}"
                 await client.flushdb()
                 return
@@ -106,9 +107,13 @@ async def redis_database() -> AsyncIterator[str]:
 
 
 async def flush_redis(url: str) -> None:
+    """What an operator's FLUSHDB does to the bot; the claim on the database is kept."""
     client = Redis.from_url(url)
     try:
-        await client.flushdb()
+        async with client.pipeline(transaction=True) as pipe:
+            pipe.flushdb()
+            pipe.set(CLAIM, "1")
+            await pipe.execute()
     finally:
         await client.aclose()
 
