@@ -131,8 +131,7 @@ class UpdateInbox:
         try:
             await self._process(update)
         except DeliveryPending:
-            log.warning("update %d: its reply could not be sent yet; kept for the next start",
-                        update.update_id)  # fmt: skip
+            log.warning("update %d: its reply is kept for the next start", update.update_id)
             return
         except Exception:
             log.exception("update %d failed", update.update_id)
@@ -142,8 +141,7 @@ class UpdateInbox:
         try:
             await self._storage.inbox_done(PLATFORM, str(update_id))
         except StorageError as error:
-            log.warning("could not mark update %d finished (%s); answered again at most "
-                        "from storage after a restart", update_id, error)  # fmt: skip
+            log.warning("could not mark update %d finished: %s", update_id, error)
 
 
 def _inbox_item(update: Update) -> InboxItem:
@@ -197,8 +195,9 @@ class Poller:
         try:
             new = await self._inbox.store(updates)
         except StorageError as error:
-            log.warning("could not store %d updates (%s); not confirming them", len(updates),
-                        error)  # fmt: skip
+            log.warning(
+                "not confirming %d updates, they could not be stored: %s", len(updates), error
+            )
             await asyncio.sleep(self._config.error_backoff_s)
             return
         self._offset = max(update.update_id for update in updates) + 1
@@ -301,8 +300,7 @@ class WebhookServer:
         try:
             new = await self._inbox.store([update])
         except StorageError as error:
-            log.warning("could not store update %d (%s); Telegram retries it", update.update_id,
-                        error)  # fmt: skip
+            log.warning("update %d not stored (Telegram retries it): %s", update.update_id, error)
             return web.Response(status=500, text="not stored")
         for stored in new:
             self._dispatcher.submit(stored)

@@ -49,6 +49,7 @@ from core.generation.base import (
 from core.generation.factory import build_backend
 from core.messages import ConversationKey, Role, Turn
 from core.settings import Settings
+from storage.base import StorageError
 from tests.e2e.fake_telegram import (
     BOT_ID,
     BOT_USERNAME,
@@ -759,3 +760,49 @@ async def test_no_plain_id_in_any_log_line(
     assert "flood control" in text
     for plain in ("7770001", "7770002", "7770003", "1007770004"):
         assert plain not in text
+
+
+async def test_an_update_that_cannot_be_stored_is_not_confirmed(
+    fake: FakeTelegram,
+    make_settings: Callable[..., Settings],
+    backend: SharedBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polling: the batch is fetched again (not confirmed) until the inbox takes it; webhook:
+    a 500, so Telegram delivers it again."""
+
+    def failing_once(storage: Any) -> None:
+        real = storage.inbox_add
+        calls = {"n": 0}
+
+        async def inbox_add(items: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise StorageError("storing received updates failed: database is down")
+            return await real(items)
+
+        monkeypatch.setattr(storage, "inbox_add", inbox_add)
+
+    options = replace(OPTIONS, polling=replace(OPTIONS.polling, error_backoff_s=0.3))
+    async with running(make_settings(), backend, options) as adapter:
+        failing_once(adapter.manager.storage)
+        update = fake.send(private_chat(2001), user(2001), "저장이 안 되면?")
+        await fake.wait_handled(update)
+    offsets = [call.value("offset") for call in fake.calls_to("getUpdates")]
+    assert offsets.count(None) >= 2  # fetched again from the same place before it was stored
+    assert len(fake.replies_to(2001)) == 1
+
+    settings = make_settings(
+        telegram_webhook_url="https://bot.example.test/hook",
+        telegram_webhook_listen="127.0.0.1",
+        telegram_webhook_secret="s3cret-hook",
+        database_url=make_settings().database_url.replace("kobot.db", "hook.db"),
+    ).model_copy(update={"telegram_webhook_port": 0})
+    update = {"update_id": 1, "message": fake.message(private_chat(2002), user(2002), "웹훅")}
+    async with running(settings, backend) as adapter:
+        failing_once(adapter.manager.storage)
+        assert adapter.webhook is not None
+        local = f"http://127.0.0.1:{adapter.webhook.port}/hook"
+        assert await fake.post_webhook(local, update, "s3cret-hook") == 500
+        assert await fake.post_webhook(local, update, "s3cret-hook") == 200
+        await fake.wait_for(lambda: len(fake.replies_to(2002)) == 1)
