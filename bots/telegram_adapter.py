@@ -402,7 +402,7 @@ class TelegramAdapter:
             await self.sender.send_texts(target, [NON_TEXT_REPLY])
             return
         incoming = to_incoming(message, decision.text, self.access.admins)
-        live = self._live_message(target)
+        live = self._live_message(target, update_id)
         async with self._typing(target, incoming.text):
             try:
                 reply = await self._handle(incoming, live)
@@ -448,8 +448,9 @@ class TelegramAdapter:
             log.exception("the dialogue manager failed on message %s", shown)
             return Reply(texts.GENERATION_FAILED["default"], ReplyKind.ERROR)
 
-    def _live_message(self, target: Target) -> LiveMessage[int] | None:
-        """A message to stream the reply into, when streaming is on."""
+    def _live_message(self, target: Target, update_id: int) -> LiveMessage[int] | None:
+        """A message to stream the reply into, when streaming is on: the one a previous run
+        had begun (the reply is finished in it), or a new one, noted in the inbox."""
         if not self.settings.stream_replies:
             return None
 
@@ -457,18 +458,21 @@ class TelegramAdapter:
             message_id = await self.sender.send_text(target, text)
             if message_id is None:
                 raise EditFailed(f"could not post to chat {self.sender.chat(target)}")
+            await self.inbox.note_streamed(update_id, message_id)
             return message_id
 
         async def edit(message_id: int, text: str) -> None:
             await self.sender.edit_text(target, message_id, text)
 
-        return LiveMessage(
+        live = LiveMessage(
             post,
             edit,
             interval_s=self.options.stream_interval_s,
             first_after_s=self.options.stream_first_after_s,
             fit=lambda text: chunks(text)[0],
         )
+        live.handle = self.inbox.streamed_before(update_id)
+        return live
 
     async def _finish_live(
         self, live: LiveMessage[int], reply: Reply, target: Target

@@ -114,6 +114,7 @@ class UpdateInbox:
         self._storage = storage
         self._bot = bot
         self._process = process
+        self._streamed: dict[int, int] = {}  # update id -> the message a dead run streamed into
 
     async def store(self, updates: Sequence[Update]) -> list[Update]:
         """Store the batch (raising StorageError); the updates not seen before, in order."""
@@ -124,7 +125,22 @@ class UpdateInbox:
     async def unfinished(self) -> list[Update]:
         """What a previous run stored but did not finish, in arrival order."""
         items = await self._storage.inbox_pending(PLATFORM)
+        for item in items:
+            if item.note.isdigit():
+                self._streamed[int(item.item_id)] = int(item.note)
         return [Update.de_json(json.loads(item.payload), self._bot) for item in items]
+
+    def streamed_before(self, update_id: int) -> int | None:
+        """The message a previous run began streaming this update's reply into, if any."""
+        return self._streamed.pop(update_id, None)
+
+    async def note_streamed(self, update_id: int, message_id: int) -> None:
+        """Remember the message a reply is being streamed into, so that a restart finishes
+        that message instead of leaving it half-written beside a new one."""
+        try:
+            await self._storage.inbox_note(PLATFORM, str(update_id), str(message_id))
+        except StorageError as error:
+            log.warning("could not note a streamed message: %s", error)
 
     async def process(self, update: Update) -> None:
         """Handle one update, then mark it finished (unless its reply is still pending)."""

@@ -47,6 +47,7 @@ class InboxItem:
     item_id: str
     lane: str
     payload: str
+    note: str = ""  # what handling it left behind so far (a streamed message's id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +123,10 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def inbox_pending(self, platform: str) -> list[InboxItem]:
         """The platform's unfinished items, in the order they were added."""
+
+    @abc.abstractmethod
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        """Remember `note` with an unfinished item (`inbox_pending` returns it)."""
 
     @abc.abstractmethod
     async def inbox_done(self, platform: str, item_id: str) -> None:

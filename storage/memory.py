@@ -121,6 +121,11 @@ class MemoryStorage(Storage):
     async def inbox_pending(self, platform: str) -> list[InboxItem]:
         return [e.item for e in self._inbox.values() if e.item.platform == platform and not e.done]
 
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        entry = self._inbox.get((platform, item_id))
+        if entry is not None:
+            entry.item = replace(entry.item, note=note)
+
     async def inbox_done(self, platform: str, item_id: str) -> None:
         entry = self._inbox.get((platform, item_id))
         if entry is not None:

@@ -427,6 +427,9 @@ class RedisCachedStorage(Storage):
     async def inbox_pending(self, platform: str) -> list[InboxItem]:
         return await self._inner.inbox_pending(platform)
 
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        await self._inner.inbox_note(platform, item_id, note)
+
     async def inbox_done(self, platform: str, item_id: str) -> None:
         await self._inner.inbox_done(platform, item_id)
 

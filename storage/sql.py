@@ -159,6 +159,7 @@ class InboxRow(Base):
     item_id: Mapped[str] = mapped_column(String)
     lane: Mapped[str] = mapped_column(String)
     payload: Mapped[str] = mapped_column(Text)
+    note: Mapped[str] = mapped_column(Text, default="")
     added_at: Mapped[datetime] = mapped_column(UTCDateTime)
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -346,6 +347,7 @@ def _inbox_values(item: InboxItem, now: datetime) -> dict[str, Any]:
         "item_id": item.item_id,
         "lane": item.lane,
         "payload": item.payload,
+        "note": item.note,
         "added_at": now,
     }
 
@@ -546,7 +548,18 @@ class SqlStorage(Storage):
         )
         async with self._transaction("reading unfinished updates") as session:
             rows = (await session.scalars(query)).all()
-        return [InboxItem(row.platform, row.item_id, row.lane, row.payload) for row in rows]
+        return [
+            InboxItem(row.platform, row.item_id, row.lane, row.payload, row.note) for row in rows
+        ]
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        query = (
+            update(InboxRow)
+            .where(InboxRow.platform == platform, InboxRow.item_id == item_id)
+            .values(note=note)
+        )
+        async with self._transaction("noting progress on an update") as session:
+            await session.execute(query, execution_options=_NO_SYNC)
 
     async def inbox_done(self, platform: str, item_id: str) -> None:
         query = (

@@ -175,6 +175,9 @@ class SpyStorage(Storage):
     async def inbox_pending(self, platform: str) -> list[InboxItem]:
         return await self.inner.inbox_pending(platform)
 
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        await self.inner.inbox_note(platform, item_id, note)
+
     async def inbox_done(self, platform: str, item_id: str) -> None:
         await self.inner.inbox_done(platform, item_id)
 

@@ -334,6 +334,15 @@ class TestInbox:
         assert await storage.inbox_add([inbox_item("1")]) == []
         await storage.inbox_done("telegram", "unknown")  # no error
 
+    async def test_a_note_is_kept_with_an_unfinished_item(self, storage: Storage) -> None:
+        await storage.inbox_add([inbox_item("1"), inbox_item("2")])
+        await storage.inbox_note("telegram", "2", "4242")
+        await storage.inbox_note("telegram", "unknown", "x")  # no error
+
+        pending = await storage.inbox_pending("telegram")
+        assert [(item.item_id, item.note) for item in pending] == [("1", ""), ("2", "4242")]
+        assert pending[1].payload == inbox_item("2").payload
+
     async def test_prune_forgets_only_finished_items(self, storage: Storage) -> None:
         await storage.inbox_add([inbox_item("1"), inbox_item("2")])
         await storage.inbox_done("telegram", "1")

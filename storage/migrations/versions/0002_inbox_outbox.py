@@ -35,6 +35,7 @@ def upgrade() -> None:
         sa.Column("item_id", sa.String(), nullable=False),
         sa.Column("lane", sa.String(), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
+        sa.Column("note", sa.Text(), nullable=False),
         sa.Column("added_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("done_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_inbox")),
