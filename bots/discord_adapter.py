@@ -43,6 +43,13 @@ Reconnects
     Conversations are keyed by Discord ids in storage, never by the gateway session, so a
     reconnect or resume (or a restart) changes nothing about anyone's context; a replayed message
     that was already answered comes back from the core with `duplicate=True` and is not sent again.
+
+Crashes (`bots.discord_inbox`)
+    Each message to answer is stored in the inbox before it is answered; one seen again (a
+    replay) is a no-op. After a restart, stored messages not yet finished are answered: their
+    replies are generated, or sent from storage when the reply was stored but never sent (the
+    outbox marks each reply pending, then sent with its Discord message ids, or failed for good
+    when the channel is gone or the bot may not write there).
 """
 
 from __future__ import annotations
@@ -64,6 +71,8 @@ from discord.abc import Messageable
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
+from bots.discord_inbox import DiscordInbox
+from bots.outbox import Outcome, Sent
 from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
 from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command
@@ -199,6 +208,12 @@ class _KobotEvents:
         if adapter is not None and not adapter.closing:
             with adapter.in_flight.track():
                 await adapter.on_message(message)
+
+    async def on_ready(self) -> None:
+        adapter = self.adapter
+        if adapter is not None and not adapter.closing:
+            with adapter.in_flight.track():
+                await adapter.resume_unfinished()
 
     async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
         if not initial:
@@ -390,17 +405,24 @@ def without_public_file(reply: Reply, private: bool) -> Reply:
     return Reply(f"{reply.text}\n{FILE_IN_PRIVATE}", reply.kind)
 
 
-async def send_reply(message: discord.Message, reply: Reply) -> None:
-    """Send `reply` as replies to `message`, in order; only the first may ping its author."""
+AnyMessage = discord.Message | discord.PartialMessage  # partial: one taken up after a restart
+
+
+async def send_reply(message: AnyMessage, reply: Reply) -> list[str]:
+    """Send `reply` as replies to `message`, in order; only the first may ping its author.
+    Returns the ids of the messages sent."""
     chunks = chunks_of(reply)
     reference = message.to_reference(fail_if_not_exists=False)
+    sent: list[str] = []
     for index, chunk in enumerate(chunks):
-        await message.channel.send(
+        posted = await message.channel.send(
             chunk,
             reference=reference,
             allowed_mentions=REPLY_MENTION if index == 0 else NO_MENTIONS,
             files=files_of(reply.attachment) if index == len(chunks) - 1 else [],
         )
+        sent.append(str(posted.id))
+    return sent
 
 
 async def respond(interaction: discord.Interaction, reply: Reply, ephemeral: bool) -> None:
@@ -520,7 +542,7 @@ def retry_after_of(error: discord.HTTPException) -> float:
 
 
 def live_reply(
-    message: discord.Message, interval_s: float, first_after_s: float | None = None
+    message: AnyMessage, interval_s: float, first_after_s: float | None = None
 ) -> LiveMessage[discord.Message]:
     """A reply to `message` that grows by edits (the first post may ping its author)."""
     reference = message.to_reference(fail_if_not_exists=False)
@@ -545,19 +567,39 @@ def live_reply(
 
 
 async def finish_live(
-    live: LiveMessage[discord.Message], message: discord.Message, reply: Reply
-) -> bool:
-    """Edit the streamed message into the reply's first chunk and send the rest; False when
-    nothing was streamed (or it broke): the reply is then sent as usual."""
-    if not live.started or reply.attachment is not None:
-        return False
+    live: LiveMessage[discord.Message], message: AnyMessage, reply: Reply
+) -> list[str] | None:
+    """Edit the streamed message into the reply's first chunk and send the rest (the ids of
+    every message of the reply); None when nothing was streamed (or it broke): the reply is
+    then sent as usual."""
+    if not live.started or reply.attachment is not None or live.handle is None:
+        return None
     first, *rest = chunks_of(reply)
     if not await live.finish(first):
-        return False
+        return None
     reference = message.to_reference(fail_if_not_exists=False)
+    sent = [str(live.handle.id)]
     for chunk in rest:
-        await message.channel.send(chunk, reference=reference, allowed_mentions=NO_MENTIONS)
-    return True
+        posted = await message.channel.send(
+            chunk, reference=reference, allowed_mentions=NO_MENTIONS
+        )
+        sent.append(str(posted.id))
+    return sent
+
+
+async def deliver(
+    message: AnyMessage, reply: Reply, live: LiveMessage[discord.Message] | None
+) -> Sent:
+    """Send the reply (finishing the streamed message, if any); how it went."""
+    try:
+        streamed = None if live is None else await finish_live(live, message, reply)
+        return Sent(Outcome.SENT, tuple(streamed or await send_reply(message, reply)))
+    except (discord.Forbidden, discord.NotFound) as error:
+        log.warning("cannot answer in this channel (%s %s)", error.status, error.text)
+        return Sent(Outcome.REFUSED)
+    except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
+        log.warning("sending a reply failed (%s); it is sent at the next start", error)
+        return Sent(Outcome.FAILED)
 
 
 async def finish_within(task: asyncio.Task[Reply], seconds: float) -> bool:
@@ -591,6 +633,8 @@ class DiscordAdapter:
         self.defer_after_s = defer_after_s
         self.stream_timing = (stream_interval_s, stream_first_after_s)
         self.in_flight = InFlight()
+        self.inbox = DiscordInbox(manager.storage)
+        self._resumed = False
         self.closing = False
         self.tree = build_command_tree(client, self._tracked_command)
         self.tree.error(self.on_command_error)
@@ -637,19 +681,11 @@ class DiscordAdapter:
     async def on_message(self, message: discord.Message) -> None:
         if not is_from_person(message) or not self.is_addressed(message):
             return
-        live = live_reply(message, *self.stream_timing) if self.settings.stream_replies else None
-        try:
-            reply = await self.reply_for(message, live)
-        finally:
-            if live is not None:
-                await live.close()
-        if reply is None:
-            return
-        try:
-            if live is None or not await finish_live(live, message, reply):
-                await send_reply(message, reply)
-        except discord.Forbidden:
-            log.warning("no permission to answer in channel %s", message.channel.id)
+        prepared = self.prepare(message)
+        if isinstance(prepared, Reply):
+            await deliver(message, prepared, None)
+        elif prepared is not None and await self.inbox.first_sighting(prepared):
+            await self.answer(message, prepared)
 
     def is_addressed(self, message: discord.Message) -> bool:
         """DMs always; in servers a mention, a reply to the bot, or a listed channel."""
@@ -661,24 +697,54 @@ class DiscordAdapter:
             or in_channels(message.channel, self.listed_channels)
         )
 
-    async def reply_for(
-        self, message: discord.Message, live: LiveMessage[discord.Message] | None = None
-    ) -> Reply | None:
-        """The core's reply (streamed into `live`, if given), or a local notice; None when
-        nothing should be sent."""
+    def prepare(self, message: discord.Message) -> IncomingMessage | Reply | None:
+        """What the core should answer, or a local notice; None when nothing should be sent."""
         guild_id = message.guild.id if message.guild is not None else None
         if not self.policy.allows(message.author, guild_id, message.channel):
             return Reply(NOT_ALLOWED, ReplyKind.NOTICE) if message.guild is None else None
         text = message_text(message, self.bot_id)
         if not text and has_media(message):
             return Reply(NO_TEXT, ReplyKind.NOTICE)
-        incoming = incoming_message(message, text, self.policy.admins)
-        async with typing_shown(message.channel):
-            reply = await self.manager.handle_stream(incoming, live.update if live else None)
+        return incoming_message(message, text, self.policy.admins)
+
+    async def answer(self, message: AnyMessage, incoming: IncomingMessage) -> None:
+        """The core's reply to a stored message, sent; the outbox and the inbox updated."""
+        stream = self.settings.stream_replies
+        live = live_reply(message, *self.stream_timing) if stream else None
+        try:
+            async with typing_shown(message.channel):
+                reply = await self.manager.handle_stream(incoming, live.update if live else None)
+        finally:
+            if live is not None:
+                await live.close()
         if reply.duplicate:
-            log.info("message %s was answered before; not sending again", message.id)
-            return None
-        return without_public_file(reply, message.guild is None)
+            log.info("message %s was answered before; not sending again", incoming.message_id)
+            await self.inbox.done(incoming)
+            return
+        sent = await deliver(message, without_public_file(reply, incoming.is_private), live)
+        await self._record(incoming, reply, sent)
+
+    async def _record(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
+        if reply.pending_delivery and sent.outcome is Outcome.SENT:
+            await self.manager.delivered(incoming, sent.ids)
+        elif reply.pending_delivery and sent.outcome is Outcome.REFUSED:
+            await self.manager.undeliverable(incoming)
+        if sent.outcome is not Outcome.FAILED:
+            await self.inbox.done(incoming)
+
+    async def resume_unfinished(self) -> None:
+        """Once per run, when the gateway is first ready: answer what the last run left."""
+        if self._resumed:
+            return
+        self._resumed = True
+        pending = await self.inbox.unfinished()
+        if pending:
+            log.info("taking up %d unfinished messages from the inbox", len(pending))
+        await asyncio.gather(*(self.answer(self._partial(m), m) for m in pending))
+
+    def _partial(self, incoming: IncomingMessage) -> discord.PartialMessage:
+        channel = self.client.get_partial_messageable(int(incoming.chat_id))
+        return channel.get_partial_message(int(incoming.message_id))
 
     # -- slash commands ----------------------------------------------------------------------
 

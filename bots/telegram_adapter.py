@@ -9,12 +9,16 @@ The adapter holds a DialogueManager and translates: Telegram update → Incoming
   PTB's handler only takes new messages. The original was answered already; an edit keeps its
   message id, so the core's restart dedup would return the old stored reply anyway, and answering
   every typo fix would double the bot's messages in a group.
-* Delivery is at least once, answering at most once: an update is confirmed to Telegram only
-  after it was handled (`bots.telegram_updates`); a repeated delivery finds the stored turn
-  (message id `"<chat>:<message>"`) and the core marks its reply a duplicate, which is not sent
-  again. What is lost in a crash is only a reply whose turn was stored but not yet sent.
-* Flood limits: sends are paced per chat and overall, a 429 is waited out and retried, and a
-  send that still fails is logged; the turn stays stored (`bots.telegram_delivery`).
+* Nothing lost, nothing answered twice: each update is written to the storage inbox before it
+  is confirmed to Telegram, and confirmed at once (`bots.telegram_updates`); after a crash the
+  unfinished ones are taken again. A reply is stored with its AI turn as `pending` (the outbox)
+  and marked `sent` (with Telegram's message ids) once sent, so a message handled again finds
+  its stored reply (message id `"<chat>:<message>"`) and sends it from storage if it was never
+  sent, or nothing if it was.
+* Flood limits: sends are paced per chat and overall, a 429 is waited out and retried. A send
+  Telegram refuses for good (chat gone, bot blocked) marks the reply `failed`, never retried; one
+  that fails for now keeps it `pending` and its update unfinished, for the next start.
+* Ids in log lines are keyed hashes unless KOBOT_LOG_USER_IDS=plain.
 * `/export` in a group is sent to the user's private chat: the history is theirs alone.
 * Streaming (`KOBOT_STREAM_REPLIES`, on by default): a reply being generated is posted as soon
   as it has text and grows by `editMessageText`, at most once a second per message (paced with
@@ -29,6 +33,7 @@ import logging
 import secrets
 from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -36,11 +41,13 @@ from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
+from bots.outbox import Outcome, Sent
 from bots.streaming import EditFailed, LiveMessage
 from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
 from bots.telegram_logging import SecretRedactor, telegram_secrets
 from bots.telegram_routing import (
     NON_TEXT_REPLY,
+    PLATFORM,
     AccessPolicy,
     BotIdentity,
     Decision,
@@ -51,10 +58,13 @@ from bots.telegram_routing import (
 )
 from bots.telegram_updates import (
     ALLOWED_UPDATES,
+    DeliveryPending,
     Poller,
     PollingConfig,
     UpdateDispatcher,
+    UpdateInbox,
     WebhookServer,
+    resume_unfinished,
 )
 from core import commands as texts
 from core.app import build_dialogue_manager
@@ -62,7 +72,8 @@ from core.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
 from core.lifecycle import BotServices
-from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.logging_setup import UserIds
+from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
 from core.settings import Settings
 from core.text import split_message, utf16_length
 from core.uses import MODEL_COMMANDS
@@ -72,6 +83,7 @@ TelegramApp = Application[Any, Any, Any, Any, Any, Any]
 Context = CallbackContext[Any, Any, Any, Any]
 
 MESSAGE_LIMIT = 4096
+INBOX_KEPT = timedelta(days=1)  # finished inbox rows are forgotten after this
 CAPTION_LIMIT = 1024
 MENU = (
     Command.START,
@@ -104,7 +116,7 @@ class TelegramOptions:
     pacing: Pacing = field(default_factory=Pacing)
     typing_interval_s: float = 4.0
     drain_timeout_s: float = 30.0
-    webhook_reply_timeout_s: float = 50.0
+    webhook_reply_timeout_s: float = 50.0  # unused: the webhook answers once an update is stored
     max_concurrent_updates: int = 64
     send_attempts: int = 4
     stream_interval_s: float = 1.0
@@ -198,10 +210,12 @@ class TelegramAdapter:
             frozenset(settings.telegram_allowed_chats),
             frozenset(settings.telegram_admin_ids),
         )
-        self.dispatcher = UpdateDispatcher(
-            self.application.process_update, self.options.max_concurrent_updates
-        )
-        self.sender = Sender(self.bot, ChatPacer(self.options.pacing), self.options.send_attempts)
+        self.ids = UserIds.from_settings(settings)
+        self.inbox = UpdateInbox(manager.storage, self.bot, self._process)
+        self.dispatcher = UpdateDispatcher(self.inbox.process, self.options.max_concurrent_updates)
+        self._undelivered: set[int] = set()
+        pacer = ChatPacer(self.options.pacing)
+        self.sender = Sender(self.bot, pacer, self.options.send_attempts, ids=self.ids)
         self.redactor = SecretRedactor(telegram_secrets(settings))
         self.me: BotIdentity | None = None
         self.webhook: WebhookServer | None = None
@@ -220,6 +234,7 @@ class TelegramAdapter:
             self.me = await connect(self.application, self.settings)
             await self.application.start()
             await self._register_commands()
+            await self._resume_inbox()
             if self.settings.telegram_webhook_url:
                 await self._start_webhook(self.settings.telegram_webhook_url)
             else:
@@ -229,6 +244,11 @@ class TelegramAdapter:
                 await self.webhook.stop(0)
             await self._shutdown_application()
             raise
+
+    async def _resume_inbox(self) -> None:
+        """Take up what the previous run stored but did not finish; forget old finished rows."""
+        await self.manager.storage.inbox_prune(utc_now() - INBOX_KEPT)
+        await resume_unfinished(self.inbox, self.dispatcher)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start, serve until `stop` is set (or polling fails for good), then stop cleanly."""
@@ -265,7 +285,7 @@ class TelegramAdapter:
         except TelegramError as error:
             reason = self.redactor.redact(str(error))
             raise StartupError(f"deleteWebhook failed, cannot start polling: {reason}") from None
-        self._poller = Poller(self.bot, self.dispatcher, self.options.polling)
+        self._poller = Poller(self.bot, self.dispatcher, self.inbox, self.options.polling)
         self._poll_task = asyncio.create_task(self._poller.run(self._stopping))
         log.info("telegram: long polling as @%s", self._username())
 
@@ -290,11 +310,7 @@ class TelegramAdapter:
     async def _start_webhook(self, url: str) -> None:
         secret = self._webhook_secret()
         self.webhook = WebhookServer(
-            self.bot,
-            self.dispatcher,
-            secret,
-            urlsplit(url).path or "/",
-            self.options.webhook_reply_timeout_s,
+            self.bot, self.dispatcher, self.inbox, secret, urlsplit(url).path or "/"
         )
         listen, port = self.settings.telegram_webhook_listen, self.settings.telegram_webhook_port
         bound = await self.webhook.start(listen, port)
@@ -344,6 +360,16 @@ class TelegramAdapter:
 
     # Messages
 
+    async def _process(self, update: Update) -> None:
+        """PTB's handlers on one update; `DeliveryPending` when its reply could not be sent."""
+        await self.application.process_update(update)
+        if update.update_id in self._undelivered:
+            self._undelivered.discard(update.update_id)
+            raise DeliveryPending(update.update_id)
+
+    def _chat(self, chat_id: int) -> str:
+        return self.ids(PLATFORM, str(chat_id))
+
     async def _on_message(self, update: Update, context: Context) -> None:
         message = update.message
         if message is None or self.me is None:
@@ -351,28 +377,32 @@ class TelegramAdapter:
         decision = decide(message, self.me)
         if decision.route is Route.IGNORE:
             log.debug(
-                "ignored message %d in chat %d: %s",
+                "ignored message %d in chat %s: %s",
                 message.message_id,
-                message.chat.id,
+                self._chat(message.chat.id),
                 decision.reason,
             )
         elif self._allowed(message):
-            await self._respond(message, decision)
+            await self._respond(update.update_id, message, decision)
 
     def _allowed(self, message: Message) -> bool:
         user_id = message.from_user.id if message.from_user else 0
         allowed = self.access.allows(user_id, message.chat.id)
         if not allowed:
-            log.info("ignored user %d in chat %d: not in the allowlists", user_id, message.chat.id)
+            log.info(
+                "ignored user %s in chat %s: not in the allowlists",
+                self.ids(PLATFORM, str(user_id)),
+                self._chat(message.chat.id),
+            )
         return allowed
 
-    async def _respond(self, message: Message, decision: Decision) -> None:
+    async def _respond(self, update_id: int, message: Message, decision: Decision) -> None:
         target = target_for(message)
         if decision.route is Route.NON_TEXT:
             await self.sender.send_texts(target, [NON_TEXT_REPLY])
             return
         incoming = to_incoming(message, decision.text, self.access.admins)
-        live = self._live_message(target)
+        live = self._live_message(target, update_id)
         async with self._typing(target, incoming.text):
             try:
                 reply = await self._handle(incoming, live)
@@ -380,10 +410,31 @@ class TelegramAdapter:
                 if live is not None:
                     await live.close()
             if reply.duplicate:
-                log.info("message %s was answered already; not sent again", incoming.message_id)
+                shown = self.ids.message(PLATFORM, incoming.message_id)
+                log.info("message %s was answered already; not sent again", shown)
                 return
-            if live is None or not await self._finish_live(live, reply, target):
-                await self._deliver(incoming, reply, target)
+            sent = await self._send_reply(incoming, reply, target, live)
+        if reply.pending_delivery:
+            await self._record_delivery(update_id, incoming, sent)
+
+    async def _send_reply(
+        self,
+        incoming: IncomingMessage,
+        reply: Reply,
+        target: Target,
+        live: LiveMessage[int] | None,
+    ) -> Sent:
+        streamed = None if live is None else await self._finish_live(live, reply, target)
+        return streamed or await self._deliver(incoming, reply, target)
+
+    async def _record_delivery(self, update_id: int, incoming: IncomingMessage, sent: Sent) -> None:
+        """The outbox: sent (with the message ids), refused for good, or pending for later."""
+        if sent.outcome is Outcome.SENT:
+            await self.manager.delivered(incoming, sent.ids)
+        elif sent.outcome is Outcome.REFUSED:
+            await self.manager.undeliverable(incoming)
+        else:
+            self._undelivered.add(update_id)
 
     async def _handle(
         self, incoming: IncomingMessage, live: LiveMessage[int] | None = None
@@ -393,42 +444,48 @@ class TelegramAdapter:
         try:
             return await self.manager.handle_stream(incoming, live.update if live else None)
         except Exception:
-            log.exception("the dialogue manager failed on message %s", incoming.message_id)
+            shown = self.ids.message(PLATFORM, incoming.message_id)
+            log.exception("the dialogue manager failed on message %s", shown)
             return Reply(texts.GENERATION_FAILED["default"], ReplyKind.ERROR)
 
-    def _live_message(self, target: Target) -> LiveMessage[int] | None:
-        """A message to stream the reply into, when streaming is on."""
+    def _live_message(self, target: Target, update_id: int) -> LiveMessage[int] | None:
+        """A message to stream the reply into, when streaming is on: the one a previous run
+        had begun (the reply is finished in it), or a new one, noted in the inbox."""
         if not self.settings.stream_replies:
             return None
 
         async def post(text: str) -> int:
             message_id = await self.sender.send_text(target, text)
             if message_id is None:
-                raise EditFailed(f"could not post to chat {target.chat_id}")
+                raise EditFailed(f"could not post to chat {self.sender.chat(target)}")
+            await self.inbox.note_streamed(update_id, message_id)
             return message_id
 
         async def edit(message_id: int, text: str) -> None:
             await self.sender.edit_text(target, message_id, text)
 
-        return LiveMessage(
+        live = LiveMessage(
             post,
             edit,
             interval_s=self.options.stream_interval_s,
             first_after_s=self.options.stream_first_after_s,
             fit=lambda text: chunks(text)[0],
         )
+        live.handle = self.inbox.streamed_before(update_id)
+        return live
 
-    async def _finish_live(self, live: LiveMessage[int], reply: Reply, target: Target) -> bool:
-        """Make the streamed message the reply's first chunk and send the rest; False when
+    async def _finish_live(
+        self, live: LiveMessage[int], reply: Reply, target: Target
+    ) -> Sent | None:
+        """Make the streamed message the reply's first chunk and send the rest; None when
         nothing was streamed (or the message broke): the reply is then sent as usual."""
-        if not live.started or reply.attachment is not None:
-            return False
+        if not live.started or reply.attachment is not None or live.handle is None:
+            return None
         first, *rest = chunks(reply.text)
         if not await live.finish(first):
-            return False
-        if rest:
-            await self.sender.send_texts(target, rest)
-        return True
+            return None
+        after = await self.sender.send_chunks(target, rest)
+        return Sent(after.outcome, (str(live.handle), *after.ids))
 
     def _typing(self, target: Target, text: str) -> AbstractAsyncContextManager[None]:
         parsed = parse_command(text)
@@ -436,14 +493,14 @@ class TelegramAdapter:
             return nullcontext()
         return typing(self.bot, target, self.options.typing_interval_s)
 
-    async def _deliver(self, incoming: IncomingMessage, reply: Reply, target: Target) -> None:
+    async def _deliver(self, incoming: IncomingMessage, reply: Reply, target: Target) -> Sent:
         text = self._with_queue_depth(reply) if is_stats(incoming.text) else reply.text
         if reply.attachment is None:
-            await self.sender.send_texts(target, chunks(text))
-        elif incoming.is_private:
-            await self._send_document(target, reply.attachment, text)
-        else:
-            await self._send_document_privately(incoming, reply.attachment, text, target)
+            return await self.sender.send_chunks(target, chunks(text))
+        if incoming.is_private:
+            return Sent.of(await self._send_document(target, reply.attachment, text))
+        await self._send_document_privately(incoming, reply.attachment, text, target)
+        return Sent.of(True)
 
     def _with_queue_depth(self, reply: Reply) -> str:
         if reply.kind is not ReplyKind.COMMAND:

@@ -24,7 +24,9 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from bots.outbox import Outcome, Sent
 from bots.streaming import EditFailed, FloodWait
+from core.logging_setup import UserIds
 from core.messages import Attachment
 
 log = logging.getLogger(__name__)
@@ -131,35 +133,57 @@ def retry_seconds(error: RetryAfter) -> float:
 Send = Callable[[], Awaitable[object]]
 
 
+def _message_ids(results: list[object]) -> tuple[str, ...]:
+    return tuple(str(r.message_id) for r in results if isinstance(r, Message))
+
+
 class Sender:
-    """Sends plain text and documents, paced per chat, retrying flood and network errors."""
+    """Sends plain text and documents, paced per chat, retrying flood and network errors.
+
+    Chat ids appear in its log lines as `ids` shows them (keyed hashes by default)."""
 
     def __init__(
-        self, bot: Bot, pacer: ChatPacer, attempts: int = 4, backoff_s: float = 0.5
+        self,
+        bot: Bot,
+        pacer: ChatPacer,
+        attempts: int = 4,
+        backoff_s: float = 0.5,
+        ids: UserIds | None = None,
     ) -> None:
         self._bot = bot
         self._pacer = pacer
         self._attempts = attempts
         self._backoff_s = backoff_s
+        self._ids = ids or UserIds()
 
-    async def send_texts(self, target: Target, chunks: list[str]) -> bool:
-        """Send the chunks in order, in one lane turn; False when one could not be sent."""
+    def chat(self, target: Target) -> str:
+        """The chat as log lines show it."""
+        return self._ids("telegram", str(target.chat_id))
+
+    async def send_chunks(self, target: Target, chunks: list[str]) -> Sent:
+        """Send the chunks in order, in one lane turn, stopping at the first that fails."""
+        results: list[object] = []
         async with self._pacer.lane(target) as lane:
             for chunk in chunks:
-                if not await self._attempt(lane, target, partial(self._text, target, chunk)):
-                    return False
-        return True
+                outcome = await self._attempt(lane, target, self._keep(results, target, chunk))
+                if outcome is not Outcome.SENT:
+                    return Sent(outcome, _message_ids(results))
+        return Sent(Outcome.SENT, _message_ids(results))
+
+    def _keep(self, results: list[object], target: Target, text: str) -> Send:
+        async def send() -> None:
+            results.append(await self._text(target, text))
+
+        return send
+
+    async def send_texts(self, target: Target, chunks: list[str]) -> bool:
+        """`send_chunks`, True when every chunk was sent."""
+        return (await self.send_chunks(target, chunks)).ok
 
     async def send_text(self, target: Target, text: str) -> int | None:
         """Send one message like `send_texts`; its message id, or None when it failed."""
-        sent: list[object] = []
-
-        async def send() -> None:
-            sent.append(await self._text(target, text))
-
-        async with self._pacer.lane(target) as lane:
-            ok = await self._attempt(lane, target, send)
-        return sent[-1].message_id if ok and isinstance(sent[-1], Message) else None
+        sent = await self.send_chunks(target, [text])
+        return int(sent.ids[0]) if sent.ok and sent.ids else None
 
     async def edit_text(self, target: Target, message_id: int, text: str) -> None:
         """One paced edit of a sent message (a streamed reply). A flood limit or a network error
@@ -178,17 +202,17 @@ class Sender:
                 raise FloodWait(retry_seconds(error)) from None
             except BadRequest as error:
                 if "not modified" not in str(error).lower():
-                    raise EditFailed(f"chat {target.chat_id}: {error}") from None
+                    raise EditFailed(f"chat {self.chat(target)}: {error}") from None
             except NetworkError as error:
-                log.warning("editing in chat %s failed: %s", target.chat_id, error)
+                log.warning("editing in chat %s failed: %s", self.chat(target), error)
                 raise FloodWait(self._backoff_s) from None
             except TelegramError as error:
-                raise EditFailed(f"chat {target.chat_id}: {error}") from None
+                raise EditFailed(f"chat {self.chat(target)}: {error}") from None
 
     async def send_document(self, target: Target, attachment: Attachment, caption: str) -> bool:
         async with self._pacer.lane(target) as lane:
             send = partial(self._document, target, attachment, caption)
-            return await self._attempt(lane, target, send)
+            return await self._attempt(lane, target, send) is Outcome.SENT
 
     def _text(self, target: Target, text: str) -> Awaitable[object]:
         return self._bot.send_message(
@@ -208,35 +232,35 @@ class Sender:
             reply_parameters=_quote(target),
         )
 
-    async def _attempt(self, lane: Lane, target: Target, send: Send) -> bool:
+    async def _attempt(self, lane: Lane, target: Target, send: Send) -> Outcome:
         for attempt in range(1, self._attempts + 1):
             await self._pacer.wait_turn(lane)
             try:
                 await send()
-                return True
+                return Outcome.SENT
             except RetryAfter as error:
                 await self._after_flood(target, error, attempt)
             except (BadRequest, Forbidden) as error:
-                log.warning("telegram refused a message to chat %s: %s", target.chat_id, error)
-                return False
+                log.warning("telegram refused a message to chat %s: %s", self.chat(target), error)
+                return Outcome.REFUSED
             except NetworkError as error:
                 await self._after_network_error(target, error, attempt)
             except TelegramError as error:
-                log.warning("sending to chat %s failed: %s", target.chat_id, error)
-                return False
-        log.error("gave up sending to chat %s after %d attempts", target.chat_id, self._attempts)
-        return False
+                log.warning("sending to chat %s failed: %s", self.chat(target), error)
+                return Outcome.FAILED
+        log.error("gave up sending to chat %s after %d attempts", self.chat(target), self._attempts)
+        return Outcome.FAILED
 
     async def _after_flood(self, target: Target, error: RetryAfter, attempt: int) -> None:
         seconds = retry_seconds(error)
-        log.warning("flood control in chat %s: retrying in %.1fs", target.chat_id, seconds)
+        log.warning("flood control in chat %s: retrying in %.1fs", self.chat(target), seconds)
         if attempt < self._attempts:
             await asyncio.sleep(seconds)
 
     async def _after_network_error(
         self, target: Target, error: TelegramError, attempt: int
     ) -> None:
-        log.warning("sending to chat %s failed (attempt %d): %s", target.chat_id, attempt, error)
+        log.warning("sending to chat %s failed (attempt %d): %s", self.chat(target), attempt, error)
         if attempt < self._attempts:
             await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
 
@@ -266,5 +290,5 @@ async def _keep_typing(bot: Bot, target: Target, interval_s: float) -> None:
                 target.chat_id, ChatAction.TYPING, message_thread_id=target.thread_id
             )
         except TelegramError as error:
-            log.debug("typing indicator failed in chat %s: %s", target.chat_id, error)
+            log.debug("typing indicator failed: %s", error)
         await asyncio.sleep(interval_s)

@@ -1,22 +1,24 @@
-"""Getting updates from Telegram with at-least-once delivery, and running them in order.
+"""Getting updates from Telegram without losing one, and running them in order.
 
 PTB's own `Updater` confirms an update (by asking for the next offset) as soon as it is fetched,
-so a crash loses whatever was still being answered. Here an update is confirmed only after it
-was handled: `getUpdates` is called with the lowest update still in flight, Telegram delivers the
-unfinished ones again after a restart, and the core's stored turn (keyed by chat and message id)
-turns a repeated delivery into a no-op. The webhook answers Telegram only after the update was
-handled (or after a time limit), so Telegram retries what a crash interrupted.
+so a crash loses whatever was still being answered. Confirming only after handling is no better:
+the offset then waits for the slowest conversation, and Telegram returns at most 100 updates
+from there, so one stuck chat blocks every other. Here each fetched batch is first written to the
+storage inbox (one transaction, idempotent), then confirmed at once by the next `getUpdates`;
+workers take updates in order per conversation and mark each finished after its reply was sent
+(the core's outbox keeps the reply's delivery state). At start-up the unfinished ones are taken
+again. The webhook answers Telegram as soon as the update is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -24,6 +26,8 @@ from telegram import Bot, Update
 from telegram.error import InvalidToken, RetryAfter, TelegramError
 
 from bots.telegram_delivery import retry_seconds
+from bots.telegram_routing import PLATFORM
+from storage.base import InboxItem, Storage, StorageError
 
 log = logging.getLogger(__name__)
 ALLOWED_UPDATES = ("message",)
@@ -52,6 +56,10 @@ class UpdateDispatcher:
     @property
     def in_flight(self) -> int:
         return len(self._tasks)
+
+    def is_running(self, update_id: int) -> bool:
+        """Whether this update was submitted and is not finished yet."""
+        return update_id in self._tasks
 
     def submit(self, update: Update) -> asyncio.Task[None]:
         """Start (or, for an update already running, return) the task that handles it."""
@@ -87,84 +95,130 @@ class UpdateDispatcher:
         for task in late:
             task.cancel()
         if late:
-            log.warning("cancelled %d unfinished updates (Telegram delivers them again)", len(late))
+            log.warning(
+                "cancelled %d unfinished updates (taken again at the next start)", len(late)
+            )
             await asyncio.wait(late)
 
 
-class OffsetTracker:
-    """Which offset confirms exactly the updates that were handled."""
+class DeliveryPending(Exception):
+    """The reply could not be sent for now (network trouble, flood limits past the retries):
+    the update stays unfinished in the inbox and is handled again at the next start."""
 
-    def __init__(self) -> None:
-        self._pending: set[int] = set()
-        self._done: set[int] = set()
-        self._highest: int | None = None
 
-    @property
-    def busy(self) -> bool:
-        return bool(self._pending)
+class UpdateInbox:
+    """Telegram updates in the storage inbox: stored before they are confirmed, finished once
+    handled. `process` is what handles one update; it raises `DeliveryPending` to keep it."""
 
-    def offset(self) -> int | None:
-        if self._pending:
-            return min(self._pending)
-        return None if self._highest is None else self._highest + 1
+    def __init__(self, storage: Storage, bot: Bot, process: Process) -> None:
+        self._storage = storage
+        self._bot = bot
+        self._process = process
+        self._streamed: dict[int, int] = {}  # update id -> the message a dead run streamed into
 
-    def is_new(self, update_id: int) -> bool:
-        floor = self.offset()
-        known = update_id in self._pending or update_id in self._done
-        return not known and (floor is None or update_id >= floor)
+    async def store(self, updates: Sequence[Update]) -> list[Update]:
+        """Store the batch (raising StorageError); the updates not seen before, in order."""
+        items = [_inbox_item(update) for update in updates]
+        new = {item.item_id for item in await self._storage.inbox_add(items)}
+        return [update for update in updates if str(update.update_id) in new]
 
-    def started(self, update_id: int) -> None:
-        self._pending.add(update_id)
-        self._highest = update_id if self._highest is None else max(self._highest, update_id)
+    async def unfinished(self) -> list[Update]:
+        """What a previous run stored but did not finish, in arrival order."""
+        items = await self._storage.inbox_pending(PLATFORM)
+        for item in items:
+            if item.note.isdigit():
+                self._streamed[int(item.item_id)] = int(item.note)
+        return [Update.de_json(json.loads(item.payload), self._bot) for item in items]
 
-    def finished(self, update_id: int, handled: bool) -> None:
-        """`handled` False (cancelled): stays unconfirmed, so Telegram delivers it again."""
-        if not handled:
+    def streamed_before(self, update_id: int) -> int | None:
+        """The message a previous run began streaming this update's reply into, if any."""
+        return self._streamed.pop(update_id, None)
+
+    async def note_streamed(self, update_id: int, message_id: int) -> None:
+        """Remember the message a reply is being streamed into, so that a restart finishes
+        that message instead of leaving it half-written beside a new one."""
+        try:
+            await self._storage.inbox_note(PLATFORM, str(update_id), str(message_id))
+        except StorageError as error:
+            log.warning("could not note a streamed message: %s", error)
+
+    async def process(self, update: Update) -> None:
+        """Handle one update, then mark it finished (unless its reply is still pending)."""
+        try:
+            await self._process(update)
+        except DeliveryPending:
+            log.warning("update %d: its reply is kept for the next start", update.update_id)
             return
-        self._pending.discard(update_id)
-        self._done.add(update_id)
-        floor = self.offset()
-        self._done = {done for done in self._done if floor is None or done >= floor}
+        except Exception:
+            log.exception("update %d failed", update.update_id)
+        await self._finish(update.update_id)
+
+    async def _finish(self, update_id: int) -> None:
+        try:
+            await self._storage.inbox_done(PLATFORM, str(update_id))
+        except StorageError as error:
+            log.warning("could not mark update %d finished: %s", update_id, error)
+
+
+def _inbox_item(update: Update) -> InboxItem:
+    lane = ordering_key(update)
+    return InboxItem(PLATFORM, str(update.update_id), str(lane), json.dumps(update.to_dict()))
+
+
+async def resume_unfinished(inbox: UpdateInbox, dispatcher: UpdateDispatcher) -> int:
+    """Take again what a previous run stored but did not finish; how many."""
+    updates = await inbox.unfinished()
+    for update in updates:
+        dispatcher.submit(update)
+    if updates:
+        log.info("taking up %d unfinished updates from the inbox", len(updates))
+    return len(updates)
 
 
 @dataclass(frozen=True, slots=True)
 class PollingConfig:
     long_poll_s: int = 30
-    busy_poll_s: float = 0.5
+    busy_poll_s: float = 0.5  # unused since the inbox confirms at once; kept for old options
     error_backoff_s: float = 2.0
     limit: int = 100
 
 
 class Poller:
-    """Long polling that confirms an update only once it has been handled."""
+    """Long polling that stores each batch in the inbox, then confirms it with the next call."""
 
-    def __init__(self, bot: Bot, dispatcher: UpdateDispatcher, config: PollingConfig) -> None:
+    def __init__(
+        self,
+        bot: Bot,
+        dispatcher: UpdateDispatcher,
+        inbox: UpdateInbox,
+        config: PollingConfig,
+    ) -> None:
         self._bot = bot
         self._dispatcher = dispatcher
+        self._inbox = inbox
         self._config = config
-        self._tracker = OffsetTracker()
-        self._progress = asyncio.Event()
+        self._offset: int | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             updates = await until_stopped(self._fetch(), stop)
-            self._accept(updates or ())
-            if self._tracker.busy:
-                self._progress.clear()
-                await until_stopped(self._progress.wait(), stop, self._config.busy_poll_s)
+            if updates:
+                await self._accept(updates)
 
-    def _accept(self, updates: Sequence[Update]) -> None:
-        for update in updates:
-            if self._tracker.is_new(update.update_id):
-                self._tracker.started(update.update_id)
-                task = self._dispatcher.submit(update)
-                task.add_done_callback(partial(self._finished, update.update_id))
-
-    def _finished(self, update_id: int, task: asyncio.Task[None]) -> None:
-        """Once nothing is in flight, poll at once: to confirm, then to long-poll again."""
-        self._tracker.finished(update_id, handled=not task.cancelled())
-        if not self._tracker.busy:
-            self._progress.set()
+    async def _accept(self, updates: Sequence[Update]) -> None:
+        """Store, then move the offset past the batch (the next call confirms it) and start
+        the new ones; a batch that cannot be stored is not confirmed (fetched again)."""
+        try:
+            new = await self._inbox.store(updates)
+        except StorageError as error:
+            log.warning(
+                "not confirming %d updates, they could not be stored: %s", len(updates), error
+            )
+            await asyncio.sleep(self._config.error_backoff_s)
+            return
+        self._offset = max(update.update_id for update in updates) + 1
+        for update in new:
+            self._dispatcher.submit(update)
 
     async def _fetch(self) -> Sequence[Update]:
         try:
@@ -180,19 +234,19 @@ class Poller:
 
     async def _get_updates(self, long_poll_s: int) -> Sequence[Update]:
         return await self._bot.get_updates(
-            offset=self._tracker.offset(),
-            timeout=0 if self._tracker.busy else long_poll_s,
+            offset=self._offset,
+            timeout=long_poll_s,
             limit=self._config.limit,
             allowed_updates=list(ALLOWED_UPDATES),
         )
 
     async def confirm(self) -> None:
-        """Tell Telegram which updates were handled (call after draining, before shutdown)."""
-        if self._tracker.offset() is None:
+        """Tell Telegram the stored updates arrived (call before shutdown)."""
+        if self._offset is None:
             return
         with suppress(TelegramError):
             updates = await self._get_updates(0)
-            log.debug("confirmed handled updates; %d wait for the next start", len(updates))
+            log.debug("confirmed stored updates; %d wait for the next start", len(updates))
 
 
 async def until_stopped(
@@ -213,21 +267,23 @@ async def until_stopped(
 
 
 class WebhookServer:
-    """Receives updates from Telegram over HTTP, checking the secret token on every request."""
+    """Receives updates from Telegram over HTTP, checking the secret token on every request;
+    answers 200 once the update is in the inbox (500 when it could not be stored: Telegram
+    retries), and handles it after that."""
 
     def __init__(
         self,
         bot: Bot,
         dispatcher: UpdateDispatcher,
+        inbox: UpdateInbox,
         secret: str,
         path: str = "/",
-        reply_timeout_s: float = 50.0,
     ) -> None:
         self._bot = bot
         self._dispatcher = dispatcher
+        self._inbox = inbox
         self._secret = secret.encode("utf-8")
         self._path = path or "/"
-        self._reply_timeout_s = reply_timeout_s
         self._runner: web.AppRunner | None = None
         self._closing = False
         self.port = 0
@@ -257,8 +313,13 @@ class WebhookServer:
         update = await self._parse(request)
         if update is None:
             return web.Response(status=400, text="not an update")
-        task = self._dispatcher.submit(update)
-        await asyncio.wait({task}, timeout=self._reply_timeout_s)
+        try:
+            new = await self._inbox.store([update])
+        except StorageError as error:
+            log.warning("update %d not stored (Telegram retries it): %s", update.update_id, error)
+            return web.Response(status=500, text="not stored")
+        for stored in new:
+            self._dispatcher.submit(stored)
         return web.Response(status=200)
 
     def _secret_matches(self, request: web.Request) -> bool:

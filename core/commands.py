@@ -72,11 +72,15 @@ class ParsedCommand:
 
 
 def parse_command(text: str) -> ParsedCommand | None:
-    """`/name@bot args` → ParsedCommand; None when the text is not a command at all."""
+    """`/name@bot args` → ParsedCommand; None when the text is not a command at all.
+
+    The name ends at any whitespace, a line break included (`/help\n두 번째 줄`), as
+    Telegram's `bot_command` entity does; the argument keeps its inner line breaks."""
     stripped = text.strip()
     if not stripped.startswith("/") or stripped.startswith("//") or len(stripped) == 1:
         return None
-    head, _, argument = stripped[1:].partition(" ")
+    head, *rest = stripped[1:].split(maxsplit=1)
+    argument = rest[0] if rest else ""
     name = head.split("@", 1)[0].lower()
     if not name:
         return None

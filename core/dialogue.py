@@ -6,8 +6,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from core import commands as texts
 from core.commands import Command, ParsedCommand, parse_command
@@ -18,7 +18,7 @@ from core.generation.base import (
     GenerationResult,
     SamplingParams,
 )
-from core.locks import ConversationLocks, LockTimeout
+from core.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
 from core.messages import (
     Attachment,
     ConversationKey,
@@ -37,10 +37,11 @@ from core.streaming import PartialCallback, partials_to
 from core.text import remove_control_characters, to_single_line
 from core.trimming import TrimmedPrompt, token_budget
 from core.uses import MODEL_COMMANDS, ModelCommands
-from storage.base import Storage, StorageError
+from storage.base import Delivery, Storage, StorageError
 
 log = logging.getLogger(__name__)
 PERSONA_MAX_CHARS = 500
+LEASE_ATTEMPTS = 2
 
 
 @dataclass
@@ -186,12 +187,29 @@ class DialogueManager:
             return self._rate_limited(message)
         self.stats.in_flight += 1
         try:
-            async with self.locks.lock(key):
-                return await self._chat_locked(key, message, text, cut)
+            return await self._chat_leased(key, message, text, cut)
         except LockTimeout:
             return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
         finally:
             self.stats.in_flight -= 1
+
+    async def _chat_leased(
+        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
+    ) -> Reply:
+        """The turn under the conversation's lock; a turn whose lock was lost before it was
+        stored is thrown away and made again under a fresh lock (once), so it never lands on
+        top of another worker's turn."""
+        for _ in range(LEASE_ATTEMPTS):
+            try:
+                async with self.locks.lock(key) as lease:
+                    return await self._chat_locked(key, message, text, cut, lease)
+            except LeaseLost as lost:
+                log.warning(
+                    "lost the lock of %s before storing a reply (%s); not stored, answering again",
+                    self.observer.user_ids.conversation(key),
+                    lost,
+                )
+        return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
 
     def _clean_input(self, text: str) -> tuple[str, bool]:
         """Control characters out, length bounded (keeping the end, which trimming keeps too)."""
@@ -204,7 +222,7 @@ class DialogueManager:
         return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
 
     async def _chat_locked(
-        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
+        self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool, lease: Lease
     ) -> Reply:
         earlier = await self._earlier_reply(key, message)
         if earlier is not None:
@@ -219,16 +237,42 @@ class DialogueManager:
             result = await self._generate(prompt, key, lambda partial: note + partial)
         except GenerationError as error:
             return self._generation_failed(error)
-        await self.storage.append(key, self._exchange(message, text, result.text))
+        await lease.confirm()
+        outbox = Delivery.PENDING if message.message_id else None
+        await self.storage.append(key, self._exchange(message, text, result.text), outbox)
         self.uses.candidates.keep(key, text, result.text, result.alternatives)
-        return self._chat_reply(result.text, prompt, cut)
+        reply = self._chat_reply(result.text, prompt, cut)
+        return replace(reply, pending_delivery=outbox is not None)
 
     async def _earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
-        """The stored answer when this very message was handled before (a repeated delivery)."""
+        """When this very message was handled before (a repeated delivery, a restart): its
+        stored reply, to be sent now if it never was, or marked a duplicate if it was."""
         if not message.message_id:
             return None
-        earlier = await self.storage.find_reply(key, message.message_id)
-        return None if earlier is None else Reply(earlier.text, duplicate=True)
+        earlier = await self.storage.reply_to(key, message.message_id)
+        if earlier is None:
+            return None
+        if earlier.delivery is Delivery.PENDING:
+            return Reply(earlier.text, pending_delivery=True)
+        return Reply(earlier.text, duplicate=True)
+
+    async def delivered(self, message: IncomingMessage, sent_ids: Sequence[str]) -> None:
+        """The platform accepted the reply to `message` (its messages got `sent_ids`)."""
+        await self._record_delivery(message, Delivery.SENT, sent_ids)
+
+    async def undeliverable(self, message: IncomingMessage) -> None:
+        """The platform refused the reply for good (chat gone, bot blocked): never retried."""
+        await self._record_delivery(message, Delivery.FAILED, ())
+
+    async def _record_delivery(
+        self, message: IncomingMessage, delivery: Delivery, sent_ids: Sequence[str]
+    ) -> None:
+        try:
+            await self.storage.set_delivery(
+                self.key_for(message), message.message_id, delivery, sent_ids
+            )
+        except StorageError as error:
+            log.warning("could not record a reply as %s: %s", delivery, error)
 
     async def _generate(
         self, prompt: TrimmedPrompt, key: ConversationKey, shown: Callable[[str], str]
@@ -306,7 +350,7 @@ class DialogueManager:
             return await self.uses.run(message, parsed)
         except GenerationError as error:
             return self._generation_failed(error)
-        except LockTimeout:
+        except (LockTimeout, LeaseLost):
             return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
         finally:
             self.stats.in_flight -= 1

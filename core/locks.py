@@ -12,15 +12,16 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
-from redis.exceptions import LockNotOwnedError
+from redis.exceptions import LockError, LockNotOwnedError
 
+from core.logging_setup import UserIds
 from core.messages import ConversationKey
 from storage.redis_cache import (
     REDIS_ERRORS,
@@ -40,16 +41,28 @@ class LockTimeout(Exception):
     """A conversation stayed locked longer than the caller was willing to wait."""
 
     def __init__(self, key: ConversationKey, waited_s: float) -> None:
-        super().__init__(f"conversation {key.as_id()} is still busy after {waited_s:g} s")
+        super().__init__(f"the conversation is still busy after {waited_s:g} s")
         self.key = key
         self.waited_s = waited_s
 
 
+class LeaseLost(Exception):
+    """The holder no longer owns the conversation's lock (its lease ran out, or Redis was
+    flushed or restarted): what it computed under the lock must not be stored."""
+
+
+class Lease:
+    """What a holder gets from `lock()`: `confirm()` right before storing a turn."""
+
+    async def confirm(self) -> None:
+        """Raise `LeaseLost` unless the lock is still ours (and will stay so for a while)."""
+
+
 class ConversationLocks(abc.ABC):
-    """`async with locks.lock(key):` holds the conversation for one turn."""
+    """`async with locks.lock(key) as lease:` holds the conversation for one turn."""
 
     @abc.abstractmethod
-    def lock(self, key: ConversationKey) -> AbstractAsyncContextManager[None]:
+    def lock(self, key: ConversationKey) -> AbstractAsyncContextManager[Lease]:
         """Wait for the conversation (raising `LockTimeout` after the wait limit) and hold it."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
@@ -60,6 +73,9 @@ class ConversationLocks(abc.ABC):
 class _Entry:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0  # holders and waiters; the entry is dropped when it reaches zero
+
+
+LOCAL_LEASE = Lease()  # an in-process lock cannot be lost while its holder runs
 
 
 class InProcessLocks(ConversationLocks):
@@ -74,13 +90,13 @@ class InProcessLocks(ConversationLocks):
         return len(self._entries)
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: ConversationKey) -> AsyncIterator[None]:
+    async def lock(self, key: ConversationKey) -> AsyncIterator[Lease]:
         entry = self._entries.get(key) or self._entries.setdefault(key, _Entry())
         entry.users += 1
         try:
             await self._acquire(entry.lock, key)
             try:
-                yield
+                yield LOCAL_LEASE
             finally:
                 entry.lock.release()
         finally:
@@ -99,12 +115,75 @@ class InProcessLocks(ConversationLocks):
             raise LockTimeout(key, self._wait_s) from None
 
 
+class RedisLease(Lease):
+    """A held Redis lock: renewed every third of its lease while the turn runs.
+
+    A renewal that finds the key gone or someone else's token marks the lease lost; `confirm`
+    then raises, and it renews once more otherwise, so a confirmed holder owns the lock for at
+    least a full lease (far longer than the SQL write that follows).
+    """
+
+    def __init__(self, lock: RedisLock, lease_s: float, describe: Callable[[], str]) -> None:
+        self._lock = lock
+        self._lease_s = lease_s
+        self._describe = describe
+        self.lost_reason = ""
+        self.reported = False
+
+    async def renew(self) -> bool:
+        """Extend the lease to a full `lease_s`; False once it is lost (a Redis error is not a
+        loss yet: the lease may still run, the next renewal tries again)."""
+        if self.lost_reason:
+            return False
+        try:
+            await self._lock.reacquire()
+        except LockNotOwnedError:
+            self.lost_reason = "it expired or Redis was flushed or restarted"
+            return False
+        except LockError:
+            self.lost_reason = "it was released"
+            return False
+        return True
+
+    async def keep_renewed(self) -> None:
+        """Renew every third of the lease until cancelled or lost."""
+        while True:
+            await asyncio.sleep(self._lease_s / 3)
+            try:
+                if not await self.renew():
+                    self.report()
+                    return
+            except REDIS_ERRORS as error:
+                log.warning(
+                    "could not renew the lock of %s (%s); retrying",
+                    self._describe(),
+                    describe_redis_error(error),
+                )
+
+    def report(self) -> None:
+        """One warning per lost lease, naming what happened (never a misleading timeout)."""
+        if not self.reported:
+            self.reported = True
+            log.warning("lost the lock of %s: %s", self._describe(), self.lost_reason)
+
+    async def confirm(self) -> None:
+        try:
+            owned = await self.renew()
+        except REDIS_ERRORS as error:
+            reason = f"Redis could not confirm the lock ({describe_redis_error(error)})"
+            raise LeaseLost(reason) from None
+        if not owned:
+            raise LeaseLost(self.lost_reason)
+
+
 class RedisLocks(ConversationLocks):
     """A Redis lock per conversation, shared by every process using the same Redis and prefix.
 
-    `timeout_s` bounds how long a lock lives if its holder dies; `wait_s` how long to wait. If
-    Redis cannot be reached, a warning is logged and only the in-process lock is held, so the bot
-    keeps answering (serialized within each process) until Redis is back.
+    The lock is a lease of `lease_s` that its holder renews while the turn runs, so the lock of
+    a crashed holder is free again within one lease; `wait_s` (separately) bounds how long to
+    wait for a busy conversation. If Redis cannot be reached, a warning is logged and only the
+    in-process lock is held, so the bot keeps answering (serialized within each process) until
+    Redis is back.
     """
 
     def __init__(
@@ -112,17 +191,19 @@ class RedisLocks(ConversationLocks):
         redis: Redis,
         *,
         keys: RedisKeyBuilder | None = None,
-        timeout_s: float = 300.0,
+        lease_s: float = 15.0,
         wait_s: float = 300.0,
         poll_s: float = 0.02,
         owns_redis: bool = False,
+        ids: UserIds | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys or RedisKeyBuilder()
-        self._timeout_s = timeout_s
+        self._lease_s = lease_s
         self._wait_s = wait_s
         self._poll_s = poll_s
         self._owns_redis = owns_redis
+        self._ids = ids or UserIds()
         self._local = InProcessLocks(wait_s)
         self._in_outage = False
 
@@ -131,21 +212,33 @@ class RedisLocks(ConversationLocks):
         return cls(redis_client(url), owns_redis=True, **options)
 
     @contextlib.asynccontextmanager
-    async def lock(self, key: ConversationKey) -> AsyncIterator[None]:
+    async def lock(self, key: ConversationKey) -> AsyncIterator[Lease]:
         loop = asyncio.get_running_loop()
         started = loop.time()
         async with self._local.lock(key):
             remaining = max(self._wait_s - (loop.time() - started), 0.0)
             held = await self._acquire(key, remaining)
-            try:
-                yield
-            finally:
-                if held is not None:
-                    await self._release(key, held)
+            if held is None:
+                yield LOCAL_LEASE
+                return
+            async with self._renewed(key, held) as lease:
+                yield lease
+
+    @contextlib.asynccontextmanager
+    async def _renewed(self, key: ConversationKey, lock: RedisLock) -> AsyncIterator[RedisLease]:
+        lease = RedisLease(lock, self._lease_s, lambda: self._ids.conversation(key))
+        renewing = asyncio.create_task(lease.keep_renewed())
+        try:
+            yield lease
+        finally:
+            renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewing
+            await self._release(key, lock, lease)
 
     def _redis_lock(self, key: ConversationKey) -> RedisLock:
         return self._redis.lock(
-            self._keys.lock(key), timeout=self._timeout_s, sleep=self._poll_s, thread_local=False
+            self._keys.lock(key), timeout=self._lease_s, sleep=self._poll_s, thread_local=False
         )
 
     async def _acquire(self, key: ConversationKey, wait_s: float) -> RedisLock | None:
@@ -174,20 +267,18 @@ class RedisLocks(ConversationLocks):
         with contextlib.suppress(*REDIS_ERRORS):
             await lock.do_release(token.encode())
 
-    async def _release(self, key: ConversationKey, lock: RedisLock) -> None:
+    async def _release(self, key: ConversationKey, lock: RedisLock, lease: RedisLease) -> None:
         try:
             await lock.release()
         except LockNotOwnedError:
-            log.warning(
-                "the lock of %s expired after %g s while held (raise KOBOT_LOCK_TIMEOUT_S)",
-                key.as_id(),
-                self._timeout_s,
-            )
+            lease.lost_reason = lease.lost_reason or "it expired or Redis was flushed or restarted"
+            lease.report()
         except REDIS_ERRORS as error:
             log.warning(
-                "could not release the lock of %s (%s); it expires by itself",
-                key.as_id(),
+                "could not release the lock of %s (%s); its lease ends within %g s",
+                self._ids.conversation(key),
                 describe_redis_error(error),
+                self._lease_s,
             )
 
     @property
@@ -217,7 +308,8 @@ def build_locks(
         return RedisLocks.from_url(
             settings.redis_url,
             keys=redis_keys,
-            timeout_s=settings.lock_timeout_s,
+            lease_s=settings.lock_lease_s,
             wait_s=settings.lock_timeout_s,
+            ids=UserIds.from_settings(settings),
         )
     return InProcessLocks(settings.lock_timeout_s)

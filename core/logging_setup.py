@@ -31,6 +31,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import SecretStr
 
+from core.messages import ConversationKey
 from core.settings import Settings
 
 REDACTED = "***"
@@ -215,6 +216,9 @@ class StderrHandler(logging.StreamHandler[TextIO]):
 # --- user ids ---------------------------------------------------------------------------------
 
 
+_PROCESS_KEY = secrets.token_bytes(32)  # drawn once: every unsalted UserIds of a process agrees
+
+
 class UserIds:
     """How user and chat ids appear in logs: a keyed hash (default) or as they are.
 
@@ -225,7 +229,7 @@ class UserIds:
     def __init__(self, mode: str = "hash", salt: SecretStr | None = None) -> None:
         self.mode = mode
         raw = salt.get_secret_value() if salt is not None else ""
-        self._key = raw.encode("utf-8") if raw else secrets.token_bytes(32)
+        self._key = raw.encode("utf-8") if raw else _PROCESS_KEY
 
     @classmethod
     def from_settings(cls, settings: Settings) -> UserIds:
@@ -236,6 +240,16 @@ class UserIds:
             return value
         digest = hmac.new(self._key, f"{platform}:{value}".encode(), hashlib.sha256)
         return digest.hexdigest()[:16]
+
+    def conversation(self, key: ConversationKey) -> str:
+        """A conversation as `platform:chat:user`, each id shown the way `__call__` shows it."""
+        chat, user = self(key.platform, key.chat_id), self(key.platform, key.user_id)
+        return f"{key.platform}:{chat}:{user}"
+
+    def message(self, platform: str, message_id: str) -> str:
+        """A message id; a Telegram `chat:message` id keeps its message number, the chat hashed."""
+        chat, separator, number = message_id.rpartition(":")
+        return f"{self(platform, chat)}:{number}" if separator else message_id
 
 
 # --- set-up -----------------------------------------------------------------------------------

@@ -92,10 +92,16 @@ class ReplyKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """What the adapter sends back. `trimmed` tells that the user's own message was cut."""
+    """What the adapter sends back. `trimmed` tells that the user's own message was cut.
+
+    `duplicate`: this message was answered (and the answer delivered) before: send nothing.
+    `pending_delivery`: the reply is stored in the outbox, waiting to be sent; the adapter
+    reports how the send went (`DialogueManager.delivered` / `undeliverable`).
+    """
 
     text: str
     kind: ReplyKind = ReplyKind.CHAT
     trimmed: bool = False
     attachment: Attachment | None = None
     duplicate: bool = False
+    pending_delivery: bool = False

@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     trim_low_water: float = Field(0.75, ge=0.1, le=1.0)
     max_message_chars: int = Field(20000, ge=100, le=1_000_000)
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
+    lock_lease_s: float = Field(15.0, ge=1.0, le=600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)
     stream_replies: bool = True
     reply_filter: Literal["off", "mask", "block"] = "off"

@@ -116,7 +116,7 @@ class ModelCommands:
 
     async def retry(self, message: IncomingMessage) -> Reply:
         key = self.manager.key_for(message)
-        async with self.manager.locks.lock(key):
+        async with self.manager.locks.lock(key) as lease:
             history = await self.manager.storage.recent(key, self.manager.settings.history_turns)
             if not is_answered(history):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
@@ -124,6 +124,7 @@ class ModelCommands:
             reply = self.candidates.take(key, question, shown)
             if reply is None:
                 reply = await self._fresh_reply(key, history[:-2], question)
+            await lease.confirm()
             if not await self.manager.storage.replace_last_reply(key, reply):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
         return Reply(reply, ReplyKind.CHAT)

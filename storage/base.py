@@ -6,12 +6,48 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 
 from core.messages import ConversationKey, Turn
 
 
 class StorageError(Exception):
     """Any failure of a storage driver (connection lost, timeout, bad schema...)."""
+
+
+class Delivery(StrEnum):
+    """Where a stored reply stands with the platform (the outbox).
+
+    `pending`: stored with the AI turn, not yet known to be sent; `sent`: the platform accepted
+    it (its message ids are kept); `failed`: refused for good (chat gone, bot blocked), never
+    tried again. Replies stored before the outbox existed count as sent.
+    """
+
+    PENDING = "pending"
+    SENT = "sent"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class StoredReply:
+    """The AI turn answering one message, with its delivery state."""
+
+    text: str
+    delivery: Delivery
+    sent_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class InboxItem:
+    """One received update or message (the inbox), stored before the platform is told it
+    arrived. `item_id` is unique per platform; `lane` orders the items of one conversation;
+    `payload` is what the adapter needs to handle it again after a restart (JSON)."""
+
+    platform: str
+    item_id: str
+    lane: str
+    payload: str
+    note: str = ""  # what handling it left behind so far (a streamed message's id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +87,11 @@ class Storage(abc.ABC):
     """
 
     @abc.abstractmethod
-    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
-        """Store the turns atomically, in order, after everything already stored for `key`."""
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
+        """Store the turns atomically, in order, after everything already stored for `key`;
+        the AI turns among them get the `delivery` state in the same transaction."""
 
     @abc.abstractmethod
     async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
@@ -61,6 +100,41 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
         """The AI turn stored right after the user turn with this `message_id`, if any."""
+
+    @abc.abstractmethod
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        """`find_reply` with the reply's delivery state (the outbox)."""
+
+    @abc.abstractmethod
+    async def set_delivery(
+        self,
+        key: ConversationKey,
+        message_id: str,
+        delivery: Delivery,
+        sent_ids: Sequence[str] = (),
+    ) -> bool:
+        """Record how the reply to `message_id` went; False when there is no such reply."""
+
+    @abc.abstractmethod
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        """Store the items not stored yet, in one transaction; returns those that were new
+        (idempotent: an item seen again, finished or not, is not new)."""
+
+    @abc.abstractmethod
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        """The platform's unfinished items, in the order they were added."""
+
+    @abc.abstractmethod
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        """Remember `note` with an unfinished item (`inbox_pending` returns it)."""
+
+    @abc.abstractmethod
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        """Mark an item finished (it stays known, so a redelivery is still not new)."""
+
+    @abc.abstractmethod
+    async def inbox_prune(self, before: datetime) -> int:
+        """Forget finished items added before `before`; returns how many."""
 
     @abc.abstractmethod
     async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:

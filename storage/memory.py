@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from core.messages import ConversationKey, Role, Turn
-from storage.base import Storage, UserExport
+from core.messages import ConversationKey, Role, Turn, utc_now
+from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
 
 
 def to_utc(moment: datetime) -> datetime:
@@ -27,9 +27,28 @@ class _Conversation:
     persona: str | None = None
     context_start: int = 0
     turns: list[tuple[int, Turn]] = field(default_factory=list)
+    deliveries: dict[int, tuple[Delivery, tuple[str, ...]]] = field(default_factory=dict)
 
     def belongs_to(self, platform: str, user_id: str) -> bool:
         return self.key.platform == platform and self.key.user_id == user_id
+
+    def reply_index(self, message_id: str) -> int | None:
+        """The index of the AI turn right after the newest user turn with `message_id`."""
+        for index in range(len(self.turns) - 1, -1, -1):
+            turn = self.turns[index][1]
+            if turn.role is Role.USER and turn.message_id == message_id:
+                following = index + 1
+                if following < len(self.turns) and self.turns[following][1].role is Role.AI:
+                    return following
+                return None
+        return None
+
+
+@dataclass(slots=True)
+class _InboxEntry:
+    item: InboxItem
+    added_at: datetime
+    done: bool = False
 
 
 class MemoryStorage(Storage):
@@ -38,11 +57,14 @@ class MemoryStorage(Storage):
     def __init__(self) -> None:
         self._conversations: dict[str, _Conversation] = {}
         self._last_turn_id = 0
+        self._inbox: dict[tuple[str, str], _InboxEntry] = {}  # insertion order is arrival order
 
     def _conversation(self, key: ConversationKey) -> _Conversation:
         return self._conversations.setdefault(key.as_id(), _Conversation(key))
 
-    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
         if not turns:
             return
         conversation = self._conversation(key)
@@ -50,6 +72,8 @@ class MemoryStorage(Storage):
             self._last_turn_id += 1
             stored = replace(turn, created_at=to_utc(turn.created_at))
             conversation.turns.append((self._last_turn_id, stored))
+            if delivery is not None and turn.role is Role.AI:
+                conversation.deliveries[self._last_turn_id] = (delivery, ())
 
     async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
         conversation = self._conversations.get(key.as_id())
@@ -60,14 +84,59 @@ class MemoryStorage(Storage):
 
     async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
         conversation = self._conversations.get(key.as_id())
-        if conversation is None or not message_id:
+        index = conversation.reply_index(message_id) if conversation and message_id else None
+        return None if conversation is None or index is None else conversation.turns[index][1]
+
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        conversation = self._conversations.get(key.as_id())
+        index = conversation.reply_index(message_id) if conversation and message_id else None
+        if conversation is None or index is None:
             return None
-        turns = [turn for _, turn in conversation.turns]
-        for index in range(len(turns) - 1, -1, -1):
-            if turns[index].role is Role.USER and turns[index].message_id == message_id:
-                following = turns[index + 1] if index + 1 < len(turns) else None
-                return following if following and following.role is Role.AI else None
-        return None
+        turn_id, turn = conversation.turns[index]
+        delivery, sent_ids = conversation.deliveries.get(turn_id, (Delivery.SENT, ()))
+        return StoredReply(turn.text, delivery, sent_ids)
+
+    async def set_delivery(
+        self,
+        key: ConversationKey,
+        message_id: str,
+        delivery: Delivery,
+        sent_ids: Sequence[str] = (),
+    ) -> bool:
+        conversation = self._conversations.get(key.as_id())
+        index = conversation.reply_index(message_id) if conversation and message_id else None
+        if conversation is None or index is None:
+            return False
+        conversation.deliveries[conversation.turns[index][0]] = (delivery, tuple(sent_ids))
+        return True
+
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        new: list[InboxItem] = []
+        for item in items:
+            if (item.platform, item.item_id) not in self._inbox:
+                self._inbox[(item.platform, item.item_id)] = _InboxEntry(item, utc_now())
+                new.append(item)
+        return new
+
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        return [e.item for e in self._inbox.values() if e.item.platform == platform and not e.done]
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        entry = self._inbox.get((platform, item_id))
+        if entry is not None:
+            entry.item = replace(entry.item, note=note)
+
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        entry = self._inbox.get((platform, item_id))
+        if entry is not None:
+            entry.done = True
+
+    async def inbox_prune(self, before: datetime) -> int:
+        before = to_utc(before)
+        old = [name for name, e in self._inbox.items() if e.done and e.added_at < before]
+        for name in old:
+            del self._inbox[name]
+        return len(old)
 
     async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
         conversation = self._conversations.get(key.as_id())

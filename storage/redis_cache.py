@@ -46,7 +46,7 @@ from redis.exceptions import RedisError, WatchError
 
 from core.messages import ConversationKey, Role, Turn
 from core.settings import mask_url_password
-from storage.base import Storage, UserExport
+from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
 
 log = logging.getLogger(__name__)
 
@@ -328,11 +328,14 @@ class RedisCachedStorage(Storage):
 
     # --- Storage ----------------------------------------------------------------------------
 
-    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
+        """SQL first (with the reply's delivery state, which Redis never caches)."""
         if not turns:
             return
         before = await self._version(key)
-        await self._inner.append(key, turns)
+        await self._inner.append(key, turns, delivery)
 
         def push(pipe: Pipeline, state: dict[str, str]) -> None:
             if "n" not in state:
@@ -405,6 +408,33 @@ class RedisCachedStorage(Storage):
 
     async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
         return await self._inner.find_reply(key, message_id)
+
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        return await self._inner.reply_to(key, message_id)
+
+    async def set_delivery(
+        self,
+        key: ConversationKey,
+        message_id: str,
+        delivery: Delivery,
+        sent_ids: Sequence[str] = (),
+    ) -> bool:
+        return await self._inner.set_delivery(key, message_id, delivery, sent_ids)
+
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        return await self._inner.inbox_add(items)
+
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        return await self._inner.inbox_pending(platform)
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        await self._inner.inbox_note(platform, item_id, note)
+
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        await self._inner.inbox_done(platform, item_id)
+
+    async def inbox_prune(self, before: datetime) -> int:
+        return await self._inner.inbox_prune(before)
 
     async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
         """SQL first; then the cached entry is dropped (the next read fills it from SQL)."""

@@ -57,7 +57,7 @@ from sqlalchemy.types import TypeDecorator
 
 from core.messages import ConversationKey, Role, Turn, utc_now
 from core.settings import mask_url_password
-from storage.base import Storage, StorageError, UserExport
+from storage.base import Delivery, InboxItem, Storage, StorageError, StoredReply, UserExport
 from storage.memory import to_utc
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
@@ -138,10 +138,35 @@ class TurnRow(Base):
     user_id: Mapped[str] = mapped_column(String)
     message_id: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    delivery: Mapped[str | None] = mapped_column(String(16))  # AI turns: the outbox state
+    sent_ids: Mapped[str | None] = mapped_column(Text)  # the platform's ids, comma-separated
+
+
+class InboxRow(Base):
+    """One received update or message, stored before the platform is told it arrived."""
+
+    __tablename__ = "inbox"
+    __table_args__ = (
+        Index(None, "platform", "item_id", unique=True),
+        Index(None, "platform", "done_at", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    platform: Mapped[str] = mapped_column(String)
+    item_id: Mapped[str] = mapped_column(String)
+    lane: Mapped[str] = mapped_column(String)
+    payload: Mapped[str] = mapped_column(Text)
+    note: Mapped[str] = mapped_column(Text, default="")
+    added_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 CONVERSATIONS = cast(Table, ConversationRow.__table__)
 TURNS = cast(Table, TurnRow.__table__)
+INBOX = cast(Table, InboxRow.__table__)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -301,8 +326,11 @@ def _to_turn(row: TurnRow) -> Turn:
     return Turn(Role(row.role), row.text, row.user_id, row.created_at, row.message_id)
 
 
-def _turn_values(key: ConversationKey, turn: Turn) -> dict[str, Any]:
+def _turn_values(
+    key: ConversationKey, turn: Turn, delivery: Delivery | None = None
+) -> dict[str, Any]:
     return {
+        "delivery": str(delivery) if delivery is not None and turn.role is Role.AI else None,
         "conversation_id": key.as_id(),
         "platform": key.platform,
         "role": str(turn.role),
@@ -311,6 +339,27 @@ def _turn_values(key: ConversationKey, turn: Turn) -> dict[str, Any]:
         "message_id": turn.message_id,
         "created_at": turn.created_at,
     }
+
+
+def _inbox_values(item: InboxItem, now: datetime) -> dict[str, Any]:
+    return {
+        "platform": item.platform,
+        "item_id": item.item_id,
+        "lane": item.lane,
+        "payload": item.payload,
+        "note": item.note,
+        "added_at": now,
+    }
+
+
+def _unseen(items: Sequence[InboxItem], seen: set[tuple[str, str]]) -> list[InboxItem]:
+    """The items not in `seen`, each once, in the given order."""
+    new: list[InboxItem] = []
+    for item in items:
+        if (item.platform, item.item_id) not in seen:
+            seen.add((item.platform, item.item_id))
+            new.append(item)
+    return new
 
 
 _NO_SYNC = {"synchronize_session": False}  # bulk DELETEs: no ORM objects to keep in sync
@@ -376,13 +425,15 @@ class SqlStorage(Storage):
             index_elements=["id"], set_={name: pg.excluded[name] for name in changes}
         )
 
-    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
         if not turns:
             return
         async with self._transaction("storing turns") as session:
             await session.execute(self._upsert_conversation(key))
             for turn in turns:  # one INSERT each, so the ids follow the given order
-                await session.execute(TURNS.insert().values(_turn_values(key, turn)))
+                await session.execute(TURNS.insert().values(_turn_values(key, turn, delivery)))
 
     async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
         if limit <= 0:
@@ -402,9 +453,9 @@ class SqlStorage(Storage):
             rows = (await session.scalars(query)).all()
         return [_to_turn(row) for row in reversed(rows)]
 
-    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
-        if not message_id:
-            return None
+    @staticmethod
+    def _reply_id(key: ConversationKey, message_id: str) -> Any:
+        """The id of the first turn after the newest user turn with `message_id`."""
         asked = (
             select(func.max(TurnRow.id))
             .where(
@@ -414,15 +465,117 @@ class SqlStorage(Storage):
             )
             .scalar_subquery()
         )
-        query = (
-            select(TurnRow)
+        return (
+            select(func.min(TurnRow.id))
             .where(TurnRow.conversation_id == key.as_id(), TurnRow.id > asked)
-            .order_by(TurnRow.id)
-            .limit(1)
+            .scalar_subquery()
         )
+
+    async def _reply_row(self, key: ConversationKey, message_id: str) -> TurnRow | None:
+        if not message_id:
+            return None
+        query = select(TurnRow).where(TurnRow.id == self._reply_id(key, message_id))
         async with self._transaction("looking up a reply") as session:
             row = (await session.scalars(query)).first()
-        return _to_turn(row) if row is not None and row.role == str(Role.AI) else None
+        return row if row is not None and row.role == str(Role.AI) else None
+
+    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
+        row = await self._reply_row(key, message_id)
+        return None if row is None else _to_turn(row)
+
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        row = await self._reply_row(key, message_id)
+        if row is None:
+            return None
+        sent_ids = tuple(row.sent_ids.split(",")) if row.sent_ids else ()
+        return StoredReply(row.text, Delivery(row.delivery or Delivery.SENT), sent_ids)
+
+    async def set_delivery(
+        self,
+        key: ConversationKey,
+        message_id: str,
+        delivery: Delivery,
+        sent_ids: Sequence[str] = (),
+    ) -> bool:
+        if not message_id:
+            return False
+        query = (
+            update(TurnRow)
+            .where(TurnRow.id == self._reply_id(key, message_id), TurnRow.role == str(Role.AI))
+            .values(delivery=str(delivery), sent_ids=",".join(sent_ids) or None)
+        )
+        async with self._transaction("recording a delivery") as session:
+            return _rowcount(await session.execute(query, execution_options=_NO_SYNC)) > 0
+
+    # --- the inbox ------------------------------------------------------------------------
+
+    def _insert_new(self, values: list[dict[str, Any]]) -> Any:
+        if self._engine.dialect.name == "sqlite":
+            return sqlite_insert(INBOX).values(values).on_conflict_do_nothing()
+        return postgresql_insert(INBOX).values(values).on_conflict_do_nothing()
+
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        if not items:
+            return []
+        by_platform: dict[str, set[str]] = {}
+        for item in items:
+            by_platform.setdefault(item.platform, set()).add(item.item_id)
+        known = or_(
+            *(
+                (InboxRow.platform == platform) & InboxRow.item_id.in_(ids)
+                for platform, ids in by_platform.items()
+            )
+        )
+        async with self._transaction("storing received updates") as session:
+            seen = {
+                (platform, item_id)
+                for platform, item_id in (
+                    await session.execute(select(InboxRow.platform, InboxRow.item_id).where(known))
+                ).all()
+            }
+            new = _unseen(items, seen)
+            if new:
+                now = utc_now()
+                values = [_inbox_values(item, now) for item in new]
+                await session.execute(self._insert_new(values))
+        return new
+
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        query = (
+            select(InboxRow)
+            .where(InboxRow.platform == platform, InboxRow.done_at.is_(None))
+            .order_by(InboxRow.id)
+        )
+        async with self._transaction("reading unfinished updates") as session:
+            rows = (await session.scalars(query)).all()
+        return [
+            InboxItem(row.platform, row.item_id, row.lane, row.payload, row.note) for row in rows
+        ]
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        query = (
+            update(InboxRow)
+            .where(InboxRow.platform == platform, InboxRow.item_id == item_id)
+            .values(note=note)
+        )
+        async with self._transaction("noting progress on an update") as session:
+            await session.execute(query, execution_options=_NO_SYNC)
+
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        query = (
+            update(InboxRow)
+            .where(InboxRow.platform == platform, InboxRow.item_id == item_id)
+            .values(done_at=utc_now())
+        )
+        async with self._transaction("finishing an update") as session:
+            await session.execute(query, execution_options=_NO_SYNC)
+
+    async def inbox_prune(self, before: datetime) -> int:
+        query = delete(InboxRow).where(
+            InboxRow.done_at.is_not(None), InboxRow.added_at < to_utc(before)
+        )
+        async with self._transaction("pruning finished updates") as session:
+            return _rowcount(await session.execute(query, execution_options=_NO_SYNC))
 
     async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
         boundary = (

@@ -13,6 +13,10 @@ from core.ratelimit import RateLimiter
         ("/초기화", "초기화", Command.RESET, ""),
         ("/forgetme", "forgetme", Command.FORGET, ""),
         ("/dance now", "dance", None, "now"),
+        ("/help\n두 번째 줄", "help", Command.HELP, "두 번째 줄"),
+        ("/persona\n친절한\n선생님", "persona", Command.PERSONA, "친절한\n선생님"),
+        ("/reset@kobot_bot\t지금", "reset", Command.RESET, "지금"),
+        ("/stats\u3000", "stats", Command.STATS, ""),
     ],
 )
 def test_parse_command(text: str, name: str, command: Command | None, argument: str) -> None:

@@ -201,12 +201,25 @@ async def test_unknown_commands_and_admin_only_stats(chat) -> None:
 
 
 async def test_a_repeated_delivery_is_answered_once(chat) -> None:
+    """The outbox: a reply stored but not known to be sent is sent again from storage (never
+    generated again); once sent, or refused for good, a redelivery is a duplicate."""
     manager, backend = chat
     first = await manager.handle(message("안녕", message_id="42"))
+    assert first.pending_delivery and not first.duplicate
+    crashed_before_sending = await manager.handle(message("안녕", message_id="42"))
+    assert crashed_before_sending.pending_delivery and not crashed_before_sending.duplicate
+    assert crashed_before_sending.text == first.text
+    await manager.delivered(message("안녕", message_id="42"), ["9001"])
     again = await manager.handle(message("안녕", message_id="42"))
-    assert again.duplicate and again.text == first.text
-    assert len(backend.requests) == 1
-    assert len(await manager.storage.recent(ConversationKey("test", "c1", "u1"), 10)) == 2
+    assert again.duplicate and again.text == first.text and not again.pending_delivery
+    refused = await manager.handle(message("또", message_id="43"))
+    await manager.undeliverable(message("또", message_id="43"))
+    assert (await manager.handle(message("또", message_id="43"))).duplicate
+    assert refused.pending_delivery
+    assert len(backend.requests) == 2
+    assert len(await manager.storage.recent(ConversationKey("test", "c1", "u1"), 10)) == 4
+    no_id = await manager.handle(message("아이디 없음"))
+    assert not no_id.pending_delivery and not no_id.duplicate
 
 
 async def test_one_turn_at_a_time_per_conversation(chat) -> None:

@@ -10,12 +10,18 @@ Facts it honours, as python-telegram-bot 22 expects them:
 * `getUpdates` long-polls: `offset` confirms every update below it (confirmed ones are never
   returned again, unless a test `rewind`s to simulate a confirmation Telegram never got), and a
   parked poll returns as soon as an update arrives, its timeout passes, or the server stops.
+  Unconfirmed updates stay and are returned again to the next `getUpdates` (a restarted bot's
+  too), as Telegram keeps them for 24 hours.
 * `CommandHandler` fires only with a `bot_command` entity at offset 0, so `text_message` adds
   entities (commands, @mentions) the way Telegram does, with offsets in UTF-16 units.
+* `accepting_sends` cleared holds every `sendMessage` unanswered (and unrecorded) until it is
+  set again; one whose sender died meanwhile is dropped, as a request Telegram never got.
 * `editMessageText` changes a message the bot sent (`shown` keeps each one's current text);
   an unknown message or an unchanged text is a 400, as on Telegram ("message is not modified").
 
 Every call is recorded (`calls`); `wait_for` waits on a condition re-checked after every call.
+The bot confirms an update once it is stored, before it is handled: `wait_handled` also asks
+`busy` (set by a test to the running bot's `dispatcher.is_running`) whether it is finished.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ import itertools
 import json
 import re
 import time
+import weakref
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import ClientSession, web
 
@@ -152,6 +159,20 @@ class FakeTelegram:
         self._runner: web.AppRunner | None = None
         self._client: ClientSession | None = None
         self.port = 0
+        self.busy: Callable[[int], bool] = lambda _update_id: False
+        self.accepting_sends = asyncio.Event()  # cleared: sendMessage waits, not yet accepted
+        self.accepting_sends.set()
+        self.dropped_sends = 0
+        FakeTelegram.running[self.base_url] = self
+
+    running: ClassVar[weakref.WeakValueDictionary[str, FakeTelegram]] = (
+        weakref.WeakValueDictionary()
+    )
+
+    @classmethod
+    def at(cls, base_url: str) -> FakeTelegram | None:
+        """The fake serving `base_url` (a bot's settings), if any."""
+        return cls.running.get(base_url)
 
     # Lifecycle
 
@@ -167,6 +188,7 @@ class FakeTelegram:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         self.port = self._runner.addresses[0][1]
+        FakeTelegram.running[self.base_url] = self
         self._client = ClientSession()
         return self
 
@@ -183,10 +205,18 @@ class FakeTelegram:
 
     def add_update(self, update: JSON) -> JSON:
         """Queue an update (an `update_id` is assigned) for `getUpdates`."""
-        update = {"update_id": next(self._update_ids), **update}
+        update = self.new_update(update)
+        self.publish(update)
+        return update
+
+    def new_update(self, update: JSON) -> JSON:
+        """The update with the next `update_id`, not queued (for a webhook, or `publish`)."""
+        return {"update_id": next(self._update_ids), **update}
+
+    def publish(self, update: JSON) -> None:
+        """Queue an update for `getUpdates`; kept until an `offset` above it confirms it."""
         self.updates.append(update)
         self._schedule_notify()
-        return update
 
     def message(
         self,
@@ -263,8 +293,11 @@ class FakeTelegram:
             await self._changed.wait_for(condition)
 
     async def wait_handled(self, update: JSON, timeout_s: float = 20.0) -> None:
-        """Wait until the bot confirmed `update` (and so every update before it)."""
-        await self.wait_for(lambda: self.confirmed > update["update_id"], timeout_s)
+        """Wait until the bot confirmed `update` (stored it) and finished handling it."""
+        async with asyncio.timeout(timeout_s):
+            await self.wait_for(lambda: self.confirmed > update["update_id"], timeout_s)
+            while self.busy(update["update_id"]):  # noqa: ASYNC110 - the bot's side has no event
+                await asyncio.sleep(0.01)
 
     async def post_webhook(self, url: str, update: JSON, secret: str | None) -> int:
         """Deliver an update to the bot's webhook as Telegram does; returns the HTTP status."""
@@ -278,6 +311,11 @@ class FakeTelegram:
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
         call = Call(method, *await self._parse(request))
+        if method == "sendMessage" and not self.accepting_sends.is_set():
+            await self.accepting_sends.wait()
+            if request.transport is None or request.transport.is_closing():
+                self.dropped_sends += 1  # its sender died first: never accepted, not recorded
+                return web.Response(status=503)
         if request.match_info["token"] != self.token:
             return await self._record(call, Failure(401, "Unauthorized"))
         if self._failures[method]:

@@ -415,10 +415,10 @@ async def test_reconnect_and_resume_mid_conversation_keeps_context(harness: Harn
     assert contains_run(harness.backend.requests[-1].prompt_ids, earlier_line)  # in the prompt
 
     await fake.dispatch("MESSAGE_CREATE", buffered)  # a replay of an answered message
-    await fake.wait_for(lambda: harness.manager.stats.messages == 4, WAIT_S)
     barrier = await fake.send_message(user, "네 번째 말")
     await harness.replies(barrier)
     assert len(fake.replies_to(buffered)) == 1
+    assert harness.manager.stats.messages == 4  # the replay never reached the core (the inbox)
 
 
 async def test_a_429_with_via_is_retried_by_discord_py(harness: Harness) -> None:
@@ -618,3 +618,58 @@ def first_reply_at(fake: FakeDiscord, message: JSON) -> float:
         if str(reference.get("message_id")) == message["id"]:
             return call.at
     raise AssertionError("no reply")
+
+
+class CrashingBackend(TestBackend):
+    """Holds generations at the gate; once `crash` is set, they die instead (the process in
+    effect died mid-generation: nothing was stored or sent)."""
+
+    __test__ = False
+
+    crash = False
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        result = await super().generate(request)
+        if self.crash:
+            raise RuntimeError("the process died here")
+        return result
+
+
+async def test_a_restart_answers_what_died_mid_generation_once(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
+) -> None:
+    """Discord never sends a message again after a restart: the inbox has it, and the next
+    run answers it; a replay of it afterwards is a no-op."""
+    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    first_life = CrashingBackend(tiny_backend, "첫 생에서는 못 보낸 답")
+    first_life.gate = asyncio.Event()
+    user = fake.user("재시작")
+    async with running_bot(fake, settings, first_life) as harness:
+        answered = await fake.send_message(user, "먼저 답을 받은 말")
+        first_life.gate.set()
+        await harness.replies(answered)
+        first_life.gate.clear()
+        interrupted = await fake.send_message(user, "답을 기다리던 말")
+        await fake.wait_for(lambda: first_life.started == 2, WAIT_S)
+        first_life.crash = True
+        first_life.gate.set()
+        await asyncio.sleep(0.1)
+    assert fake.replies_to(interrupted) == []
+
+    second_life = TestBackend(tiny_backend, "다시 시작한 뒤의 답")
+    async with running_bot(fake, settings, second_life) as harness:
+        (reply,) = await harness.replies(interrupted)
+        await fake.dispatch("MESSAGE_CREATE", answered)  # replayed: no-op
+        await fake.dispatch("MESSAGE_CREATE", interrupted)  # replayed: no-op
+        barrier = await fake.send_message(user, "마지막 말")
+        await harness.replies(barrier)
+        said = await harness.turns(fake.dm_channel_id(user), user)
+
+    assert reply["content"] == "다시 시작한 뒤의 답"
+    assert [len(fake.replies_to(m)) for m in (answered, interrupted, barrier)] == [1, 1, 1]
+    assert second_life.started == 2  # the interrupted message and the barrier, nothing else
+    assert [text for role, text in said if role is Role.USER] == [
+        "먼저 답을 받은 말",
+        "답을 기다리던 말",
+        "마지막 말",
+    ]

@@ -8,6 +8,7 @@ next partial only once the fake shows the previous one, so nothing depends on ti
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
@@ -260,3 +261,32 @@ async def test_the_reply_filter_masks_every_edit_and_the_stored_reply(
     assert len(shown) >= 2  # it did stream: posted, then edited
     assert not any("씨발" in text for text in shown), shown
     assert fake.shown_in(811) == [MASKED] == [stored]
+
+
+class DiesMidStream(PacedStream):
+    """Streams the first partial, then never finishes (the process dies there)."""
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        yield StreamChunk(PARTIALS[0])
+        await self.fake.wait_for(self._showing(PARTIALS[0]))
+        await asyncio.Event().wait()
+        yield StreamChunk(self.final)  # never reached
+
+
+async def test_a_restart_finishes_the_half_streamed_message(
+    fake: FakeTelegram, make_settings: Callable[..., Settings], tiny: GenerationBackend
+) -> None:
+    """The inbox notes the message a reply streams into: after a crash mid-stream the next
+    run finishes that message, instead of leaving it half-written beside a new one."""
+    options = replace(OPTIONS, stream_interval_s=0.05, stream_first_after_s=0.0)
+    first_life = replace(options, drain_timeout_s=0.2)
+    async with running(make_settings(), DiesMidStream(tiny, fake, 811), first_life):
+        update = fake.send(private_chat(811), user(811), "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(811) == [PARTIALS[0]])
+    async with running(make_settings(), PacedStream(tiny, fake, 811), options) as adapter:
+        await fake.wait_handled(update, timeout_s=30)
+        reply = await stored_reply(adapter.manager, 811)
+
+    (posted,) = fake.calls_to("sendMessage", 811)
+    assert fake.shown_in(811) == [FINAL] == [reply]
+    assert posted.text == PARTIALS[0]

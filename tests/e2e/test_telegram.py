@@ -33,7 +33,7 @@ from bots.telegram_adapter import (
 )
 from bots.telegram_delivery import Pacing, Rate, TokenBucket
 from bots.telegram_routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
-from bots.telegram_updates import OffsetTracker, PollingConfig
+from bots.telegram_updates import PollingConfig
 from core import commands as texts
 from core.app import build_dialogue_manager
 from core.cli import main as cli_main
@@ -49,6 +49,7 @@ from core.generation.base import (
 from core.generation.factory import build_backend
 from core.messages import ConversationKey, Role, Turn
 from core.settings import Settings
+from storage.base import StorageError
 from tests.e2e.fake_telegram import (
     BOT_ID,
     BOT_USERNAME,
@@ -186,6 +187,9 @@ async def running(
     manager = await build_dialogue_manager(settings, backend)
     try:
         adapter = TelegramAdapter(manager, settings, options=options)
+        fake = FakeTelegram.at(settings.telegram_base_url)
+        if fake is not None:
+            fake.busy = adapter.dispatcher.is_running
         await adapter.start()
         try:
             yield adapter
@@ -386,9 +390,10 @@ async def test_webhook_mode_checks_the_secret(
         assert await fake.post_webhook(local, update, None) == 403
         assert fake.replies_to(501) == []
         assert await fake.post_webhook(local, update, secret) == 200
-        assert len(fake.replies_to(501)) == 1
+        await fake.wait_for(lambda: len(fake.replies_to(501)) == 1)
         assert await fake.post_webhook(local, update, secret) == 200  # a redelivery
         assert await fake.post_webhook(local + "x", update, secret) == 404
+        await asyncio.sleep(0.2)  # a second reply, if any, would be sent by now
     assert len(fake.replies_to(501)) == 1
     assert not fake.calls_to("getUpdates") and not fake.calls_to("deleteWebhook")
 
@@ -434,17 +439,30 @@ def test_token_bucket_reserves_in_order() -> None:
     assert bucket.reserve() == 0
 
 
-def test_offset_confirms_only_handled_updates() -> None:
-    tracker = OffsetTracker()
-    for update_id in (5, 6, 7):
-        tracker.started(update_id)
-    tracker.finished(6, handled=True)
-    assert tracker.offset() == 5 and not tracker.is_new(6) and tracker.is_new(8)
-    tracker.finished(5, handled=True)
-    tracker.finished(7, handled=False)  # cancelled: delivered again after a restart
-    assert tracker.offset() == 7
-    tracker.finished(7, handled=True)
-    assert tracker.offset() == 8 and not tracker.is_new(6)
+async def test_a_stuck_chat_blocks_nobody_else(
+    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+) -> None:
+    """The offset never waits for a slow conversation: updates are stored, then confirmed at
+    once, even while one chat's generation hangs and 150 more updates (over the 100 a
+    `getUpdates` returns) arrive behind it."""
+    slow = ScriptedBackend(local_backend, "빠른 답")
+    slow.hold = True
+    async with running(settings, slow):
+        stuck = fake.send(private_chat(1701), user(1701), "오래 걸리는 질문")
+        await asyncio.wait_for(slow.held.wait(), 20)
+        slow.hold = False
+        others = [
+            fake.send(private_chat(1800 + i % 50), user(1800 + i % 50), f"{i}번")
+            for i in range(150)
+        ]
+        await fake.wait_for(
+            lambda: sum(len(fake.replies_to(1800 + i)) for i in range(50)) == 150, timeout_s=60
+        )
+        assert fake.confirmed > others[-1]["update_id"] > stuck["update_id"] >= 0
+        assert fake.replies_to(1701) == []
+        slow.release.set()
+        await fake.wait_handled(stuck)
+    assert fake.replies_to(1701) == ["빠른 답"]
 
 
 def test_mentions_are_stripped_with_utf16_offsets() -> None:
@@ -614,16 +632,19 @@ async def test_restart_neither_loses_nor_repeats_an_answer(
         first_life.hold = True
         interrupted = fake.send(chat, erin, "두 번째 메시지예요")
         await asyncio.wait_for(first_life.held.wait(), 20)
-    # The first process stopped mid-generation: the second update was never confirmed.
-    assert fake.confirmed == interrupted["update_id"]
+    # The first process stopped mid-generation: the second update was stored and confirmed,
+    # but not finished; it waits in the inbox.
+    assert fake.confirmed > interrupted["update_id"]
     assert len(fake.replies_to(1501)) == 1
-    # Pretend Telegram also lost the confirmation of the answered one (a crash after sending).
+    # Pretend Telegram also lost the confirmations (a crash before the next getUpdates).
     fake.rewind(answered["update_id"])
     while_down = fake.send(chat, erin, "세 번째 메시지예요")
 
     async with running(settings, SharedBackend(local_backend)) as adapter:
         await fake.wait_handled(while_down)
+        await fake.wait_handled(interrupted)
         turns = await turns_of(adapter, 1501, 1501)
+        pending = await adapter.manager.storage.inbox_pending("telegram")
 
     replies = fake.replies_to(1501)
     assert texts_of(turns, Role.USER) == [
@@ -632,3 +653,156 @@ async def test_restart_neither_loses_nor_repeats_an_answer(
         "세 번째 메시지예요",
     ]
     assert texts_of(turns, Role.AI) == replies
+    assert pending == []
+
+
+async def test_a_reply_stored_but_not_sent_is_sent_from_storage(
+    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+) -> None:
+    """The outbox: the reply was stored, then every send failed (the bot died, in effect):
+    the next start sends the stored reply without generating again, then marks it sent."""
+    chat, ivy = private_chat(1901), user(1901)
+    fake.fail_next("sendMessage", status=502, retry_after=None, times=4)  # all 4 attempts
+    first_life = ScriptedBackend(local_backend, "저장된 답")
+    options = replace(OPTIONS, send_attempts=4)
+    async with running(settings, first_life, options) as adapter:
+        update = fake.send(chat, ivy, "답을 기다려요")
+        await fake.wait_handled(update, timeout_s=30)
+        stored = await adapter.manager.storage.reply_to(
+            key(1901, 1901), f"1901:{message_id(update)}"
+        )
+        pending = await adapter.manager.storage.inbox_pending("telegram")
+    assert fake.replies_to(1901) == []
+    assert stored is not None and stored.delivery == "pending"
+    assert [item.item_id for item in pending] == [str(update["update_id"])]
+
+    second_life = ScriptedBackend(local_backend, "새로 만든 답 (보내지면 안 됨)")
+    async with running(settings, second_life) as adapter:
+        await fake.wait_for(lambda: len(fake.replies_to(1901)) == 1)
+        await fake.wait_handled(update)
+        stored = await adapter.manager.storage.reply_to(
+            key(1901, 1901), f"1901:{message_id(update)}"
+        )
+        pending = await adapter.manager.storage.inbox_pending("telegram")
+    (sent,) = fake.calls_to("sendMessage", 1901)
+    assert sent.text == "저장된 답"
+    assert stored is not None and stored.delivery == "sent"
+    assert stored.sent_ids == (str(sent.result["message_id"]),)
+    assert pending == []
+
+
+async def test_a_blocked_bot_marks_the_reply_failed_for_good(
+    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+) -> None:
+    chat, jay = private_chat(1951), user(1951)
+    fake.fail_next("sendMessage", status=403, retry_after=None)
+    async with running(settings, backend) as adapter:
+        update = fake.send(chat, jay, "차단하기 전에 한 말")
+        await fake.wait_handled(update)
+        stored = await adapter.manager.storage.reply_to(
+            key(1951, 1951), f"1951:{message_id(update)}"
+        )
+        pending = await adapter.manager.storage.inbox_pending("telegram")
+    assert stored is not None and stored.delivery == "failed"
+    assert pending == []
+    assert len(fake.calls_to("sendMessage", 1951, ok=False)) == 1  # never retried
+
+
+async def test_commands_followed_by_a_line_break(
+    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+) -> None:
+    """`/help\\n…` is /help (Telegram's entity says so) in a private chat and in a group."""
+    hana, group = user(1601), group_chat(-101600)
+    async with running(settings, backend) as adapter:
+        fake.send(private_chat(1601), hana, "/help\n두 번째 줄")
+        fake.send(group, hana, "/help\n그룹에서도")
+        last = fake.send(private_chat(1601), hana, "/persona\n친절한\n선생님")
+        await fake.wait_handled(last)
+        persona = await adapter.manager.storage.get_persona(key(1601, 1601))
+
+    assert fake.replies_to(1601) == [
+        texts.help_text(),
+        texts.PERSONA_SET.format(persona="친절한 선생님"),
+    ]
+    assert fake.replies_to(-101600) == [texts.help_text()]
+    assert persona == "친절한 선생님"
+
+
+async def test_no_plain_id_in_any_log_line(
+    fake: FakeTelegram,
+    make_settings: Callable[..., Settings],
+    backend: SharedBackend,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ignored users, refused and failing sends, duplicates: every line hashes the ids (the
+    soak test scans a real process's log the same way)."""
+    caplog.set_level(logging.DEBUG)
+    settings = make_settings(telegram_allowed_users=[7_770_001, 7_770_002])
+    allowed, refused, stranger = user(7_770_001), user(7_770_002), user(7_770_003)
+    fake.fail_next("sendMessage", status=403, retry_after=None)
+    fake.fail_next("sendMessage", status=429, retry_after=1)
+    async with running(settings, backend):
+        fake.send(private_chat(7_770_003), stranger, "누구세요")
+        fake.send(group_chat(-1_007_770_004), allowed, "혼잣말")
+        first = fake.send(private_chat(7_770_002), refused, "차단했어요")
+        await fake.wait_handled(first)
+        last = fake.send(private_chat(7_770_001), allowed, "안녕")
+        await fake.wait_handled(last)
+        fake.rewind(first["update_id"])  # delivered again: answered already
+        await fake.wait_handled(last)
+    ours = ("bots", "core", "storage", "kobot")  # at DEBUG, libraries log whole payloads
+    text = "\n".join(
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= logging.INFO or r.name.split(".")[0] in ours
+    )
+    assert "not in the allowlists" in text and "refused a message" in text
+    assert "flood control" in text
+    for plain in ("7770001", "7770002", "7770003", "1007770004"):
+        assert plain not in text
+
+
+async def test_an_update_that_cannot_be_stored_is_not_confirmed(
+    fake: FakeTelegram,
+    make_settings: Callable[..., Settings],
+    backend: SharedBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Polling: the batch is fetched again (not confirmed) until the inbox takes it; webhook:
+    a 500, so Telegram delivers it again."""
+
+    def failing_once(storage: Any) -> None:
+        real = storage.inbox_add
+        calls = {"n": 0}
+
+        async def inbox_add(items: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise StorageError("storing received updates failed: database is down")
+            return await real(items)
+
+        monkeypatch.setattr(storage, "inbox_add", inbox_add)
+
+    options = replace(OPTIONS, polling=replace(OPTIONS.polling, error_backoff_s=0.3))
+    async with running(make_settings(), backend, options) as adapter:
+        failing_once(adapter.manager.storage)
+        update = fake.send(private_chat(2001), user(2001), "저장이 안 되면?")
+        await fake.wait_handled(update)
+    offsets = [call.value("offset") for call in fake.calls_to("getUpdates")]
+    assert offsets.count(None) >= 2  # fetched again from the same place before it was stored
+    assert len(fake.replies_to(2001)) == 1
+
+    settings = make_settings(
+        telegram_webhook_url="https://bot.example.test/hook",
+        telegram_webhook_listen="127.0.0.1",
+        telegram_webhook_secret="s3cret-hook",
+        database_url=make_settings().database_url.replace("kobot.db", "hook.db"),
+    ).model_copy(update={"telegram_webhook_port": 0})
+    update = {"update_id": 1, "message": fake.message(private_chat(2002), user(2002), "웹훅")}
+    async with running(settings, backend) as adapter:
+        failing_once(adapter.manager.storage)
+        assert adapter.webhook is not None
+        local = f"http://127.0.0.1:{adapter.webhook.port}/hook"
+        assert await fake.post_webhook(local, update, "s3cret-hook") == 500
+        assert await fake.post_webhook(local, update, "s3cret-hook") == 200
+        await fake.wait_for(lambda: len(fake.replies_to(2002)) == 1)

@@ -1,7 +1,8 @@
 """A separate OS process for the storage tests: `python -m tests.storage._worker '<json job>'`.
 
 Modes: `migrate` (upgrade the schema once told to go), `append` (append exchanges and report each
-one acknowledged, until killed), `lock` (lock -> read -> append user -> append AI cycles).
+one acknowledged, until killed), `lock` (lock -> read -> append user -> append AI cycles),
+`hold` (hold the conversation's lock until killed).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def consistent(history: list[Turn]) -> bool:
 async def lock_cycles(job: dict[str, Any]) -> None:
     storage = await open_cached(job)
     keys = RedisKeyBuilder(job["prefix"])
-    locks = RedisLocks(redis_client(job["redis_url"]), keys=keys, timeout_s=30, wait_s=30,
+    locks = RedisLocks(redis_client(job["redis_url"]), keys=keys, lease_s=30, wait_s=30,
                        poll_s=0.002, owns_redis=True)  # fmt: skip
     tag, violations = job["tag"], 0
     await wait_for_go()
@@ -78,7 +79,22 @@ async def lock_cycles(job: dict[str, Any]) -> None:
     await storage.close()
 
 
-MODES = {"migrate": migrate, "append": append_until_killed, "lock": lock_cycles}
+async def hold_until_killed(job: dict[str, Any]) -> None:
+    """Take the conversation's lock (a lease of `lease_s`, renewed) and hold it until killed."""
+    keys = RedisKeyBuilder(job["prefix"])
+    locks = RedisLocks(redis_client(job["redis_url"]), keys=keys, lease_s=job["lease_s"],
+                       owns_redis=True)  # fmt: skip
+    async with locks.lock(KEY):
+        print("held", flush=True)
+        await asyncio.sleep(3600)
+
+
+MODES = {
+    "migrate": migrate,
+    "append": append_until_killed,
+    "lock": lock_cycles,
+    "hold": hold_until_killed,
+}
 
 if __name__ == "__main__":
     job = json.loads(sys.argv[1])

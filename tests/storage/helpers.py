@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from core.messages import ConversationKey, Role, Turn
-from storage.base import Storage, UserExport
+from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
 from storage.memory import MemoryStorage
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
@@ -137,8 +137,10 @@ class SpyStorage(Storage):
             self.paused.set()
             await self.resume.wait()
 
-    async def append(self, key: ConversationKey, turns: Sequence[Turn]) -> None:
-        await self.inner.append(key, turns)
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
+        await self.inner.append(key, turns, delivery)
         await self._done("append")
 
     async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
@@ -150,6 +152,37 @@ class SpyStorage(Storage):
         result = await self.inner.find_reply(key, message_id)
         await self._done("find_reply")
         return result
+
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        result = await self.inner.reply_to(key, message_id)
+        await self._done("reply_to")
+        return result
+
+    async def set_delivery(
+        self,
+        key: ConversationKey,
+        message_id: str,
+        delivery: Delivery,
+        sent_ids: Sequence[str] = (),
+    ) -> bool:
+        result = await self.inner.set_delivery(key, message_id, delivery, sent_ids)
+        await self._done("set_delivery")
+        return result
+
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        return await self.inner.inbox_add(items)
+
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        return await self.inner.inbox_pending(platform)
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        await self.inner.inbox_note(platform, item_id, note)
+
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        await self.inner.inbox_done(platform, item_id)
+
+    async def inbox_prune(self, before: datetime) -> int:
+        return await self.inner.inbox_prune(before)
 
     async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
         result = await self.inner.replace_last_reply(key, text)

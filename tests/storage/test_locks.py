@@ -5,20 +5,39 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from core.locks import ConversationLocks, InProcessLocks, LockTimeout, RedisLocks, build_locks
+from core.dialogue import DialogueManager
+from core.generation.base import GenerationBackend, GenerationRequest, GenerationResult
+from core.generation.factory import build_backend
+from core.locks import (
+    ConversationLocks,
+    InProcessLocks,
+    LeaseLost,
+    LockTimeout,
+    RedisLocks,
+    build_locks,
+)
 from core.messages import ConversationKey, Role
 from core.settings import Settings
+from storage.memory import MemoryStorage
 from storage.redis_cache import RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
-from tests.services import REDIS_URL, PostgresSchema, closed_port, redis_key_prefix
+from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
+from tests.services import (
+    REDIS_URL,
+    PostgresSchema,
+    closed_port,
+    delete_redis_keys,
+    redis_key_prefix,
+)
 from tests.storage._worker import KEY as WORKER_KEY
-from tests.storage.helpers import finish, start_together
+from tests.storage.helpers import ai, finish, start_together, start_worker, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 OTHER = ConversationKey("telegram", "c2", "u1")
@@ -31,7 +50,7 @@ async def locks(request: pytest.FixtureRequest) -> AsyncIterator[ConversationLoc
         return
     async with redis_key_prefix() as prefix:
         shared = RedisLocks(
-            redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix), timeout_s=10, wait_s=10,
+            redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix), lease_s=10, wait_s=10,
             poll_s=0.005, owns_redis=True,
         )  # fmt: skip
         yield shared
@@ -79,7 +98,7 @@ async def test_in_process_entries_are_dropped_when_unused() -> None:
 
     async with locks.lock(KEY):
         assert len(locks) == 1
-        with pytest.raises(LockTimeout, match=r"telegram:c1:u1 is still busy after 0\.05 s"):
+        with pytest.raises(LockTimeout, match=r"still busy after 0\.05 s"):
             async with locks.lock(KEY):
                 pass
         waiter = asyncio.create_task(critical_sections(locks, [KEY]))
@@ -97,7 +116,7 @@ async def test_in_process_entries_are_dropped_when_unused() -> None:
 async def test_redis_lock_is_shared_by_separate_clients(redis_prefix: str, redis: Redis) -> None:
     """Two RedisLocks with their own clients behave like two processes."""
     keys = RedisKeyBuilder(redis_prefix)
-    first = RedisLocks(redis_client(REDIS_URL), keys=keys, timeout_s=7, owns_redis=True)
+    first = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=7, owns_redis=True)
     second = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=0.05, owns_redis=True)
 
     async with first.lock(KEY):
@@ -121,17 +140,59 @@ async def redis(redis_prefix: str) -> AsyncIterator[Redis]:
     await client.aclose()
 
 
-async def test_an_expired_redis_lock_is_reported_not_raised(
-    redis_prefix: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    locks = RedisLocks(
-        redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix), timeout_s=0.05,
-        owns_redis=True,
-    )  # fmt: skip
+async def test_a_held_lock_is_renewed_past_its_lease(redis_prefix: str, redis: Redis) -> None:
+    keys = RedisKeyBuilder(redis_prefix)
+    holder = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=0.3, owns_redis=True)
+    other = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=0.05, owns_redis=True)
+    async with holder.lock(KEY) as lease:
+        await asyncio.sleep(1.0)  # more than three leases
+        assert 0 < await redis.pttl(keys.lock(KEY)) <= 300
+        with pytest.raises(LockTimeout):
+            async with other.lock(KEY):
+                pass
+        await lease.confirm()
+    assert not await redis.exists(keys.lock(KEY))
+    await holder.close()
+    await other.close()
+
+
+async def test_a_killed_holders_lock_is_free_within_one_lease(redis_prefix: str) -> None:
+    """A real process holds the lock and is SIGKILLed: the next holder waits at most a lease."""
+    lease_s = 1.0
+    job = {"mode": "hold", "redis_url": REDIS_URL, "prefix": redis_prefix, "lease_s": lease_s}
+    worker = await start_worker(job)
+    assert worker.stdout is not None
+    assert await asyncio.wait_for(worker.stdout.readline(), 60) == b"held\n"
+    await asyncio.sleep(0.8)  # the holder renewed its lease at least twice by now
+    worker.kill()
+    await worker.wait()
+    killed = time.monotonic()
+    locks = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix), wait_s=30,
+                       poll_s=0.01, owns_redis=True)  # fmt: skip
     async with locks.lock(KEY):
-        await asyncio.sleep(0.15)
-    assert "expired after 0.05 s while held" in caplog.text
+        waited = time.monotonic() - killed
     await locks.close()
+    assert waited <= lease_s + 0.3
+
+
+async def test_a_flushed_lock_is_lost_and_said_so(
+    redis_prefix: str, redis: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis flushed while held: another worker may take the lock; the first one's `confirm`
+    fails (so it stores nothing), and no line blames a 300 s timeout."""
+    keys = RedisKeyBuilder(redis_prefix)
+    first = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=0.3, owns_redis=True)
+    second = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=1, owns_redis=True)
+    async with first.lock(KEY) as lease:
+        await delete_redis_keys(redis_prefix)  # what FLUSHDB does to this bot's keys
+        async with second.lock(KEY):
+            with pytest.raises(LeaseLost, match="expired or Redis was flushed or restarted"):
+                await lease.confirm()
+    (line,) = [r.getMessage() for r in caplog.records if "lost the lock of" in r.getMessage()]
+    assert line.endswith("it expired or Redis was flushed or restarted")
+    assert "300" not in caplog.text and "c1" not in caplog.text and "u1" not in caplog.text
+    await first.close()
+    await second.close()
 
 
 async def test_redis_down_falls_back_to_in_process_locks(caplog: pytest.LogCaptureFixture) -> None:
@@ -149,10 +210,11 @@ async def test_redis_down_falls_back_to_in_process_locks(caplog: pytest.LogCaptu
 
 async def test_build_locks_follows_the_settings() -> None:
     plain = Settings(_env_file=None)  # type: ignore[call-arg]
-    shared = Settings(_env_file=None, redis_url=REDIS_URL, lock_timeout_s=42)  # type: ignore[call-arg]
+    shared = Settings(_env_file=None, redis_url=REDIS_URL, lock_timeout_s=42, lock_lease_s=7)  # type: ignore[call-arg]
     assert isinstance(build_locks(plain), InProcessLocks)
     redis_locks = build_locks(shared)
     assert isinstance(redis_locks, RedisLocks)
+    assert (redis_locks._lease_s, redis_locks._wait_s) == (7, 42)
     await redis_locks.close()
 
 
@@ -183,3 +245,48 @@ async def test_two_processes_never_interleave_a_conversation(
         assert [q.text for q, _ in pairs if q.user_id == tag] == [
             f"{tag}-{i}-q" for i in range(cycles)
         ]
+
+
+class FlushingBackend(RecordingBackend):
+    """The first generation: Redis loses the lock (flushed), and another worker takes it and
+    stores a turn of its own before this one finishes."""
+
+    def __init__(self, inner: GenerationBackend, prefix: str) -> None:
+        super().__init__(inner)
+        self.prefix = prefix
+        self.other = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix),
+                                owns_redis=True)  # fmt: skip
+        self.storage: MemoryStorage | None = None
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        if len(self.requests) == 0:
+            assert self.storage is not None
+            await delete_redis_keys(self.prefix)
+            async with self.other.lock(MANAGER_KEY):
+                await self.storage.append(MANAGER_KEY, [user("다른 워커", "u1"), ai("그쪽 답")])
+        return await super().generate(request)
+
+
+MANAGER_KEY = ConversationKey("test", "c1", "u1")
+
+
+async def test_a_turn_whose_lock_was_lost_is_not_stored_over_another(
+    redis_prefix: str, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(tiny_model_dir, tmp_path)
+    backend = FlushingBackend(build_backend(settings), redis_prefix)
+    storage = MemoryStorage()
+    backend.storage = storage
+    locks = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix),
+                       owns_redis=True)  # fmt: skip
+    manager = DialogueManager(settings, storage, backend, locks)
+
+    reply = await manager.handle(message("내 질문", message_id="m1"))
+
+    history = await storage.recent(MANAGER_KEY, 10)
+    assert [turn.text for turn in history] == ["다른 워커", "그쪽 답", "내 질문", reply.text]
+    assert len(backend.requests) == 2  # the first reply was thrown away, not stored
+    assert "다른 워커" in backend.tokenizer.decode(backend.requests[1].prompt_ids)
+    assert "not stored, answering again" in caplog.text
+    await backend.other.close()
+    await manager.close()

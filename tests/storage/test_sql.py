@@ -14,13 +14,13 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Connection, inspect, text
 
 from core.messages import ConversationKey
-from storage.base import StorageError
+from storage.base import Delivery, StorageError, StoredReply
 from storage.sql import Base, SqlStorage, alembic_config, create_engine_for, upgrade_database
 from tests.services import PostgresSchema, asyncpg_dsn, closed_port
 from tests.storage.helpers import ai, database, sqlite_url, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
-HEAD = "0001"
+HEAD = "0002_inbox_outbox"
 
 
 def _schema_report(connection: Connection) -> dict[str, Any]:
@@ -49,7 +49,7 @@ async def test_upgrade_creates_the_schema_and_a_second_upgrade_changes_nothing(
         await upgrade_database(url, connect_args)
         report = await schema_report(url, connect_args)
         assert report == {
-            "tables": ["alembic_version", "conversations", "turns"],
+            "tables": ["alembic_version", "conversations", "inbox", "turns"],
             "version": HEAD,
             "drift": [],  # the models and the migrations describe the same schema
         }
@@ -63,6 +63,49 @@ async def test_upgrade_creates_the_schema_and_a_second_upgrade_changes_nothing(
         storage = await SqlStorage.create(url, connect_args=connect_args)
         assert texts(await storage.recent(KEY, 10)) == ["kept", "kept too"]
         await storage.close()
+
+
+def _upgrade_to(connection: Connection, revision: str) -> None:
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, revision)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+async def test_upgrading_from_0001_keeps_history_and_counts_old_replies_sent(
+    kind: str, tmp_path: Path
+) -> None:
+    """A deployment from before the outbox: its answered messages are not sent again."""
+    async with database(kind, tmp_path) as (url, connect_args):
+        engine = create_engine_for(url, connect_args)
+        async with engine.begin() as connection:
+            await connection.run_sync(_upgrade_to, "0001")
+            await connection.execute(
+                text(
+                    "INSERT INTO conversations (id, platform, chat_id, user_id,"
+                    " context_start_turn_id, created_at) VALUES"
+                    " ('telegram:c1:u1', 'telegram', 'c1', 'u1', 0, CURRENT_TIMESTAMP)"
+                )
+            )
+            for role, words, message_id in (("user", "옛 질문", "m1"), ("ai", "옛 답", "")):
+                await connection.execute(
+                    text(
+                        "INSERT INTO turns (conversation_id, platform, role, text, user_id,"
+                        " message_id, created_at) VALUES ('telegram:c1:u1', 'telegram',"
+                        " :role, :words, 'u1', :message_id, CURRENT_TIMESTAMP)"
+                    ),
+                    {"role": role, "words": words, "message_id": message_id},
+                )
+        await engine.dispose()
+
+        storage = await SqlStorage.create(url, connect_args=connect_args)
+        try:
+            assert texts(await storage.recent(KEY, 10)) == ["옛 질문", "옛 답"]
+            assert await storage.reply_to(KEY, "m1") == StoredReply("옛 답", Delivery.SENT)
+            assert await storage.inbox_pending("telegram") == []
+        finally:
+            await storage.close()
+        assert (await schema_report(url, connect_args))["version"] == HEAD
 
 
 async def test_a_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
