@@ -541,19 +541,32 @@ def retry_after_of(error: discord.HTTPException) -> float:
         return 1.0
 
 
+Posted = Callable[[int], Awaitable[None]]
+
+
+async def _nothing_to_note(_message_id: int) -> None:
+    """The default `on_post`."""
+
+
 def live_reply(
-    message: AnyMessage, interval_s: float, first_after_s: float | None = None
-) -> LiveMessage[discord.Message]:
-    """A reply to `message` that grows by edits (the first post may ping its author)."""
+    message: AnyMessage,
+    interval_s: float,
+    first_after_s: float | None = None,
+    on_post: Posted = _nothing_to_note,
+) -> LiveMessage[AnyMessage]:
+    """A reply to `message` that grows by edits (the first post may ping its author);
+    `on_post` learns the id of the message it streams into."""
     reference = message.to_reference(fail_if_not_exists=False)
 
-    async def post(text: str) -> discord.Message:
+    async def post(text: str) -> AnyMessage:
         with streaming_errors():
-            return await message.channel.send(
+            sent = await message.channel.send(
                 text, reference=reference, allowed_mentions=REPLY_MENTION
             )
+        await on_post(sent.id)
+        return sent
 
-    async def edit(sent: discord.Message, text: str) -> None:
+    async def edit(sent: AnyMessage, text: str) -> None:
         with streaming_errors():
             await sent.edit(content=text, allowed_mentions=REPLY_MENTION)
 
@@ -567,7 +580,7 @@ def live_reply(
 
 
 async def finish_live(
-    live: LiveMessage[discord.Message], message: AnyMessage, reply: Reply
+    live: LiveMessage[AnyMessage], message: AnyMessage, reply: Reply
 ) -> list[str] | None:
     """Edit the streamed message into the reply's first chunk and send the rest (the ids of
     every message of the reply); None when nothing was streamed (or it broke): the reply is
@@ -587,9 +600,7 @@ async def finish_live(
     return sent
 
 
-async def deliver(
-    message: AnyMessage, reply: Reply, live: LiveMessage[discord.Message] | None
-) -> Sent:
+async def deliver(message: AnyMessage, reply: Reply, live: LiveMessage[AnyMessage] | None) -> Sent:
     """Send the reply (finishing the streamed message, if any); how it went."""
     try:
         streamed = None if live is None else await finish_live(live, message, reply)
@@ -709,8 +720,7 @@ class DiscordAdapter:
 
     async def answer(self, message: AnyMessage, incoming: IncomingMessage) -> None:
         """The core's reply to a stored message, sent; the outbox and the inbox updated."""
-        stream = self.settings.stream_replies
-        live = live_reply(message, *self.stream_timing) if stream else None
+        live = self._live(message, incoming) if self.settings.stream_replies else None
         try:
             async with typing_shown(message.channel):
                 reply = await self.manager.handle_stream(incoming, live.update if live else None)
@@ -723,6 +733,20 @@ class DiscordAdapter:
             return
         sent = await deliver(message, without_public_file(reply, incoming.is_private), live)
         await self._record(incoming, reply, sent)
+
+    def _live(self, message: AnyMessage, incoming: IncomingMessage) -> LiveMessage[AnyMessage]:
+        """The streamed reply: in the message a previous run had begun, if any (noted in the
+        inbox), so a restart finishes it instead of leaving it half-written."""
+
+        async def noted(reply_id: int) -> None:
+            await self.inbox.note_streamed(incoming, reply_id)
+
+        live = live_reply(message, *self.stream_timing, on_post=noted)
+        earlier = self.inbox.streamed_before(incoming)
+        if earlier is not None:
+            channel = self.client.get_partial_messageable(int(incoming.chat_id))
+            live.handle = channel.get_partial_message(earlier)
+        return live
 
     async def _record(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
         if reply.pending_delivery and sent.outcome is Outcome.SENT:

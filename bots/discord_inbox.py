@@ -46,6 +46,7 @@ class DiscordInbox:
 
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
+        self._streamed: dict[str, int] = {}  # message id -> the reply a dead run streamed into
 
     async def first_sighting(self, message: IncomingMessage) -> bool:
         """Store the message; False when it was stored before (a replay: nothing to do). When
@@ -64,7 +65,21 @@ class DiscordInbox:
         except StorageError as error:
             log.warning("could not read unfinished messages (%s)", error)
             return []
+        for item in items:
+            if item.note.isdigit():
+                self._streamed[item.item_id] = int(item.note)
         return [decode_incoming(item.payload) for item in items]
+
+    def streamed_before(self, message: IncomingMessage) -> int | None:
+        """The reply message a previous run began streaming into, if any."""
+        return self._streamed.pop(message.message_id, None)
+
+    async def note_streamed(self, message: IncomingMessage, reply_id: int) -> None:
+        """Remember the message a reply streams into (a restart finishes that one)."""
+        try:
+            await self._storage.inbox_note(PLATFORM, message.message_id, str(reply_id))
+        except StorageError as error:
+            log.warning("could not note a streamed message: %s", error)
 
     async def done(self, message: IncomingMessage) -> None:
         try:

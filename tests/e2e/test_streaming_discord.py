@@ -175,3 +175,38 @@ async def test_the_model_commands_as_messages_and_slash_commands(
     assert answers["complete"].startswith("오늘 날씨가")
     assert answers["story"].startswith("옛날 옛적에")
     assert [displayable(text) for text in stored] == [answers["retry"]]  # replaced in storage
+
+
+class DiesMidStream(PacedStream):
+    """Streams the first partial, then the process dies (nothing stored, nothing finished)."""
+
+    __test__ = False
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        yield StreamChunk(PARTIALS[0])
+        await self.fake.wait_for(self._showing(PARTIALS[0]), WAIT_S)
+        raise RuntimeError("the process died here")
+
+
+async def test_a_restart_finishes_the_half_streamed_message(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    options = {"stream_interval_s": 0.05, "stream_first_after_s": 0.0}
+    user = fake.user("재시작")
+    channel = fake.dm_channel_id(user)
+    dying = DiesMidStream(tiny, fake)
+    dying.channel_id = channel
+    async with running_bot(fake, settings, dying, **options):
+        asked = await fake.send_message(user, "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(channel) == [PARTIALS[0]], WAIT_S)
+        await asyncio.sleep(0.1)
+    again = PacedStream(tiny, fake)
+    again.channel_id = channel
+    async with running_bot(fake, settings, again, **options) as harness:
+        await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
+        stored = await stored_replies(harness, channel, user)
+
+    posts = [call for call in operations(fake, channel) if call.method == "POST"]
+    assert [call.body["content"] for call in posts] == [PARTIALS[0]]
+    assert stored == [FINAL] and len(fake.replies_to(asked)) == 1
