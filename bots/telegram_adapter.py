@@ -116,7 +116,6 @@ class TelegramOptions:
     pacing: Pacing = field(default_factory=Pacing)
     typing_interval_s: float = 4.0
     drain_timeout_s: float = 30.0
-    webhook_reply_timeout_s: float = 50.0  # unused: the webhook answers once an update is stored
     max_concurrent_updates: int = 64
     send_attempts: int = 4
     stream_interval_s: float = 1.0

@@ -178,7 +178,6 @@ async def resume_unfinished(inbox: UpdateInbox, dispatcher: UpdateDispatcher) ->
 @dataclass(frozen=True, slots=True)
 class PollingConfig:
     long_poll_s: int = 30
-    busy_poll_s: float = 0.5  # unused since the inbox confirms at once; kept for old options
     error_backoff_s: float = 2.0
     limit: int = 100
 

@@ -8,6 +8,7 @@ only once the fake shows the previous one, so nothing depends on timing.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path

@@ -67,7 +67,7 @@ from tests.e2e.fake_telegram import (
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 ADMIN_ID = 4242
 OPTIONS = TelegramOptions(  # faster group pacing than Telegram's 20 a minute, for quick tests
-    polling=PollingConfig(long_poll_s=10, busy_poll_s=0.05, error_backoff_s=0.1),
+    polling=PollingConfig(long_poll_s=10, error_backoff_s=0.1),
     pacing=Pacing(group=Rate(per_second=20.0, burst=5.0)),
     drain_timeout_s=5.0,
 )
