@@ -14,8 +14,8 @@ from typing import TextIO
 
 from core.app import build_dialogue_manager
 from core.dialogue import DialogueManager
-from core.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.messages import IncomingMessage, Reply
+from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.settings import Settings
 from core.text import to_single_line
 

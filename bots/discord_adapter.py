@@ -69,8 +69,8 @@ from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
-from core.lifecycle import BotServices, InFlight
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.ops.lifecycle import BotServices, InFlight
 from core.settings import Settings, mask_url_password
 from core.text import split_message, utf16_length
 

@@ -61,8 +61,8 @@ from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
-from core.lifecycle import BotServices
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.ops.lifecycle import BotServices
 from core.settings import Settings
 from core.text import split_message, utf16_length
 from core.uses import MODEL_COMMANDS

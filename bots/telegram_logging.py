@@ -9,7 +9,7 @@ of the settings; the adapter installs its own as well, for runs that do not go t
 
 from __future__ import annotations
 
-from core.logging_setup import HTTP_LOGGERS, REDACTED, SecretRedactor
+from core.ops.logs import HTTP_LOGGERS, REDACTED, SecretRedactor
 from core.settings import Settings
 
 __all__ = ["HTTP_LOGGERS", "REDACTED", "SecretRedactor", "telegram_secrets"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.metrics import Registry, format_value
-from tests.ops.helpers import check_histograms, parse_exposition, sample
+from core.ops.metrics import Registry, format_value
+from tests.core.ops.helpers import check_histograms, parse_exposition, sample
 
 
 def test_counters_gauges_and_histograms_render_in_the_text_format() -> None:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.generation.fake_openai import Answer, completion_json
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 REPLY = "안녕하세요! 반가워요."
 START_TIMEOUT_S = 120.0
 

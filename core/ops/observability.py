@@ -11,7 +11,7 @@ message text is never logged).
   when KOBOT_REDIS_URL is set), model (loaded), platform (the adapter says it is connected).
   200 when everything passes, 503 while starting, stopping or when a check fails.
 * `GET /livez`: 200 while the process serves HTTP at all.
-* `GET /metrics`: Prometheus text format (see `core.metrics`).
+* `GET /metrics`: Prometheus text format (see `core.ops.metrics`).
 
 Every key of the backend's `stats()` (KV-cache use, batch size, engine steps...) becomes
 `kobot_backend_<key>` (a counter when it ends in `_total`); a backend without figures exposes
@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from aiohttp import web
 
 from core.errors import StartupError
-from core.logging_setup import SecretRedactor, UserIds, settings_secrets
-from core.metrics import CONTENT_TYPE, Counter, Gauge, Metric, Registry
+from core.ops.logs import SecretRedactor, UserIds, settings_secrets
+from core.ops.metrics import CONTENT_TYPE, Counter, Gauge, Metric, Registry
 from core.settings import Settings
 
 if TYPE_CHECKING:

@@ -14,11 +14,11 @@ import pytest
 from core.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.generation.factory import build_backend
-from core.logging_setup import JsonFormatter
-from core.observability import OpsServer
+from core.ops.logs import JsonFormatter
+from core.ops.observability import OpsServer
 from core.settings import Settings
 from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
-from tests.ops.helpers import check_histograms, http_get, parse_exposition, sample
+from tests.core.ops.helpers import check_histograms, http_get, parse_exposition, sample
 from tests.services import REDIS_URL, closed_port, require_redis
 
 CANARY = "canary-redis-password-7d1f"
@@ -167,7 +167,7 @@ async def test_one_event_per_turn_with_timing_and_hashed_ids(
 
 
 def test_plain_ids_when_the_admin_asks(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from core.logging_setup import UserIds
+    from core.ops.logs import UserIds
 
     settings = make_settings(tiny_model_dir, tmp_path, log_user_ids="plain")
     assert UserIds.from_settings(settings)("telegram", "42") == "42"

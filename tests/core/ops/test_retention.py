@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from core.cli import main as cli_main
-from core.lifecycle import BotServices
 from core.messages import ConversationKey, Role, Turn
-from core.retention import RetentionPurge
+from core.ops.lifecycle import BotServices
+from core.ops.retention import RetentionPurge
 from storage.base import Storage
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
 from tests.core.dialogue_helpers import make_settings
-from tests.ops.helpers import eventually
+from tests.core.ops.helpers import eventually
 from tests.services import REDIS_URL
 from tests.storage.helpers import database, sqlite_url
 
