@@ -48,7 +48,7 @@ from core.generation.tokenizer import (
     tokenizer_from_source,
 )
 from core.settings import DEFAULT_PERSONA
-from core.training_data import (
+from core.training.data import (
     IGNORE,
     Example,
     ExampleBuilder,
