@@ -12,7 +12,7 @@ from itertools import count
 from pathlib import Path
 from typing import TextIO
 
-from core.app import build_dialogue_manager
+from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.messages import IncomingMessage, Reply
 from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel

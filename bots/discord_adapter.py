@@ -64,8 +64,8 @@ from discord.abc import Messageable
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
+from bots.app import build_dialogue_manager
 from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
-from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command
 from core.dialogue import DialogueManager
 from core.errors import StartupError

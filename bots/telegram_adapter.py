@@ -36,6 +36,7 @@ from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
+from bots.app import build_dialogue_manager
 from bots.streaming import EditFailed, LiveMessage
 from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
 from bots.telegram_logging import SecretRedactor, telegram_secrets
@@ -57,7 +58,6 @@ from bots.telegram_updates import (
     WebhookServer,
 )
 from core import commands as texts
-from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue import DialogueManager
 from core.errors import StartupError

@@ -26,6 +26,7 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bots.app import build_dialogue_manager
 from bots.discord_adapter import (
     FILE_IN_PRIVATE,
     MISSING_INTENT,
@@ -38,7 +39,6 @@ from bots.discord_adapter import (
     displayable,
 )
 from core import commands as texts
-from core.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.errors import StartupError
 from core.generation.base import (
@@ -560,7 +560,7 @@ async def test_kobot_discord_command_answers_and_stops_on_sigterm(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "core.cli",
+        "bots.cli",
         "discord",
         cwd=tmp_path,
         env=env,

@@ -53,7 +53,7 @@ class Kobot:
     @classmethod
     async def start(cls, args: list[str], env: Mapping[str, str], cwd: Path) -> Kobot:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "core.cli", *args, cwd=cwd, env=dict(env),
+            sys.executable, "-m", "bots.cli", *args, cwd=cwd, env=dict(env),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -106,7 +106,7 @@ def run_kobot(
     import subprocess
 
     done = subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], input=stdin, capture_output=True, text=True,
+        [sys.executable, "-m", "bots.cli", *args], input=stdin, capture_output=True, text=True,
         cwd=cwd, env=dict(env), timeout=timeout_s, check=False,
     )  # fmt: skip
     return done.stdout, done.stderr, done.returncode

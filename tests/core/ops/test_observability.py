@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.app import build_dialogue_manager
+from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.generation.factory import build_backend
 from core.ops.logs import JsonFormatter

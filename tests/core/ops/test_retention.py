@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import main as cli_main
+from bots.cli import main as cli_main
 from core.messages import ConversationKey, Role, Turn
 from core.ops.lifecycle import BotServices
 from core.ops.retention import RetentionPurge
@@ -86,7 +86,7 @@ async def test_the_schedule_purges_again_every_interval(storage: Storage) -> Non
 async def test_bot_processes_run_the_purge_when_retention_is_set(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from core.app import build_dialogue_manager
+    from bots.app import build_dialogue_manager
 
     settings = make_settings(
         tiny_model_dir, tmp_path, history_retention_days=30, history_purge_interval_s=1

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.app import build_dialogue_manager
-from core.cli import main as cli_main
+from bots.app import build_dialogue_manager
+from bots.cli import main as cli_main
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ReplyKind, Role, Turn
 from core.prompt import PromptBuilder
