@@ -28,7 +28,7 @@ from core.messages import (
     Role,
     Turn,
 )
-from core.ops.observability import TurnObserver
+from core.ops.turns import TurnObserver
 from core.prompt import STOP_STRINGS, PromptBuilder
 from core.ratelimit import RateLimiter
 from core.settings import Settings

@@ -15,7 +15,7 @@ from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.generation.factory import build_backend
 from core.ops.logs import JsonFormatter
-from core.ops.observability import OpsServer
+from core.ops.server import OpsServer
 from core.settings import Settings
 from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
 from tests.core.ops.helpers import check_histograms, http_get, parse_exposition, sample
