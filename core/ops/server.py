@@ -20,74 +20,41 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from core.errors import StartupError
 from core.ops.health import CHECK_TIMEOUT_S, Check, PlatformProbe, ping_storage, timed_check
 from core.ops.logs import SecretRedactor, settings_secrets
-from core.ops.metrics import CONTENT_TYPE, Counter, Gauge, Metric, Registry
+from core.ops.metrics import (
+    CONTENT_TYPE,
+    LiveFigures,
+    MetricSet,
+    app_registry,
+    backend_figures,
+    backend_metrics,
+    exposition,
+    gauge,
+    gpu_metrics,
+)
 from core.settings import Settings
 
 if TYPE_CHECKING:
     from core.dialogue import DialogueManager
-    from core.generation.base import GenerationBackend
 
 log = logging.getLogger(__name__)
-
-_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_]")
-
-# --- backend figures --------------------------------------------------------------------------
-
-
-def backend_figures(backend: GenerationBackend | None) -> dict[str, float]:
-    """The backend's public `stats()` (engine steps, KV-cache use…), none before it exists."""
-    if backend is None:
-        return {}
-    return {str(key): float(value) for key, value in backend.stats().items()}
-
-
-def backend_metrics(figures: Mapping[str, float]) -> list[Metric]:
-    metrics: list[Metric] = []
-    for key, value in sorted(figures.items()):
-        name = f"kobot_backend_{_NAME_CHARS.sub('_', key)}"
-        help_text = f"Reported by the generation backend: {key}"
-        metric: Counter | Gauge
-        if key.endswith("_total"):
-            metric = Counter(name, help_text)
-            metric.inc(max(value, 0.0))
-        else:
-            metric = Gauge(name, help_text)
-            metric.set(value)
-        metrics.append(metric)
-    return metrics
-
-
-def gpu_metrics() -> list[Metric]:
-    """CUDA memory per device, only when torch already initialised CUDA (a scrape never does)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return []
-    allocated = Gauge(
-        "kobot_gpu_memory_allocated_bytes", "CUDA memory held by tensors", ("device",)
-    )
-    reserved = Gauge(
-        "kobot_gpu_memory_reserved_bytes", "CUDA memory reserved by torch", ("device",)
-    )
-    for index in range(torch.cuda.device_count()):
-        allocated.set(torch.cuda.memory_allocated(index), device=f"cuda:{index}")
-        reserved.set(torch.cuda.memory_reserved(index), device=f"cuda:{index}")
-    return [allocated, reserved]
 
 
 def manager_metrics(manager: DialogueManager) -> list[Metric]:
     """Live figures read at scrape time."""
-    depth = Gauge("kobot_in_flight", "Chat turns in progress (waiting for a lock or generating)")
-    depth.set(manager.stats.in_flight)
+    depth = gauge(
+        "kobot_in_flight",
+        "Chat turns in progress (waiting for a lock or generating)",
+        manager.stats.in_flight,
+    )
     return [depth, *backend_metrics(backend_figures(manager.backend)), *gpu_metrics()]
 
 
@@ -109,14 +76,16 @@ class OpsServer:
         self.stopping = stopping or asyncio.Event()
         self.manager: DialogueManager | None = None
         self.probe: PlatformProbe | None = None
-        self.registry = Registry()
-        self.purged = self.registry.counter(
+        own = MetricSet()
+        self.purged = own.counter(
             "kobot_retention_purged_turns_total", "Turns deleted by KOBOT_HISTORY_RETENTION_DAYS"
         )
+        self.registry = app_registry()
+        self.registry.register(own)
+        self.registry.register(LiveFigures(self._state_metrics))
         self._redactor = SecretRedactor(settings_secrets(settings))
         self._redis: Any = None
         self._runner: web.AppRunner | None = None
-        self.registry.collect_with(self._state_metrics)
 
     # lifecycle
 
@@ -152,7 +121,11 @@ class OpsServer:
             self._redis = None
 
     def attach(self, manager: DialogueManager) -> None:
+        """The manager is ready: its turn metrics join this process's registry."""
+        if self.manager is not None:
+            self.registry.unregister(self.manager.observer.metrics)
         self.manager = manager
+        self.registry.register(manager.observer.metrics)
 
     def attach_platform(self, probe: PlatformProbe) -> None:
         self.probe = probe
@@ -213,18 +186,15 @@ class OpsServer:
     # metrics
 
     def metrics_text(self) -> str:
-        parts = [self.registry.expose()]
-        if self.manager is not None:
-            parts.append(self.manager.observer.registry.expose())
-        return "".join(parts)
+        return exposition(self.registry)
 
     def _state_metrics(self) -> Iterable[Metric]:
-        loaded = Gauge("kobot_model_loaded", "1 once the model is loaded and serving")
-        loaded.set(1 if self.manager is not None and not self.stopping.is_set() else 0)
-        connected = Gauge(
-            "kobot_platform_connected", "1 while the adapter is connected", ("platform",)
+        serving = 1.0 if self.manager is not None and not self.stopping.is_set() else 0.0
+        loaded = gauge("kobot_model_loaded", "1 once the model is loaded and serving", serving)
+        connected = GaugeMetricFamily(
+            "kobot_platform_connected", "1 while the adapter is connected", labels=["platform"]
         )
-        connected.set(self._connected(), platform=self.platform)
+        connected.add_metric([self.platform], self._connected())
         metrics: list[Metric] = [loaded, connected]
         if self.manager is not None:
             metrics.extend(manager_metrics(self.manager))

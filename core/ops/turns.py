@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from core.ops.logs import UserIds
-from core.ops.metrics import Registry
+from core.ops.metrics import MetricSet, total
 from core.settings import Settings
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from core.trimming import TrimmedPrompt
 
 turn_log = logging.getLogger("kobot.turn")
+UNHANDLED = "unhandled"
 
 GENERATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
@@ -46,6 +47,7 @@ class TurnRecord:
     generation_s: float | None = None
     finish_reason: str = ""
     error: str = ""
+    command: bool = False
 
     @property
     def kind(self) -> str:
@@ -57,13 +59,35 @@ class TurnRecord:
 _current_turn: ContextVar[TurnRecord | None] = ContextVar("kobot_current_turn", default=None)
 
 
+@dataclass
+class TurnCounts:
+    """What `/stats` shows that `/metrics` does not: commands, and chat replies (trimmed or not)
+    to chat messages (`kobot_replies_total{kind="chat"}` also counts /complete, /story, /retry)."""
+
+    commands: int = 0
+    replies: int = 0
+    trimmed: int = 0
+
+
+@dataclass(frozen=True)
+class TurnTotals:
+    """`/stats`: messages handled, chat replies, commands, errors answered, trimmed messages."""
+
+    messages: int
+    replies: int
+    commands: int
+    errors: int
+    trimmed: int
+
+
 class TurnObserver:
     """Metrics and one log event per turn; the dialogue manager calls it at a few points."""
 
     def __init__(self, settings: Settings | None = None) -> None:
-        self.registry = Registry()
+        self.metrics = MetricSet()
         self.user_ids = UserIds.from_settings(settings) if settings is not None else UserIds()
-        r = self.registry
+        self.counts = TurnCounts()
+        r = self.metrics
         self.messages = r.counter(
             "kobot_messages_received_total", "Messages handed to the dialogue manager", "platform"
         )
@@ -105,14 +129,14 @@ class TurnObserver:
             self.user_ids(message.platform, message.chat_id),
             time.perf_counter(),
         )
-        self.messages.inc(platform=message.platform)
+        self.messages.labels(platform=message.platform).inc()
         token = _current_turn.set(record)
         try:
             yield record
         except BaseException as error:
             record.error = type(error).__name__
             if not isinstance(error, asyncio.CancelledError | GeneratorExit):
-                self.errors.inc(type="unhandled")
+                self.errors.labels(type=UNHANDLED).inc()
             raise
         finally:
             _current_turn.reset(token)
@@ -132,8 +156,15 @@ class TurnObserver:
             record.dropped_turns, record.generation_s = prompt.dropped_turns, seconds
             record.finish_reason = str(result.finish_reason)
 
+    def command(self) -> None:
+        """The message in this turn is a command (counted for `/stats`)."""
+        self.counts.commands += 1
+        record = _current_turn.get()
+        if record is not None:
+            record.command = True
+
     def error(self, kind: str) -> None:
-        self.errors.inc(type=kind)
+        self.errors.labels(type=kind).inc()
         record = _current_turn.get()
         if record is not None:
             record.error = kind
@@ -141,11 +172,21 @@ class TurnObserver:
     def _finish(self, record: TurnRecord) -> None:
         seconds = time.perf_counter() - record.started
         kind = record.kind
-        self.replies.inc(platform=record.platform, kind=kind)
-        self.latency.observe(seconds, platform=record.platform, kind=kind)
+        self.replies.labels(platform=record.platform, kind=kind).inc()
+        self.latency.labels(platform=record.platform, kind=kind).observe(seconds)
+        if kind == "chat" and not record.command and record.reply is not None:
+            self.counts.replies += 1
+            self.counts.trimmed += record.reply.trimmed
         fields = self._fields(record, kind, seconds)
         summary = " ".join(f"{key}={value}" for key, value in fields.items() if value != "")
         turn_log.info("turn %s", summary, extra={"event": "turn", "fields": fields})
+
+    def totals(self) -> TurnTotals:
+        """What `/stats` shows, read from the counters above (each event is counted once)."""
+        errors = total(self.errors) - total(self.errors, type=UNHANDLED)
+        messages = int(total(self.messages))
+        counts = self.counts
+        return TurnTotals(messages, counts.replies, counts.commands, int(errors), counts.trimmed)
 
     @staticmethod
     def _fields(record: TurnRecord, kind: str, seconds: float) -> dict[str, Any]:

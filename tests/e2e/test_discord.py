@@ -415,7 +415,7 @@ async def test_reconnect_and_resume_mid_conversation_keeps_context(harness: Harn
     assert contains_run(harness.backend.requests[-1].prompt_ids, earlier_line)  # in the prompt
 
     await fake.dispatch("MESSAGE_CREATE", buffered)  # a replay of an answered message
-    await fake.wait_for(lambda: harness.manager.stats.messages == 4, WAIT_S)
+    await fake.wait_for(lambda: harness.manager.observer.totals().messages == 4, WAIT_S)
     barrier = await fake.send_message(user, "네 번째 말")
     await harness.replies(barrier)
     assert len(fake.replies_to(buffered)) == 1

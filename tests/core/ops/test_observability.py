@@ -147,6 +147,10 @@ async def test_metrics_count_turns_by_platform_and_expose_backend_figures(
     assert sample(samples, "kobot_backend_batch_size") == 2
     assert types["kobot_backend_steps_total"] == "counter"
     assert types["kobot_errors_total"] == "counter"
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    totals = manager.observer.totals()  # /stats reads the same counters as /metrics
+    assert (totals.messages, totals.replies, totals.commands, totals.trimmed) == (4, 3, 1, 1)
+    assert "메시지 4 / 답장 3 / 명령 1 / 오류 0 / 잘린 메시지 1" in await manager.stats_text()
 
 
 async def test_one_event_per_turn_with_timing_and_hashed_ids(
