@@ -513,6 +513,13 @@ class SqlStorage(Storage):
         async with self._transaction("counting") as session:
             return {name: (await session.execute(q)).scalar_one() for name, q in queries.items()}
 
+    async def ping(self) -> str:
+        """`SELECT 1` on a connection of the pool; the dialect's name (`sqlite`, `postgresql`)."""
+        with driver_errors("pinging the database"):
+            async with self._engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        return str(self._engine.dialect.name)
+
     async def close(self) -> None:
         with driver_errors("closing the database"):
             await self._engine.dispose()

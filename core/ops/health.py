@@ -10,10 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from storage.base import Storage
+from typing import Any, Protocol, runtime_checkable
 
 CHECK_TIMEOUT_S = 3.0
 
@@ -57,18 +54,3 @@ async def timed_check(probe: Callable[[], Awaitable[str]], timeout_s: float) -> 
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
-
-
-async def ping_storage(storage: Storage) -> str:
-    """`SELECT 1` on the SQL engine under any cache layer; other storages answer by existing."""
-    from sqlalchemy import text
-
-    inner: object = storage
-    while hasattr(inner, "inner"):
-        inner = inner.inner
-    engine = getattr(inner, "engine", None)
-    if engine is None:
-        return type(inner).__name__
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
-    return str(engine.dialect.name)

@@ -2,7 +2,7 @@
 
 `OpsServer` is a small aiohttp server on KOBOT_METRICS_HOST:KOBOT_METRICS_PORT (0 = off):
 
-* `GET /healthz`: JSON `{"status": ..., "checks": {...}}`: storage (a `SELECT 1`), Redis (PING,
+* `GET /healthz`: JSON `{"status": ..., "checks": {...}}`: storage (`Storage.ping()`), Redis (PING,
   when KOBOT_REDIS_URL is set), model (loaded), platform (the adapter says it is connected).
   200 when everything passes, 503 while starting, stopping or when a check fails.
 * `GET /livez`: 200 while the process serves HTTP at all.
@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from core.errors import StartupError
-from core.ops.health import CHECK_TIMEOUT_S, Check, PlatformProbe, ping_storage, timed_check
+from core.ops.health import CHECK_TIMEOUT_S, Check, PlatformProbe, timed_check
 from core.ops.logs import SecretRedactor, settings_secrets
 from core.ops.metrics import (
     CONTENT_TYPE,
@@ -147,7 +147,7 @@ class OpsServer:
 
     def _checks(self, manager: DialogueManager) -> dict[str, Callable[[], Awaitable[str]]]:
         checks: dict[str, Callable[[], Awaitable[str]]] = {
-            "storage": lambda: ping_storage(manager.storage),
+            "storage": manager.storage.ping,
             "model": lambda: self._model(manager),
             "platform": self._platform,
         }
