@@ -30,7 +30,7 @@ COPY bots ./bots
 COPY storage ./storage
 # torch is installed already, so pip keeps that build (CPU or CUDA) and adds the rest from PyPI
 RUN pip install . \
-    && python -c "import torch, core.cli; print('torch', torch.__version__)"
+    && python -c "import torch, bots.cli; print('torch', torch.__version__)"
 
 # --- runtime: the environment only, as an unprivileged user -------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime

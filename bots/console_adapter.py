@@ -13,10 +13,12 @@ from itertools import count
 from pathlib import Path
 from typing import TextIO
 
-from core.app import build_dialogue_manager
+from bots import terminal
+from bots.app import build_dialogue_manager
+from bots.terminal import next_or_stop
 from core.dialogue import DialogueManager
-from core.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.messages import IncomingMessage, Reply
+from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.settings import Settings
 from core.streaming import PartialCallback
 from core.text import to_single_line
@@ -91,20 +93,6 @@ class ConsoleAdapter:
             print(reply, file=self.out, flush=True)
 
 
-async def next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
-    """The next line, or None when the lines end or `stop` is set first."""
-    reading = asyncio.ensure_future(anext(lines, None))
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if not reading.done():
-        reading.cancel()
-        return None
-    return reading.result()
-
-
 def _stdin_chunks() -> Iterator[str]:
     """Decoded pieces of standard input, read from the file descriptor itself: a daemon thread
     blocked here holds no lock of `sys.stdin`'s buffer, which interpreter shutdown would need."""
@@ -147,9 +135,7 @@ async def _stdin_lines() -> AsyncIterator[str]:
 async def run_console(
     settings: Settings, user: str, interactive: bool, stop: asyncio.Event | None = None
 ) -> None:
-    """Chat until the input ends or SIGTERM/SIGINT (see `core.lifecycle`)."""
-    from bots import terminal
-
+    """Chat until the input ends or SIGTERM/SIGINT (see `core.ops.lifecycle`)."""
     async with BotServices(settings, PLATFORM, stop) as services:
         if services.stop.is_set():
             return

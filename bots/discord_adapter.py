@@ -71,15 +71,15 @@ from discord.abc import Messageable
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
+from bots.app import build_dialogue_manager
 from bots.discord_inbox import DiscordInbox
 from bots.outbox import Outcome, Sent
 from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
-from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
-from core.lifecycle import BotServices, InFlight
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
+from core.ops.lifecycle import BotServices, InFlight
 from core.settings import Settings, mask_url_password
 from core.text import split_message, utf16_length
 

@@ -41,6 +41,7 @@ from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
+from bots.app import build_dialogue_manager
 from bots.outbox import Outcome, Sent
 from bots.streaming import EditFailed, LiveMessage
 from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
@@ -67,13 +68,12 @@ from bots.telegram_updates import (
     resume_unfinished,
 )
 from core import commands as texts
-from core.app import build_dialogue_manager
 from core.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue import DialogueManager
 from core.errors import StartupError
-from core.lifecycle import BotServices
-from core.logging_setup import UserIds
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
+from core.ops.lifecycle import BotServices
+from core.ops.logs import UserIds
 from core.settings import Settings
 from core.text import split_message, utf16_length
 from core.uses import MODEL_COMMANDS
@@ -533,7 +533,7 @@ async def run_telegram(
     """Check the token first (before the model loads), then serve until stopped.
 
     SIGTERM/SIGINT (or `stop`): no new updates, running ones finish within
-    KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close (see `core.lifecycle`).
+    KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close (see `core.ops.lifecycle`).
     """
     options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
     async with BotServices(settings, "telegram", stop) as services:

@@ -26,8 +26,8 @@ from telegram.warnings import PTBDeprecationWarning
 
 from bots.outbox import Outcome, Sent
 from bots.streaming import EditFailed, FloodWait
-from core.logging_setup import UserIds
 from core.messages import Attachment
+from core.ops.logs import UserIds
 
 log = logging.getLogger(__name__)
 Clock = Callable[[], float]

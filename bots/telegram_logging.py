@@ -3,13 +3,13 @@
 The token is part of every Bot API URL, and httpx logs request URLs at INFO. Two guards: the
 httpx/httpcore loggers are held at WARNING or above, and a filter on those loggers and on the
 root logger's handlers replaces any secret in a record (message, arguments, traceback) by `***`.
-The filter is `core.logging_setup.SecretRedactor`, which `kobot` also installs for every secret
+The filter is `core.ops.logs.SecretRedactor`, which `kobot` also installs for every secret
 of the settings; the adapter installs its own as well, for runs that do not go through `kobot`.
 """
 
 from __future__ import annotations
 
-from core.logging_setup import HTTP_LOGGERS, REDACTED, SecretRedactor
+from core.ops.logs import HTTP_LOGGERS, REDACTED, SecretRedactor
 from core.settings import Settings
 
 __all__ = ["HTTP_LOGGERS", "REDACTED", "SecretRedactor", "telegram_secrets"]

@@ -7,7 +7,7 @@
   at an empty prompt it says how to quit, and a second one quits, like Ctrl-D.
 * `run_terminal` is the loop: a line in, a streamed reply out. Ctrl-C while a reply is being
   generated stops that reply (nothing of it is stored) and returns to the prompt; SIGTERM
-  still stops the chat gracefully (`core.lifecycle`).
+  still stops the chat gracefully (`core.ops.lifecycle`).
 * `status_line` names the model, device and dtype; `quiet_start` keeps log lines (at INFO) and
   the weight-loading bar off the screen, so nothing interleaves with the conversation.
 """
@@ -19,17 +19,39 @@ import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
-from bots.console_adapter import ConsoleAdapter, next_or_stop
 from core.generation.base import BackendInfo
-from core.lifecycle import Abandoned, BotServices, finish_or_cancel
-from core.logging_setup import quiet_stderr
+from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
+from core.ops.logs import quiet_stderr
+from core.streaming import PartialCallback
 
 if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyBindings
 
 log = logging.getLogger(__name__)
+
+
+class Answers(Protocol):
+    """What the terminal loop talks to (the console adapter)."""
+
+    async def answer(self, text: str, on_partial: PartialCallback | None = None) -> str: ...
+
+
+async def next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
+    """The next line, or None when the lines end or `stop` is set first."""
+    reading = asyncio.ensure_future(anext(lines, None))
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not reading.done():
+        reading.cancel()
+        return None
+    return reading.result()
+
+
 BANNER = (
     "kobot 콘솔 채팅입니다. /help 로 사용법을, Ctrl-C 로 답을 멈추고, Ctrl-D 로 종료합니다. "
     "(Ctrl-C stops a reply, Ctrl-D quits.)"
@@ -147,7 +169,7 @@ def _keys() -> KeyBindings:
 
 
 async def run_terminal(
-    adapter: ConsoleAdapter,
+    adapter: Answers,
     lines: AsyncIterator[str],
     services: BotServices,
     out: TextIO = sys.stdout,
@@ -157,7 +179,7 @@ async def run_terminal(
 
 
 async def _answer_lines(
-    adapter: ConsoleAdapter, lines: AsyncIterator[str], services: BotServices, out: TextIO
+    adapter: Answers, lines: AsyncIterator[str], services: BotServices, out: TextIO
 ) -> None:
     while not services.stop.is_set():
         line = await next_or_stop(lines, services.stop)
@@ -167,7 +189,7 @@ async def _answer_lines(
             return
 
 
-async def _turn(adapter: ConsoleAdapter, line: str, services: BotServices, out: TextIO) -> bool:
+async def _turn(adapter: Answers, line: str, services: BotServices, out: TextIO) -> bool:
     """One streamed reply; Ctrl-C stops it. False when the chat is stopping."""
     view = TerminalReply(out)
     answering = asyncio.create_task(adapter.answer(line, view.update))

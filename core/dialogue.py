@@ -28,7 +28,7 @@ from core.messages import (
     Role,
     Turn,
 )
-from core.observability import TurnObserver
+from core.ops.turns import TurnObserver
 from core.prompt import STOP_STRINGS, PromptBuilder
 from core.ratelimit import RateLimiter
 from core.reply_filter import ReplyGuard
@@ -46,11 +46,8 @@ LEASE_ATTEMPTS = 2
 
 @dataclass
 class DialogueStats:
-    messages: int = 0
-    replies: int = 0
-    commands: int = 0
-    trimmed: int = 0
-    errors: int = 0
+    """Live figures; what was counted (messages, replies, errors…) is the observer's."""
+
     in_flight: int = 0
 
 
@@ -159,16 +156,14 @@ class DialogueManager:
             return await self.handle(message)
 
     async def _handle(self, message: IncomingMessage) -> Reply:
-        self.stats.messages += 1
         command = parse_command(message.text)
         try:
             if command is not None:
-                self.stats.commands += 1
+                self.observer.command()
                 return await self._run_command(message, command)
             return await self._chat(message)
         except StorageError:
             log.exception("storage failed while handling a message")
-            self.stats.errors += 1
             self.observer.error("storage")
             return Reply(texts.STORAGE_FAILED, ReplyKind.ERROR)
 
@@ -295,7 +290,6 @@ class DialogueManager:
 
     def _generation_failed(self, error: GenerationError) -> Reply:
         log.warning("generation failed: %s", error)
-        self.stats.errors += 1
         self.observer.error(f"generation_{error.kind}")
         text = texts.GENERATION_FAILED.get(str(error.kind), texts.GENERATION_FAILED["default"])
         return Reply(text, ReplyKind.ERROR)
@@ -305,10 +299,8 @@ class DialogueManager:
         return [user, Turn(Role.AI, reply, message.user_id)]
 
     def _chat_reply(self, reply_text: str, prompt: TrimmedPrompt, cut_before: bool) -> Reply:
-        self.stats.replies += 1
         trimmed = prompt.newest_trimmed or cut_before
         if trimmed:
-            self.stats.trimmed += 1
             reply_text = texts.TRIMMED_NOTE + reply_text
         return Reply(reply_text, ReplyKind.CHAT, trimmed=trimmed)
 
@@ -404,11 +396,11 @@ class DialogueManager:
 
     async def stats_text(self) -> str:
         stored = await self.storage.stats()
-        live = self.stats
+        live = self.observer.totals()
         return (
             f"메시지 {live.messages} / 답장 {live.replies} / 명령 {live.commands} / "
             f"오류 {live.errors} / 잘린 메시지 {live.trimmed}\n"
-            f"처리 중 {live.in_flight}\n"
+            f"처리 중 {self.stats.in_flight}\n"
             f"저장됨: 대화 {stored.get('conversations', 0)}, 턴 {stored.get('turns', 0)}, "
             f"사용자 {stored.get('users', 0)}"
         )

@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import LockError, LockNotOwnedError
 
-from core.logging_setup import UserIds
 from core.messages import ConversationKey
+from core.ops.logs import UserIds
 from storage.redis_cache import (
     REDIS_ERRORS,
     RedisKeyBuilder,

@@ -168,5 +168,11 @@ class Storage(abc.ABC):
     async def stats(self) -> dict[str, int]:
         """Counts for admins: at least `turns`, `users`, `conversations`."""
 
+    async def ping(self) -> str:
+        """Reach the store now (health checks): a short description of it, or raise.
+
+        A store that holds no connection answers by existing."""
+        return type(self).__name__
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""

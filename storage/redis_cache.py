@@ -536,6 +536,10 @@ class RedisCachedStorage(Storage):
     async def stats(self) -> dict[str, int]:
         return await self._inner.stats()
 
+    async def ping(self) -> str:
+        """The store of record's answer (Redis has a health check of its own)."""
+        return await self._inner.ping()
+
     async def close(self) -> None:
         try:
             await self._inner.close()

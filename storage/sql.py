@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+import time
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -202,12 +203,29 @@ def describe_database(url: str | URL) -> str:
 # --- engines ----------------------------------------------------------------------------------
 
 
+WAL_ATTEMPTS = 20
+
+
+def _enable_wal(cursor: Any) -> None:
+    """Switch a new file to WAL. SQLite answers "database is locked" without waiting on the
+    busy timeout when processes opening a fresh file race for that switch; the loser retries
+    (briefly, at start-up only) and then finds the file in WAL already."""
+    for attempt in range(1, WAL_ATTEMPTS + 1):
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except Exception as error:
+            if "locked" not in str(error) or attempt == WAL_ATTEMPTS:
+                raise
+            time.sleep(0.05 * attempt)
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     """WAL lets readers and a writer from several processes share the file."""
     dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, see `_sqlite_on_begin`
     cursor = dbapi_connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-    cursor.execute("PRAGMA journal_mode = WAL")
+    _enable_wal(cursor)
     cursor.execute("PRAGMA synchronous = FULL")
     cursor.execute("PRAGMA foreign_keys = ON")
     cursor.close()
@@ -665,6 +683,13 @@ class SqlStorage(Storage):
         }
         async with self._transaction("counting") as session:
             return {name: (await session.execute(q)).scalar_one() for name, q in queries.items()}
+
+    async def ping(self) -> str:
+        """`SELECT 1` on a connection of the pool; the dialect's name (`sqlite`, `postgresql`)."""
+        with driver_errors("pinging the database"):
+            async with self._engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+        return str(self._engine.dialect.name)
 
     async def close(self) -> None:
         with driver_errors("closing the database"):

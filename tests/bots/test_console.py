@@ -28,7 +28,7 @@ def run_chat(
         "OMP_NUM_THREADS": "1",
     }
     return subprocess.run(
-        [sys.executable, "-m", "core.cli", "chat", *args],
+        [sys.executable, "-m", "bots.cli", "chat", *args],
         input=stdin,
         capture_output=True,
         text=True,

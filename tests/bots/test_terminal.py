@@ -14,7 +14,7 @@ from pathlib import Path
 import pexpect
 
 from bots.terminal import EXIT_HINT, STOPPED_NOTE, TerminalReply, rows_taken
-from core.lifecycle import Shutdown
+from core.ops.lifecycle import Shutdown
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PROMPT_DONE = "\x1b[?2004l"  # prompt_toolkit leaves bracketed paste mode: a line was entered
@@ -39,7 +39,7 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
     )
     return pexpect.spawn(
         sys.executable,
-        ["-m", "core.cli", "chat"],
+        ["-m", "bots.cli", "chat"],
         env=env,
         cwd=str(workdir),
         encoding="utf-8",

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from core.app import build_dialogue_manager
+from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.generation.base import (
     BackendInfo,

@@ -26,6 +26,7 @@ import pytest
 from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
+from bots.app import build_dialogue_manager
 from bots.discord_adapter import (
     FILE_IN_PRIVATE,
     MISSING_INTENT,
@@ -38,7 +39,6 @@ from bots.discord_adapter import (
     displayable,
 )
 from core import commands as texts
-from core.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.errors import StartupError
 from core.generation.base import (
@@ -418,7 +418,8 @@ async def test_reconnect_and_resume_mid_conversation_keeps_context(harness: Harn
     barrier = await fake.send_message(user, "네 번째 말")
     await harness.replies(barrier)
     assert len(fake.replies_to(buffered)) == 1
-    assert harness.manager.stats.messages == 4  # the replay never reached the core (the inbox)
+    # the replay never reached the core (the inbox)
+    assert harness.manager.observer.totals().messages == 4
 
 
 async def test_a_429_with_via_is_retried_by_discord_py(harness: Harness) -> None:
@@ -560,7 +561,7 @@ async def test_kobot_discord_command_answers_and_stops_on_sigterm(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "core.cli",
+        "bots.cli",
         "discord",
         cwd=tmp_path,
         env=env,

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 
+from bots.app import build_dialogue_manager
 from bots.telegram_adapter import chunks
-from core.app import build_dialogue_manager
 from core.generation.base import (
     FinishReason,
     GenerationBackend,

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from bots.app import build_dialogue_manager
+from bots.cli import main as cli_main
 from bots.telegram_adapter import (
     EXPORT_NEEDS_PRIVATE_CHAT,
     EXPORT_SENT_PRIVATELY,
@@ -35,8 +37,6 @@ from bots.telegram_delivery import Pacing, Rate, TokenBucket
 from bots.telegram_routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
 from bots.telegram_updates import PollingConfig
 from core import commands as texts
-from core.app import build_dialogue_manager
-from core.cli import main as cli_main
 from core.errors import StartupError
 from core.generation.base import (
     BackendInfo,

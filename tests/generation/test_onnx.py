@@ -24,8 +24,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from core.app import build_dialogue_manager
-from core.cli import main as cli_main
+from bots.app import build_dialogue_manager
+from bots.cli import main as cli_main
 from core.generation.base import (
     Attempt,
     GenerationError,

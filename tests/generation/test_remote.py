@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
+from bots.app import build_dialogue_manager
 from core import commands as texts
-from core.app import build_dialogue_manager
 from core.generation.base import (
     FinishReason,
     GenerationError,

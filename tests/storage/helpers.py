@@ -220,6 +220,9 @@ class SpyStorage(Storage):
     async def stats(self) -> dict[str, int]:
         return await self.inner.stats()
 
+    async def ping(self) -> str:
+        return await self.inner.ping()
+
     async def close(self) -> None:
         await self.inner.close()
 

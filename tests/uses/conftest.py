@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from core.app import build_dialogue_manager
+from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from tests.core.dialogue_helpers import RecordingBackend, make_settings
 from tests.generation.backends import close_now, engine_backend

@@ -52,8 +52,8 @@ def _loop_flags(train: argparse.ArgumentParser) -> None:
 
 
 def run_train(settings: Settings, args: argparse.Namespace) -> int:
-    from core.training import TrainConfig, train
-    from core.training_data import DataError
+    from core.training.data import DataError
+    from core.training.trainer import TrainConfig, train
 
     config = TrainConfig(
         data=args.data,

@@ -7,11 +7,11 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from core.admin import add_commands, run_health, run_history
 from core.errors import StartupError
-from core.logging_setup import SecretRedactor, configure_logging, settings_secrets
+from core.ops.admin import add_commands, run_health, run_history
+from core.ops.logs import SecretRedactor, configure_logging, settings_secrets
 from core.settings import ConfigError, Settings, load_settings
-from core.training_cli import add_train_command, run_train
+from core.training.cli import add_train_command, run_train
 from storage.base import StorageError
 
 log = logging.getLogger("kobot")

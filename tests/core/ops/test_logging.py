@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from core.logging_setup import (
+from core.ops.logs import (
     JsonFormatter,
     SecretRedactor,
     TextFormatter,
@@ -24,7 +24,7 @@ from core.logging_setup import (
     settings_secrets,
 )
 from core.settings import Settings
-from tests.ops.helpers import REPLY, GatedOpenAI, Kobot, kobot_env, run_kobot
+from tests.core.ops.helpers import REPLY, GatedOpenAI, Kobot, kobot_env, run_kobot
 from tests.services import closed_port
 
 CANARY = f"canary{uuid.uuid4().hex[:12]}"
@@ -78,7 +78,7 @@ def test_a_failed_start_up_logs_its_traceback_without_secrets(
     tiny_model_dir: Path, tmp_path: Path, log_format: str
 ) -> None:
     env = kobot_env(tiny_model_dir, tmp_path, **canary_settings(), log_format=log_format)
-    command = [sys.executable, "-m", "tests.ops._failing_start", "chat"]
+    command = [sys.executable, "-m", "tests.core.ops._failing_start", "chat"]
     done = subprocess.run(
         command, input="안녕\n", capture_output=True, text=True, cwd=tmp_path, env=env,
         timeout=120, check=False,

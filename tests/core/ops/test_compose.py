@@ -14,7 +14,7 @@ import yaml
 
 from core.settings import ENV_PREFIX, Settings
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 COMPOSE = ROOT / "docker-compose.yml"
 BOTS = ("telegram", "discord")
 

@@ -25,8 +25,9 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-from core.observability import OpsServer, PlatformProbe
-from core.retention import RetentionPurge, stop_task
+from core.ops.health import PlatformProbe
+from core.ops.retention import RetentionPurge, stop_task
+from core.ops.server import OpsServer
 from core.settings import Settings
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from tests.generation.fake_openai import Answer, completion_json
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 REPLY = "안녕하세요! 반가워요."
 START_TIMEOUT_S = 120.0
 
@@ -53,7 +53,7 @@ class Kobot:
     @classmethod
     async def start(cls, args: list[str], env: Mapping[str, str], cwd: Path) -> Kobot:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "core.cli", *args, cwd=cwd, env=dict(env),
+            sys.executable, "-m", "bots.cli", *args, cwd=cwd, env=dict(env),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
@@ -106,7 +106,7 @@ def run_kobot(
     import subprocess
 
     done = subprocess.run(
-        [sys.executable, "-m", "core.cli", *args], input=stdin, capture_output=True, text=True,
+        [sys.executable, "-m", "bots.cli", *args], input=stdin, capture_output=True, text=True,
         cwd=cwd, env=dict(env), timeout=timeout_s, check=False,
     )  # fmt: skip
     return done.stdout, done.stderr, done.returncode

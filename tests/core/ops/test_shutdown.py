@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.fake_telegram import FakeTelegram, private_chat, user
-from tests.ops.helpers import (
+from tests.core.ops.helpers import (
     REPLY,
     START_TIMEOUT_S,
     GatedOpenAI,
@@ -28,6 +27,7 @@ from tests.ops.helpers import (
     stored_turns,
     wait_until,
 )
+from tests.e2e.fake_telegram import FakeTelegram, private_chat, user
 from tests.services import closed_port
 
 STOPPING = "SIGTERM: stopping"

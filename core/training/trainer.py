@@ -5,7 +5,7 @@
         --from-scratch --layers 4 --dim 256 --max-minutes 15
 
 The data becomes `User:`/`AI:` prompts exactly as the dialogue manager builds them
-(`core.training_data`); the loss is taken on the AI replies only. A held-out split is evaluated
+(`core.training.data`); the loss is taken on the AI replies only. A held-out split is evaluated
 before training and after every epoch. `--out` receives a model folder that `KOBOT_MODEL` loads
 (weights, config, tokenizer, and `training.json` with the losses) and, while training,
 `--out/checkpoint` (model, optimizer and scheduler state, the position in the data): running the
@@ -48,7 +48,7 @@ from core.generation.tokenizer import (
     tokenizer_from_source,
 )
 from core.settings import DEFAULT_PERSONA
-from core.training_data import (
+from core.training.data import (
     IGNORE,
     Example,
     ExampleBuilder,
@@ -66,7 +66,7 @@ REPORT = "training.json"
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
-    """Everything `kobot train` takes (see `core.cli` for the flags and their help)."""
+    """Everything `kobot train` takes (see `core.training.cli` for the flags and their help)."""
 
     data: Path
     base: str

@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.app import build_dialogue_manager
-from core.cli import main as cli_main
+from bots.app import build_dialogue_manager
+from bots.cli import main as cli_main
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ReplyKind, Role, Turn
 from core.prompt import PromptBuilder
-from core.training import CHECKPOINT, TRAINER_STATE, TrainConfig, Trainer, train
-from core.training_data import (
+from core.training.data import (
     IGNORE,
     DataError,
     ExampleBuilder,
@@ -24,6 +23,7 @@ from core.training_data import (
     split_held_out,
     usable,
 )
+from core.training.trainer import CHECKPOINT, TRAINER_STATE, TrainConfig, Trainer, train
 from tests.conftest import CHATBOT_CSV
 from tests.core.dialogue_helpers import make_settings, message
 from tests.generation.backends import engine_backend

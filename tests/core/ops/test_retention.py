@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import main as cli_main
-from core.lifecycle import BotServices
+from bots.cli import main as cli_main
 from core.messages import ConversationKey, Role, Turn
-from core.retention import RetentionPurge
+from core.ops.lifecycle import BotServices
+from core.ops.metrics import total
+from core.ops.retention import RetentionPurge
 from storage.base import Storage
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
 from tests.core.dialogue_helpers import make_settings
-from tests.ops.helpers import eventually
+from tests.core.ops.helpers import eventually, parse_exposition, sample
 from tests.services import REDIS_URL
 from tests.storage.helpers import database, sqlite_url
 
@@ -86,7 +87,7 @@ async def test_the_schedule_purges_again_every_interval(storage: Storage) -> Non
 async def test_bot_processes_run_the_purge_when_retention_is_set(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    from core.app import build_dialogue_manager
+    from bots.app import build_dialogue_manager
 
     settings = make_settings(
         tiny_model_dir, tmp_path, history_retention_days=30, history_purge_interval_s=1
@@ -98,11 +99,12 @@ async def test_bot_processes_run_the_purge_when_retention_is_set(
     try:
         async with BotServices(settings, "test", stop, metrics_port=0) as services:
             services.attach(manager)
-            await eventually(lambda: services.ops.purged.get() >= 1)
+            await eventually(lambda: total(services.ops.purged) >= 1)
             metrics = services.ops.metrics_text()
     finally:
         await manager.close()
-    assert "kobot_retention_purged_turns_total 1" in metrics
+    samples, _ = parse_exposition(metrics)
+    assert sample(samples, "kobot_retention_purged_turns_total") == 1
 
 
 # --- admin commands (in-process `kobot ...`) --------------------------------------------------

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-import core.app
-from core.cli import main
+import bots.app
+from bots.cli import main
 from core.settings import Settings
 
 
@@ -21,5 +21,5 @@ def _failing_build_backend(settings: Settings) -> None:
         ) from error
 
 
-core.app.build_backend = _failing_build_backend  # type: ignore[assignment]
+bots.app.build_backend = _failing_build_backend  # type: ignore[assignment]
 sys.exit(main(sys.argv[1:]))

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from core.app import build_dialogue_manager
+from bots.app import build_dialogue_manager
 from core.dialogue import DialogueManager
 from core.generation.factory import build_backend
-from core.logging_setup import JsonFormatter
-from core.observability import OpsServer
+from core.ops.logs import JsonFormatter
+from core.ops.server import OpsServer
 from core.settings import Settings
 from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
-from tests.ops.helpers import check_histograms, http_get, parse_exposition, sample
+from tests.core.ops.helpers import check_histograms, http_get, parse_exposition, sample
 from tests.services import REDIS_URL, closed_port, require_redis
 
 CANARY = "canary-redis-password-7d1f"
@@ -147,6 +147,10 @@ async def test_metrics_count_turns_by_platform_and_expose_backend_figures(
     assert sample(samples, "kobot_backend_batch_size") == 2
     assert types["kobot_backend_steps_total"] == "counter"
     assert types["kobot_errors_total"] == "counter"
+    assert not [name for name, _ in samples if name.endswith("_created")]
+    totals = manager.observer.totals()  # /stats reads the same counters as /metrics
+    assert (totals.messages, totals.replies, totals.commands, totals.trimmed) == (4, 3, 1, 1)
+    assert "메시지 4 / 답장 3 / 명령 1 / 오류 0 / 잘린 메시지 1" in await manager.stats_text()
 
 
 async def test_one_event_per_turn_with_timing_and_hashed_ids(
@@ -167,7 +171,7 @@ async def test_one_event_per_turn_with_timing_and_hashed_ids(
 
 
 def test_plain_ids_when_the_admin_asks(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from core.logging_setup import UserIds
+    from core.ops.logs import UserIds
 
     settings = make_settings(tiny_model_dir, tmp_path, log_user_ids="plain")
     assert UserIds.from_settings(settings)("telegram", "42") == "42"
