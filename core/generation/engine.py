@@ -50,6 +50,7 @@ __all__ = [
     "EngineStats",
     "FinishKind",
     "StopCheck",
+    "auto_max_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,9 @@ StopCheck = Callable[[Sequence[int]], bool]
 class EngineConfig:
     """The scheduler's bounds (KOBOT_ENGINE_* settings)."""
 
-    max_batch: int = 32
-    """Most requests in one forward pass; more wait in the queue."""
+    max_batch: int = 0
+    """Most requests in one forward pass; more wait in the queue. 0: what the KV budget holds
+    (`auto_max_batch`: one request per `REQUEST_TOKENS` tokens of arena, at most `MAX_BATCH`)."""
     kv_budget_mb: float = 1024
     """The KV arena, allocated once; running requests and cached conversations share it."""
     kv_idle_s: float = 600.0
@@ -73,6 +75,19 @@ class EngineConfig:
     """Prompt tokens read per step (beside every decoding request's one token)."""
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
+    quant: str = "off"
+    """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
+    read by whoever builds the `GPT2Forward`)."""
+
+
+REQUEST_TOKENS = 256
+"""A typical request's KV footprint (prompt + reply) for the default batch bound."""
+MAX_BATCH = 256
+
+
+def auto_max_batch(capacity_tokens: int) -> int:
+    """The batch bound the KV arena holds: one typical request per `REQUEST_TOKENS` slots."""
+    return max(1, min(MAX_BATCH, capacity_tokens // REQUEST_TOKENS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +214,7 @@ class Engine:
             forward.dims, int(self.config.kv_budget_mb * MB), forward.device, forward.dtype
         )
         self.cache = ConversationCache(self.arena, self.config.kv_idle_s, clock)
+        self.max_batch = self.config.max_batch or auto_max_batch(self.arena.capacity)
         self.stats = EngineStats()
         self._queue: deque[EngineHandle] = deque()
         self._running: list[_Running] = []
@@ -431,7 +447,7 @@ class Engine:
     # --- admission ----------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while len(self._running) < self.config.max_batch:
+        while len(self._running) < self.max_batch:
             with self._wake:
                 if not self._queue:
                     return

@@ -101,7 +101,7 @@ class EngineBackend(LocalBackend):
         config = engine or EngineConfig()
         self._engine = self._start_engine(config, compile_mode)
         self._executor.shutdown(wait=False)
-        workers = min(MAX_WORKERS, max(4, 2 * config.max_batch))
+        workers = min(MAX_WORKERS, max(4, 2 * self._engine.max_batch))
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="kobot-request")
         self._cache_keys: weakref.WeakKeyDictionary[RunControl, str | None] = (
             weakref.WeakKeyDictionary()
@@ -109,7 +109,7 @@ class EngineBackend(LocalBackend):
 
     def _start_engine(self, config: EngineConfig, compile_mode: CompileMode) -> Engine:
         try:
-            forward = GPT2Forward(self._require_model(), compile_mode)
+            forward = GPT2Forward(self._require_model(), compile_mode, config.quant)
         except UnsupportedModelError as error:
             raise ModelLoadError(
                 f"KOBOT_MODEL: the local engine runs plain GPT-2 models ({error})"

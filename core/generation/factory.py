@@ -62,19 +62,22 @@ def _openai_backend(settings: Settings) -> GenerationBackend:
 
 def _local_backend(settings: Settings) -> GenerationBackend:
     """The local model on the continuous-batching engine (a LocalBackend subclass)."""
+    from core.generation.cpu_features import resolve_engine_dtype
     from core.generation.engine import EngineConfig
     from core.generation.engine_backend import EngineBackend
+    from core.generation.local import available_device
 
     return EngineBackend(
         settings.model,
         device=settings.device,
-        dtype=settings.dtype,
+        dtype=resolve_engine_dtype(settings.dtype, available_device(settings.device)),
         generation_timeout_s=settings.generation_timeout_s,
         engine=EngineConfig(
             max_batch=settings.engine_max_batch,
             kv_budget_mb=settings.engine_kv_budget_mb,
             kv_idle_s=settings.engine_kv_idle_s,
             prefill_chunk=settings.engine_prefill_chunk,
+            quant=settings.engine_quant,
         ),
         compile_mode=settings.engine_compile,
     )

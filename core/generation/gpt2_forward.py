@@ -21,6 +21,14 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from core.generation.engine_linear import (
+    Linear,
+    LinearKind,
+    choose_kind,
+    prepare_head,
+    prepare_linear,
+)
+
 __all__ = ["GPT2Dims", "GPT2Forward", "LayerWeights", "SeqChunk", "UnsupportedModelError"]
 
 CompileMode = str  # "off" | "compile"
@@ -125,10 +133,33 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-class GPT2Forward:
-    """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV."""
+@dataclass(frozen=True, slots=True)
+class LayerLinears:
+    """One layer's four projections, weights prepared for their kernel (`engine_linear`)."""
 
-    def __init__(self, model: Any, compile_mode: CompileMode = "off") -> None:
+    qkv: Linear
+    proj: Linear
+    fc: Linear
+    out: Linear
+
+
+def layer_linears(kind: LinearKind, w: LayerWeights) -> LayerLinears:
+    return LayerLinears(
+        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b),
+        proj=prepare_linear(kind, w.proj_w, w.proj_b),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b),
+        out=prepare_linear(kind, w.out_w, w.out_b),
+    )
+
+
+class GPT2Forward:
+    """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV.
+
+    `quant="int8"` runs every projection and the LM head on int8 weights (CPU); otherwise the
+    dense kernels are the model dtype's fastest here (`engine_linear.choose_kind`).
+    """
+
+    def __init__(self, model: Any, compile_mode: CompileMode = "off", quant: str = "off") -> None:
         config = model.config
         check_supported(config)
         self.dims = dims_of(config)
@@ -142,6 +173,10 @@ class GPT2Forward:
         self.device = self.wte.device
         self.dtype = self.wte.dtype
         self.scale = self.dims.head_dim**-0.5
+        self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
+        self.quant = quant
+        self.linears = [layer_linears(self.linear_kind, w) for w in self.layers]
+        self._head = prepare_head(self.linear_kind, self.wte)
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
         if compile_mode == "compile":
@@ -171,12 +206,12 @@ class GPT2Forward:
         writer = KVWriter(chunks, kv_buffer, self.dims) if kv_buffer is not None else None
         x = self.wte[ids] + self.wpe[positions]
         for index, layer in enumerate(self.layers):
-            qkv = self._pre(x, layer)
+            qkv = self._pre(x, layer, self.linears[index])
             split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
             if writer is not None:
                 writer.write(index, split)
             attended = self._attention(index, split, chunks, bounds, writer is None)
-            x = self._post(x, attended, layer)
+            x = self._post(x, attended, layer, self.linears[index])
         last = torch.tensor([end - 1 for _, end in bounds], device=self.device)
         return x.index_select(0, last)
 
@@ -184,7 +219,7 @@ class GPT2Forward:
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states (the tied embedding, as Hugging Face does)."""
         normed = F.layer_norm(hidden, (self.dims.n_embd,), self.lnf_w, self.lnf_b, self.dims.eps)
-        return F.linear(normed, self.wte).float()
+        return self._head(normed).float()
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -203,17 +238,18 @@ class GPT2Forward:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(ids), as_tensor(positions), bounds
 
-    def _pre_attention(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+    def _pre_attention(
+        self, x: torch.Tensor, layer: LayerWeights, linears: LayerLinears
+    ) -> torch.Tensor:
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln1_w, layer.ln1_b, self.dims.eps)
-        return torch.addmm(layer.qkv_b, h, layer.qkv_w)
+        return linears.qkv(h)
 
     def _post_attention(
-        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights
+        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights, linears: LayerLinears
     ) -> torch.Tensor:
-        x = x + torch.addmm(layer.proj_b, attended, layer.proj_w)
+        x = x + linears.proj(attended)
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
-        hidden = self.act(torch.addmm(layer.fc_b, h, layer.fc_w))
-        return x + torch.addmm(layer.out_b, hidden, layer.out_w)
+        return x + linears.out(self.act(linears.fc(h)))
 
     def _attention(
         self,

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from core.generation.base import GenerationBackend
+from core.generation.cpu_features import auto_dtype
 from core.generation.factory import UnknownBackendError, build_backend
-from core.generation.local import LocalBackend
+from core.generation.local import LocalBackend, dtype_name
 from core.generation.tokenizer import ModelLoadError
 from core.settings import Settings
 
@@ -30,7 +31,7 @@ async def test_builds_the_local_backend_off_the_loop(tiny_model_dir: Path) -> No
             "local",
             str(tiny_model_dir),
             "cpu",
-            "fp32",
+            dtype_name(auto_dtype("cpu")),  # bf16 on a CPU with AMX or AVX-512 BF16
         )
     finally:
         await backend.close()
