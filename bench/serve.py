@@ -448,7 +448,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--max-batch", type=int, default=0, help="engine batch bound (0: what the KV budget holds)"
+    )
     parser.add_argument("--kv-budget-mb", type=float, default=4096)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--compile", choices=["off", "compile"], default="off")
@@ -553,7 +555,7 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     config = EngineConfig(
         max_batch=args.max_batch, kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk
     )
-    engine = Engine(GPT2Forward(bench.model, args.compile), config)
+    engine = Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
     try:
         arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
         await warm_up(arm.generate, bench.warm_up_ids)
@@ -572,7 +574,7 @@ async def run_batched(
     prompts: Prompts,
     run_batch: Callable[[list[tuple[int, ...]]], list[int]],
 ) -> ArmResult:
-    arm = BatchedArm(run_batch, bench.args.max_batch)
+    arm = BatchedArm(run_batch, bench.args.max_batch or 32)
     try:
         await warm_up(arm.generate, bench.warm_up_ids)
         return await measure(name, bench.users(), prompts, arm.generate)
@@ -595,7 +597,8 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
     step_ms = 1000 * stats.busy_s / max(stats.steps, 1)
     return {
         "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
-        "max batch": str(stats.max_batch_seen),
+        "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
+        "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
         f"of {arena.budget_bytes / MB:.0f} MB",

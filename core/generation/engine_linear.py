@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -82,7 +83,9 @@ def _int8(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     weight = weight_out_in.detach().float()
     scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
     zero = torch.zeros(weight.shape[0], dtype=torch.long)
-    quantized = torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8)
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated (torchao's turn)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8)
     float_bias = None if bias is None else bias.detach().float()
     params = torch.ops.quantized.linear_prepack(quantized, float_bias)
     dynamic = torch.ops.quantized.linear_dynamic
