@@ -47,6 +47,8 @@ def main() -> None:
     model = build_model(SHARED / "kogpt2-base-v2", "cpu", dtype, 0)
     options = {"quant": args.quant} if args.quant != "off" else {}
     forward = GPT2Forward(model, **options)
+    if hasattr(forward, "decode_slots"):  # batched decode attention, as the engine sizes it
+        forward.decode_slots.max_bytes = 1 << 30
     arena = KVArena(forward.dims, 1024 * 1024 * 1024, "cpu", forward.dtype)
     capacity = args.prompt + args.steps + 40
     blocks = [arena.allocate(capacity) for _ in range(args.batch)]

@@ -75,6 +75,10 @@ class EngineConfig:
     """Prompt tokens read per step (beside every decoding request's one token)."""
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
+    decode_pool: str = "auto"
+    """`on`: decoding sequences attend in one batched call per layer over a dense KV pool
+    (`engine_slots`, at most the KV budget again); `auto`: on CUDA only, where one call per
+    sequence is launch-bound (on this CPU the per-sequence calls measured faster)."""
     quant: str = "off"
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
@@ -83,6 +87,10 @@ class EngineConfig:
 REQUEST_TOKENS = 256
 """A typical request's KV footprint (prompt + reply) for the default batch bound."""
 MAX_BATCH = 256
+
+
+def use_decode_pool(mode: str, device: torch.device) -> bool:
+    return mode == "on" or (mode == "auto" and device.type == "cuda")
 
 
 def auto_max_batch(capacity_tokens: int) -> int:
@@ -215,6 +223,8 @@ class Engine:
         )
         self.cache = ConversationCache(self.arena, self.config.kv_idle_s, clock)
         self.max_batch = self.config.max_batch or auto_max_batch(self.arena.capacity)
+        if use_decode_pool(self.config.decode_pool, forward.device):
+            forward.decode_slots.max_bytes = self.arena.budget_bytes
         self.stats = EngineStats()
         self._queue: deque[EngineHandle] = deque()
         self._running: list[_Running] = []

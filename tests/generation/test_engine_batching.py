@@ -7,7 +7,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.generation.base import SamplingParams
-from core.generation.engine import MAX_BATCH, REQUEST_TOKENS, Engine, EngineConfig, auto_max_batch
+from core.generation.engine import (
+    MAX_BATCH,
+    REQUEST_TOKENS,
+    Engine,
+    EngineConfig,
+    EngineRequest,
+    auto_max_batch,
+)
 from core.generation.engine_kv import KVArena
 from core.generation.engine_sampling import (
     SamplerState,
@@ -17,7 +24,7 @@ from core.generation.engine_sampling import (
     tied_candidates,
     top_candidates,
 )
-from core.generation.gpt2_forward import GPT2Forward, dims_of
+from core.generation.gpt2_forward import GPT2Forward, SeqChunk, dims_of
 
 VOCAB = 1000
 
@@ -93,3 +100,88 @@ def test_the_default_batch_bound_is_what_the_kv_budget_holds() -> None:
         assert explicit.max_batch == 3
     finally:
         explicit.close()
+
+
+# --- batched decode attention over the KV pool --------------------------------------------------
+
+
+def pooled_forward(hf: GPT2LMHeadModel) -> GPT2Forward:
+    forward = GPT2Forward(hf)
+    forward.decode_slots.max_bytes = 1 << 26
+    return forward
+
+
+def test_decode_pool_logits_match_hugging_face_in_any_chunk_order() -> None:
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    forward = pooled_forward(hf)
+    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
+    blocks = [arena.allocate(cap) for cap in (80, 48, 96)]
+    a, b, c = (arena.view(block) for block in blocks if block is not None)
+    ids = torch.randint(5, 300, (70,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def reference(prefix: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf(torch.tensor([prefix])).logits[0, -1]
+
+    forward.logits([SeqChunk(a, 0, ids[:40]), SeqChunk(b, 0, ids[:9])], arena.buffer)
+    first = forward.logits([SeqChunk(a, 40, ids[40:41]), SeqChunk(b, 9, ids[9:10])], arena.buffer)
+    torch.testing.assert_close(first[0], reference(ids[:41]), atol=1e-4, rtol=0)
+    assert forward.decode_slots.slots >= 2
+    mixed = forward.logits(  # a prompt chunk first, then the two decoding sequences
+        [SeqChunk(c, 0, ids[3:30]), SeqChunk(b, 10, ids[10:11]), SeqChunk(a, 41, ids[41:42])],
+        arena.buffer,
+    )
+    torch.testing.assert_close(mixed[0], reference(ids[3:30]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed[1], reference(ids[:11]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(mixed[2], reference(ids[:42]), atol=1e-4, rtol=0)
+    prefill_only = forward.logits([SeqChunk(c, 27, ids[30:35])], arena.buffer)
+    torch.testing.assert_close(prefill_only[0], reference(ids[3:35]), atol=1e-4, rtol=0)
+    assert forward.decode_slots.slot_of == {}  # no sequence decoded: every slot released
+
+
+def test_a_pool_too_small_falls_back_to_per_sequence_attention() -> None:
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    forward = GPT2Forward(hf)
+    forward.decode_slots.max_bytes = 1024  # holds no slot
+    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
+    block = arena.allocate(64)
+    assert block is not None
+    ids = list(range(10, 30))
+    forward.logits([SeqChunk(arena.view(block), 0, ids[:19])], arena.buffer)
+    step = forward.logits([SeqChunk(arena.view(block), 19, ids[19:20])], arena.buffer)
+    with torch.inference_mode():
+        expected = hf(torch.tensor([ids])).logits[0, -1]
+    torch.testing.assert_close(step[0], expected, atol=1e-4, rtol=0)
+    assert forward.decode_slots.pool is None
+
+
+async def test_the_engine_on_the_decode_pool_gives_hugging_face_greedy_replies() -> None:
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    greedy = SamplingParams(
+        max_new_tokens=10, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0
+    )
+
+    def hf_greedy(prompt: tuple[int, ...]) -> tuple[int, ...]:
+        with torch.inference_mode():
+            out = hf.generate(
+                torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10
+            )
+        return tuple(out[0, len(prompt) :].tolist())
+
+    engine = Engine(GPT2Forward(hf), EngineConfig(kv_budget_mb=4, decode_pool="on"))
+    try:
+        prompts = [tuple(range(5 + i, 5 + i + n)) for i, n in enumerate((12, 30, 7))]
+        requests = [EngineRequest(p, greedy, cache_key=f"c{i}") for i, p in enumerate(prompts)]
+        first = [engine.submit(r) for r in requests[:2]]
+        late = engine.submit(requests[2])  # joins while the others decode
+        outputs = [h.future.result(timeout=60) for h in [*first, late]]
+        assert [o.ids for o in outputs] == [hf_greedy(p) for p in prompts]
+        assert engine.forward.decode_slots.pool is not None
+        follow = prompts[1] + outputs[1].ids + (40, 41)
+        again = await engine.generate(EngineRequest(follow, greedy, cache_key="c1"))
+        assert again.reused_tokens >= len(prompts[1]) and again.ids == hf_greedy(follow)
+    finally:
+        engine.close()
