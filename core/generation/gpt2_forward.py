@@ -237,7 +237,7 @@ class GPT2Forward:
             return None
         origin = kv_buffer.storage_offset()
         picked = [chunks[i] for i in rows]
-        keys = [(c.kv.storage_offset() - origin, int(c.kv.shape[3])) for c in picked]
+        keys = [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in picked]
         plan = self.decode_slots.prepare(keys, [c.kv for c in picked], [c.start for c in picked])
         return None if plan is None else DecodeRows(plan, rows, len(chunks), self.device)
 
