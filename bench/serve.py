@@ -462,6 +462,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument(
+        "--decode-pool", choices=["auto", "on", "off"], default="auto", help="EngineConfig"
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=Path(os.environ.get("KOBOT_BENCH_CACHE", Path.home() / ".cache" / "kobot-bench")),
@@ -553,7 +556,10 @@ async def run_naive(bench: Bench, prompts: Prompts) -> ArmResult:
 async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     args = bench.args
     config = EngineConfig(
-        max_batch=args.max_batch, kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk
+        max_batch=args.max_batch,
+        kv_budget_mb=args.kv_budget_mb,
+        prefill_chunk=args.prefill_chunk,
+        decode_pool=args.decode_pool,
     )
     engine = Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
     try:
@@ -601,7 +607,8 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
         "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
-        f"of {arena.budget_bytes / MB:.0f} MB",
+        f"of {arena.budget_bytes / MB:.0f} MB"
+        + f" (+ decode pool {engine.forward.decode_slots.pool_bytes / MB:.0f} MB)",
     }
 
 
