@@ -41,14 +41,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--decode-pool", choices=["off", "on"], default="off")
+    parser.add_argument("--decode-pool", choices=["off", "on"], default="on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, "cpu")
     model = build_model(SHARED / "kogpt2-base-v2", "cpu", dtype, 0)
     options = {"quant": args.quant} if args.quant != "off" else {}
     forward = GPT2Forward(model, **options)
-    if args.decode_pool == "on":  # batched decode attention (the engine's default on CUDA)
+    if args.decode_pool == "on":  # batched decode attention (the engine default)
         forward.decode_slots.max_bytes = 1 << 30
     arena = KVArena(forward.dims, 1024 * 1024 * 1024, "cpu", forward.dtype)
     capacity = args.prompt + args.steps + 40

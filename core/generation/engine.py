@@ -76,9 +76,8 @@ class EngineConfig:
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
     decode_pool: str = "auto"
-    """`on`: decoding sequences attend in one batched call per layer over a dense KV pool
-    (`engine_slots`, at most the KV budget again); `auto`: on CUDA only, where one call per
-    sequence is launch-bound (on this CPU the per-sequence calls measured faster)."""
+    """`auto`/`on`: decoding sequences attend in one batched call per layer over a dense KV pool
+    (`engine_slots`, at most the KV budget again); `off`: one attention call per sequence."""
     quant: str = "off"
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
@@ -90,7 +89,9 @@ MAX_BATCH = 256
 
 
 def use_decode_pool(mode: str, device: torch.device) -> bool:
-    return mode == "on" or (mode == "auto" and device.type == "cuda")
+    """Everywhere unless `off` (the same code on CPU and CUDA; `device` for a future split)."""
+    del device
+    return mode != "off"
 
 
 def auto_max_batch(capacity_tokens: int) -> int:

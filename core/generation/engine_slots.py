@@ -11,9 +11,10 @@ A slot is released when its block is not among a step's decoding sequences (fini
 reading a prompt again); the pool grows by doubling (slots) or by `LENGTH_BUCKET` (length), and
 `max_bytes` bounds it: a step that would need more falls back to per-sequence attention.
 
-Measured on a 2-core AMX CPU (bf16, batch 32, 64-token histories, under load): 90 ms per decode
-pass against 55 ms with one SDPA call per sequence (and a gather into a padded batch instead of
-the pool: slower still), so the engine uses it on CUDA only (`EngineConfig.decode_pool`).
+Measured on a 2-core AMX CPU (bf16, burst of 32 chats, `bench/serve.py`, alternating runs): 68–70
+ms per engine step against 90–94 ms with one SDPA call per sequence; a gather of the blocks into
+a padded batch every step instead of the pool measured slower than the per-sequence calls.
+`EngineConfig.decode_pool="off"` keeps the per-sequence calls.
 """
 
 from __future__ import annotations
