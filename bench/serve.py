@@ -10,7 +10,14 @@ The AI turn stored in the history is the data set's answer, so both arms see the
 
 - naive: one Hugging Face `model.generate` per message, in arrival order, on one worker thread,
   with the whole history each time (the KoGPT2 model card's way).
+- hf-batch: Hugging Face `model.generate` on a left-padded batch of every message waiting when
+  the previous batch ends (static batching, same dtype as the engine, no KV reuse).
+- ct2: CTranslate2 int8 (`Generator.generate_batch`, the same static batching), the model
+  converted once into a cache folder (`--cache-dir`); needs `pip install -e .[bench]`.
 - engine: kobot's `Engine` (continuous batching, chunked prefill, per-conversation KV reuse).
+
+`--burst` sends every user's first message at once with no history (one turn each): the peer
+comparison. The last line gives the engine's ratio to the best other arm run.
 
 Both arms sample with kobot's default settings and generate exactly --max-new-tokens per reply
 (EOS banned, stop strings off), so tokens/s compare like for like. Both run with the same torch
@@ -19,6 +26,7 @@ OpenMP threads that spin at every join steal the very cores they wait for (both 
 several times slower with spinning under load).
 
     python bench/serve.py --users 32 --turns 3 [--history 0-20] [--device cuda] [--threads 1]
+    python bench/serve.py --burst --users 32 --arms naive,hf-batch,ct2,engine
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import hashlib
 import random
 import statistics
 import sys
@@ -41,13 +50,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LogitsProcessor,
+    LogitsProcessorList,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
 from core.dialogue import ContextStarts, sampling_params
 from core.generation.base import SamplingParams
+from core.generation.cpu_features import auto_dtype
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, EngineStats
 from core.generation.hf_decoder import generation_config
@@ -260,6 +275,110 @@ class EngineArm:
         return Reply(len(output.ids), output.total_s, output.first_token_s or output.total_s)
 
 
+class BatchedArm:
+    """Static batching: every message waiting when the previous batch ends runs as one batch
+    (up to `max_batch`) through `run_batch`, on one worker thread."""
+
+    def __init__(
+        self, run_batch: Callable[[list[tuple[int, ...]]], list[int]], max_batch: int
+    ) -> None:
+        self.run_batch = run_batch
+        self.max_batch = max_batch
+        self.pending: list[tuple[tuple[int, ...], float, asyncio.Future[Reply]]] = []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch")
+        self.task: asyncio.Task[None] | None = None
+
+    async def generate(self, key: str, ids: tuple[int, ...]) -> Reply:
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.pending.append((ids, time.perf_counter(), future))
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        await asyncio.sleep(0)  # messages sent in the same tick join the first batch
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
+            prompts = [ids for ids, _, _ in batch]
+            counts = await loop.run_in_executor(self.executor, self.run_batch, prompts)
+            done = time.perf_counter()
+            for (_, arrived, future), count in zip(batch, counts, strict=True):
+                future.set_result(Reply(count, done - arrived, done - arrived))
+
+
+def hf_batch_runner(
+    model: GPT2LMHeadModel, tokenizer: KoGPT2Tokenizer, params: SamplingParams, device: str
+) -> Callable[[list[tuple[int, ...]]], list[int]]:
+    """`model.generate` on the prompts left-padded into one batch."""
+    config = generation_config(params, tokenizer.eos_id, tokenizer.pad_id)
+    config.min_new_tokens = params.max_new_tokens
+    config.pad_token_id = tokenizer.pad_id
+
+    def run(prompts: list[tuple[int, ...]]) -> list[int]:
+        width = max(len(ids) for ids in prompts)
+        padded = [[tokenizer.pad_id] * (width - len(ids)) + list(ids) for ids in prompts]
+        mask = [[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts]
+        input_ids = torch.tensor(padded, device=device)
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.tensor(mask, device=device),
+                generation_config=config,
+            )
+        return [output.shape[1] - width] * len(prompts)
+
+    return run
+
+
+def ct2_model_dir(bench: Bench) -> Path:
+    """The bench model converted to CTranslate2 int8, once per config and seed (cached)."""
+    import ctranslate2.converters
+
+    config_text = (bench.args.model_config / "config.json").read_bytes()
+    digest = hashlib.sha256(config_text + str(bench.args.seed).encode()).hexdigest()[:16]
+    target = bench.args.cache_dir / f"ct2-int8-{digest}"
+    if (target / "model.bin").exists():
+        return target
+    source = bench.args.cache_dir / f"hf-{digest}"
+    build_model(bench.args.model_config, "cpu", torch.float32, bench.args.seed).save_pretrained(
+        source
+    )
+    bench.tokenizer.hf.save_pretrained(source)
+    ctranslate2.converters.TransformersConverter(str(source)).convert(
+        str(target), quantization="int8", force=True
+    )
+    return target
+
+
+def ct2_runner(bench: Bench) -> Callable[[list[tuple[int, ...]]], list[int]]:
+    """CTranslate2's `generate_batch` with kobot's sampling settings (EOS banned by min_length)."""
+    import ctranslate2
+
+    threads = torch.get_num_threads()
+    generator = ctranslate2.Generator(
+        str(ct2_model_dir(bench)), device="cpu", compute_type="int8", intra_threads=threads
+    )
+    params, hf = bench.params, bench.tokenizer.hf
+
+    def run(prompts: list[tuple[int, ...]]) -> list[int]:
+        results = generator.generate_batch(
+            [hf.convert_ids_to_tokens(list(ids)) for ids in prompts],
+            max_batch_size=len(prompts),
+            max_length=params.max_new_tokens,
+            min_length=params.max_new_tokens,
+            sampling_topk=params.top_k,
+            sampling_topp=params.top_p,
+            sampling_temperature=params.temperature,
+            repetition_penalty=params.repetition_penalty,
+            no_repeat_ngram_size=params.no_repeat_ngram_size,
+            include_prompt_in_result=False,
+        )
+        return [len(result.sequences_ids[0]) for result in results]
+
+    return run
+
+
 # --- measuring ---------------------------------------------------------------------------------
 
 
@@ -329,11 +448,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto")
-    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument(
+        "--max-batch", type=int, default=0, help="engine batch bound (0: what the KV budget holds)"
+    )
     parser.add_argument("--kv-budget-mb", type=float, default=4096)
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--compile", choices=["off", "compile"], default="off")
-    parser.add_argument("--arms", default="naive,engine")
+    parser.add_argument("--arms", default="naive,engine", help="naive,hf-batch,ct2,engine")
+    parser.add_argument(
+        "--burst",
+        action="store_true",
+        help="every user sends one message at once, with no history (the peer comparison)",
+    )
+    parser.add_argument("--quant", choices=["off", "int8"], default="off")
+    parser.add_argument(
+        "--decode-pool", choices=["auto", "on", "off"], default="auto", help="EngineConfig"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(os.environ.get("KOBOT_BENCH_CACHE", Path.home() / ".cache" / "kobot-bench")),
+        help="where the CTranslate2 conversion is kept",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-config", type=Path, default=SHARED / "kogpt2-base-v2")
     parser.add_argument("--data", type=Path, default=SHARED / "chatbot-data" / "ChatbotData.csv")
@@ -342,7 +478,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+        return auto_dtype(device)
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
@@ -373,6 +509,8 @@ class Bench:
 
 def setup(argv: Sequence[str] | None) -> Bench:
     args = parse_args(argv)
+    if args.burst:
+        args.turns, args.history = 1, "0"
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"history_turns": args.history_turns} if args.history_turns else {}
@@ -418,9 +556,12 @@ async def run_naive(bench: Bench, prompts: Prompts) -> ArmResult:
 async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     args = bench.args
     config = EngineConfig(
-        max_batch=args.max_batch, kv_budget_mb=args.kv_budget_mb, prefill_chunk=args.prefill_chunk
+        max_batch=args.max_batch,
+        kv_budget_mb=args.kv_budget_mb,
+        prefill_chunk=args.prefill_chunk,
+        decode_pool=args.decode_pool,
     )
-    engine = Engine(GPT2Forward(bench.model, args.compile), config)
+    engine = Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
     try:
         arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
         await warm_up(arm.generate, bench.warm_up_ids)
@@ -433,22 +574,48 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
         await asyncio.to_thread(engine.close)
 
 
+async def run_batched(
+    name: str,
+    bench: Bench,
+    prompts: Prompts,
+    run_batch: Callable[[list[tuple[int, ...]]], list[int]],
+) -> ArmResult:
+    arm = BatchedArm(run_batch, bench.args.max_batch or 32)
+    try:
+        await warm_up(arm.generate, bench.warm_up_ids)
+        return await measure(name, bench.users(), prompts, arm.generate)
+    finally:
+        arm.executor.shutdown()
+
+
+async def run_hf_batch(bench: Bench, prompts: Prompts) -> ArmResult:
+    args = bench.args
+    runner = hf_batch_runner(bench.model, bench.tokenizer, bench.params, args.device)
+    return await run_batched("hf-batch", bench, prompts, runner)
+
+
+async def run_ct2(bench: Bench, prompts: Prompts) -> ArmResult:
+    return await run_batched("ct2", bench, prompts, ct2_runner(bench))
+
+
 def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
     stats, arena = engine.stats, engine.arena
     step_ms = 1000 * stats.busy_s / max(stats.steps, 1)
     return {
         "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
-        "max batch": str(stats.max_batch_seen),
+        "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
+        "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
-        f"of {arena.budget_bytes / MB:.0f} MB",
+        f"of {arena.budget_bytes / MB:.0f} MB"
+        + f" (+ decode pool {engine.forward.decode_slots.pool_bytes / MB:.0f} MB)",
     }
 
 
 async def main(argv: Sequence[str] | None = None) -> None:
     bench = setup(argv)
     print_header(bench)
-    arms = {"naive": run_naive, "engine": run_engine}
+    arms = {"naive": run_naive, "hf-batch": run_hf_batch, "ct2": run_ct2, "engine": run_engine}
     results: dict[str, ArmResult] = {}
     for index, name in enumerate(bench.args.arms.split(",")):
         prompts = bench.prompts()
@@ -456,6 +623,18 @@ async def main(argv: Sequence[str] | None = None) -> None:
         report(results[name])
         if index == 0:
             print_prompts(results[name].prompt_tokens, prompts.trimmed)
+    peers = [arm for name, arm in results.items() if name != "engine"]
+    if "engine" in results and peers:
+        best = max(peers, key=lambda arm: arm.tokens_per_s)
+        engine = results["engine"]
+        print(
+            f"engine vs best peer ({best.name}, {best.tokens_per_s:.1f} tok/s): "
+            f"{engine.tokens_per_s / best.tokens_per_s:.2f}×"
+            + "".join(
+                f" | vs {arm.name} {engine.tokens_per_s / arm.tokens_per_s:.2f}×" for arm in peers
+            ),
+            flush=True,
+        )
     if {"naive", "engine"} <= results.keys():
         compare(results["naive"], results["engine"], bench.args.users)
 

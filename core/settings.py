@@ -67,11 +67,12 @@ class Settings(BaseSettings):
     onnx_dir: str = Field("kobot-onnx", min_length=1)
 
     # Generation engine (KOBOT_BACKEND=local): continuous batching, per-conversation KV reuse
-    engine_max_batch: int = Field(32, ge=1, le=1024)
+    engine_max_batch: int = Field(0, ge=0, le=1024)  # 0: what the KV budget holds
     engine_kv_budget_mb: int = Field(1024, ge=16, le=1_048_576)
     engine_kv_idle_s: float = Field(600.0, ge=1.0, le=86_400.0)
     engine_prefill_chunk: int = Field(512, ge=16, le=8192)
     engine_compile: Literal["off", "compile"] = "off"
+    engine_quant: Literal["off", "int8"] = "off"
 
     # Dialogue
     context_scope: ContextScope = ContextScope.USER_IN_CHAT

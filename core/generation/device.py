@@ -99,10 +99,14 @@ def available_device(requested: str) -> str:
 
 
 def resolve_dtype(requested: str, device: str) -> str:
-    """`auto` → fp16 on a GPU (cuda, mps), fp32 on the CPU; fp32/fp16/bf16 are taken as given."""
+    """`auto` → the fastest exact-enough dtype on `device` (`cpu_features.auto_dtype_name`:
+    bf16 on a CPU with AMX or AVX-512 BF16, else fp32; bf16 or fp16 on a GPU); fp32/fp16/bf16
+    are taken as given."""
     requested = requested.strip().lower()
     if requested == "auto":
-        return "fp32" if device == "cpu" else "fp16"
+        from core.generation.cpu_features import auto_dtype_name
+
+        return auto_dtype_name(device)
     if requested not in DTYPES:
         raise ModelLoadError(f"KOBOT_DTYPE: must be auto, fp32, fp16 or bf16 (got {requested!r})")
     return requested

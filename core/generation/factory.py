@@ -89,6 +89,7 @@ def local_decoder(settings: Settings) -> Decoder:
         kv_budget_mb=settings.engine_kv_budget_mb,
         kv_idle_s=settings.engine_kv_idle_s,
         prefill_chunk=settings.engine_prefill_chunk,
+        quant=settings.engine_quant,
     )
     try:
         return EngineDecoder(loaded, start_engine(loaded, config, settings.engine_compile))

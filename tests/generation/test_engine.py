@@ -214,7 +214,7 @@ async def test_each_request_keeps_its_own_sampling(engine: Engine) -> None:
 async def test_kv_budget_is_never_exceeded_and_lru_conversations_are_evicted(
     model: GPT2LMHeadModel,
 ) -> None:
-    tight = start(model, kv_budget_mb=0.25)  # 256 tokens of this model's KV
+    tight = start(model, kv_budget_mb=0.25, decode_pool="off")  # 256 tokens of KV, all arena
     try:
         assert tight.arena.capacity == 256
         prompts = {f"user{i}": ids(40 + 5 * i, 40 + i) for i in range(8)}

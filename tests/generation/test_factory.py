@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from core.generation.cpu_features import fast_bf16_cpu
 from core.generation.engine.decoder import EngineDecoder
 from core.generation.errors import ModelLoadError
 from core.generation.factory import UnknownBackendError, build_backend
@@ -30,7 +31,7 @@ async def test_builds_the_engine_for_local_off_the_loop(tiny_model_dir: Path) ->
             "local",
             str(tiny_model_dir),
             "cpu",
-            "fp32",
+            "bf16" if fast_bf16_cpu() else "fp32",  # bf16 on a CPU with AMX or AVX-512 BF16
         )
     finally:
         await backend.close()

@@ -23,6 +23,7 @@ from core.generation.base import (
     GenerationRequest,
     SamplingParams,
 )
+from core.generation.cpu_features import fast_bf16_cpu
 from core.generation.engine.decoder import EngineDecoder
 from core.generation.errors import ModelLoadError
 from core.generation.factory import build_backend
@@ -49,18 +50,18 @@ def engine_of(backend: ReplyBackend) -> Any:
 
 @pytest.fixture(scope="module")
 def backend(tiny_model_dir: Path) -> Iterator[ReplyBackend]:
-    made = engine_backend(tiny_model_dir, engine_kv_budget_mb=32)
+    made = engine_backend(tiny_model_dir, engine_kv_budget_mb=32, dtype="fp32")  # as hf_backend
     yield made
     close_now(made)
 
 
 @pytest.fixture(scope="module")
 def hf_backend(tiny_model_dir: Path) -> Iterator[ReplyBackend]:
-    """Hugging Face `generate` on the same model: the reference the engine must match."""
-    settings = local_settings(tiny_model_dir)
+    """Hugging Face `generate` on the same model, in fp32: the reference the engine must match
+    (bf16 against fp32 is `test_engine_dtype`'s)."""
     from core.generation.device import load_local_model
 
-    made = ReplyBackend(HFGenerateDecoder(load_local_model(settings.model, "cpu")))
+    made = ReplyBackend(HFGenerateDecoder(load_local_model(str(tiny_model_dir), "cpu", "fp32")))
     yield made
     close_now(made)
 
@@ -88,7 +89,7 @@ async def test_the_factory_builds_the_engine_with_its_settings(tiny_model_dir: P
         assert (info.name, info.device, info.dtype, info.n_positions) == (
             "local",
             "cpu",
-            "fp32",
+            "bf16" if fast_bf16_cpu() else "fp32",  # KOBOT_DTYPE=auto
             1024,
         )
         config = engine_of(built).config

@@ -286,7 +286,6 @@ def test_resolve_device_errors(requested: str, cuda_count: int, mps: bool, messa
 @pytest.mark.parametrize(
     ("requested", "device", "dtype"),
     [
-        ("auto", "cpu", "fp32"),
         ("auto", "cuda:0", "fp16"),
         ("auto", "mps", "fp16"),
         ("fp32", "cuda:0", "fp32"),

@@ -54,7 +54,7 @@ _ENDED = {FinishKind.EOS: FinishReason.EOS, FinishKind.STOP: FinishReason.STOP}
 def start_engine(loaded: LoadedModel, config: EngineConfig, compile_mode: CompileMode) -> Engine:
     """The engine over `loaded`; UnsupportedModelError when it is not a plain GPT-2,
     ModelLoadError when the KV budget cannot be reserved."""
-    forward = GPT2Forward(loaded.model, compile_mode)
+    forward = GPT2Forward(loaded.model, compile_mode, config.quant)
     try:
         return Engine(forward, config)
     except (RuntimeError, ValueError) as error:
@@ -127,6 +127,7 @@ class EngineDecoder:
             "batch_size_max": stats.max_batch_seen,
             "kv_cache_used_bytes": arena.used_bytes,
             "kv_cache_capacity_bytes": arena.budget_bytes,
+            "kv_decode_pool_bytes": self.engine.forward.decode_slots.pool_bytes,
         }
         return {name: float(value) for name, value in figures.items()}
 

@@ -7,7 +7,7 @@ by any number of tokens each: the dense parts (layer norms, projections, MLP) ru
 the step's tokens packed together, with no padding; attention runs per sequence over that
 sequence's own KV block, so a 900-token history and a 30-token one never pad each other.
 
-A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `engine_kv.KVArena`).
+A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `kv.KVArena`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
+
+from core.generation.engine.linear import (
+    Linear,
+    LinearKind,
+    choose_kind,
+    prepare_head,
+    prepare_linear,
+)
+from core.generation.engine.slots import DecodePlan, DecodeSlots
 
 __all__ = ["GPT2Dims", "GPT2Forward", "LayerWeights", "SeqChunk", "UnsupportedModelError"]
 
@@ -125,10 +134,33 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-class GPT2Forward:
-    """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV."""
+@dataclass(frozen=True, slots=True)
+class LayerLinears:
+    """One layer's four projections, weights prepared for their kernel (`linear`)."""
 
-    def __init__(self, model: Any, compile_mode: CompileMode = "off") -> None:
+    qkv: Linear
+    proj: Linear
+    fc: Linear
+    out: Linear
+
+
+def layer_linears(kind: LinearKind, w: LayerWeights) -> LayerLinears:
+    return LayerLinears(
+        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b),
+        proj=prepare_linear(kind, w.proj_w, w.proj_b),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b),
+        out=prepare_linear(kind, w.out_w, w.out_b),
+    )
+
+
+class GPT2Forward:
+    """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV.
+
+    `quant="int8"` runs every projection and the LM head on int8 weights (CPU); otherwise the
+    dense kernels are the model dtype's fastest here (`linear.choose_kind`).
+    """
+
+    def __init__(self, model: Any, compile_mode: CompileMode = "off", quant: str = "off") -> None:
         config = model.config
         check_supported(config)
         self.dims = dims_of(config)
@@ -142,6 +174,13 @@ class GPT2Forward:
         self.device = self.wte.device
         self.dtype = self.wte.dtype
         self.scale = self.dims.head_dim**-0.5
+        self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
+        self.quant = quant
+        self.linears = [layer_linears(self.linear_kind, w) for w in self.layers]
+        self._head = prepare_head(self.linear_kind, self.wte)
+        d = self.dims
+        self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
+        """Batched decode attention's KV pool; off (0 bytes) until the engine sizes it."""
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
         if compile_mode == "compile":
@@ -169,22 +208,44 @@ class GPT2Forward:
         """
         ids, positions, bounds = self._packed_inputs(chunks)
         writer = KVWriter(chunks, kv_buffer, self.dims) if kv_buffer is not None else None
+        decode = self._decode_plan(chunks, kv_buffer)
+        if decode is not None:
+            decode.locate(bounds, self.device)
         x = self.wte[ids] + self.wpe[positions]
         for index, layer in enumerate(self.layers):
-            qkv = self._pre(x, layer)
+            qkv = self._pre(x, layer, self.linears[index])
             split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
             if writer is not None:
                 writer.write(index, split)
-            attended = self._attention(index, split, chunks, bounds, writer is None)
-            x = self._post(x, attended, layer)
+            attended = self._attention(index, split, chunks, bounds, writer is None, decode)
+            x = self._post(x, attended, layer, self.linears[index])
+        if len(bounds) == x.shape[0]:
+            return x
         last = torch.tensor([end - 1 for _, end in bounds], device=self.device)
         return x.index_select(0, last)
+
+    def _decode_plan(
+        self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None
+    ) -> DecodeRows | None:
+        """The one-token chunks' batched attention, when their blocks are in the arena and
+        the pool may hold them (`decode_slots.max_bytes`)."""
+        if kv_buffer is None or self.decode_slots.max_bytes <= 0:
+            return None
+        rows = [i for i, chunk in enumerate(chunks) if len(chunk.ids) == 1]
+        if not rows:
+            self.decode_slots.release_others(set())
+            return None
+        origin = kv_buffer.storage_offset()
+        picked = [chunks[i] for i in rows]
+        keys = [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in picked]
+        plan = self.decode_slots.prepare(keys, [c.kv for c in picked], [c.start for c in picked])
+        return None if plan is None else DecodeRows(plan, rows, len(chunks), self.device)
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states (the tied embedding, as Hugging Face does)."""
         normed = F.layer_norm(hidden, (self.dims.n_embd,), self.lnf_w, self.lnf_b, self.dims.eps)
-        return F.linear(normed, self.wte).float()
+        return self._head(normed).float()
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -203,17 +264,18 @@ class GPT2Forward:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(ids), as_tensor(positions), bounds
 
-    def _pre_attention(self, x: torch.Tensor, layer: LayerWeights) -> torch.Tensor:
+    def _pre_attention(
+        self, x: torch.Tensor, layer: LayerWeights, linears: LayerLinears
+    ) -> torch.Tensor:
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln1_w, layer.ln1_b, self.dims.eps)
-        return torch.addmm(layer.qkv_b, h, layer.qkv_w)
+        return linears.qkv(h)
 
     def _post_attention(
-        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights
+        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights, linears: LayerLinears
     ) -> torch.Tensor:
-        x = x + torch.addmm(layer.proj_b, attended, layer.proj_w)
+        x = x + linears.proj(attended)
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
-        hidden = self.act(torch.addmm(layer.fc_b, h, layer.fc_w))
-        return x + torch.addmm(layer.out_b, hidden, layer.out_w)
+        return x + linears.out(self.act(linears.fc(h)))
 
     def _attention(
         self,
@@ -222,16 +284,33 @@ class GPT2Forward:
         chunks: Sequence[SeqChunk],
         bounds: Sequence[tuple[int, int]],
         write: bool,
+        decode: DecodeRows | None = None,
     ) -> torch.Tensor:
         """Each chunk attends over its own block (its past plus its new tokens, causally);
-        `split` is `[tokens, 3, heads, head_dim]`."""
-
-        outputs = [
-            self._attend_one(layer, chunk, split[begin:end], write)
-            for chunk, (begin, end) in zip(chunks, bounds, strict=True)
-        ]
-        attended = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
-        return attended.transpose(0, 1).reshape(split.shape[0], self.dims.n_embd)
+        `split` is `[tokens, 3, heads, head_dim]`. One-token chunks in `decode` attend in one
+        batched call (they come first in the engine's steps: then no row is copied)."""
+        if decode is None:
+            outputs = [
+                self._attend_one(layer, chunk, split[begin:end], write)
+                for chunk, (begin, end) in zip(chunks, bounds, strict=True)
+            ]
+            attended = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+            return attended.transpose(0, 1).reshape(split.shape[0], self.dims.n_embd)
+        batch = len(decode.rows)
+        rows = split[:batch] if decode.leading else split.index_select(0, decode.token_rows)
+        batched = decode.plan.attend(layer, rows, self.scale)
+        if decode.everything:
+            return batched
+        attended = split.new_empty(split.shape[0], self.dims.n_embd)
+        for index, (chunk, (begin, end)) in enumerate(zip(chunks, bounds, strict=True)):
+            if index not in decode.row_set:
+                output = self._attend_one(layer, chunk, split[begin:end], write)
+                attended[begin:end] = output.transpose(0, 1).reshape(end - begin, -1)
+        if decode.leading:
+            attended[:batch] = batched
+        else:
+            attended.index_copy_(0, decode.token_rows, batched)
+        return attended
 
     def _attend_one(
         self, layer: int, chunk: SeqChunk, rows: torch.Tensor, write: bool
@@ -249,6 +328,25 @@ class GPT2Forward:
             query, keys, values, attn_mask=mask, is_causal=n > 1 and start == 0, scale=self.scale
         )
         return attended[0]
+
+
+class DecodeRows:
+    """A step's one-token chunks (`rows`, chunk indices) and their `DecodePlan`."""
+
+    def __init__(
+        self, plan: DecodePlan, rows: list[int], n_chunks: int, device: torch.device
+    ) -> None:
+        self.plan = plan
+        self.rows = rows
+        self.row_set = frozenset(rows)
+        self.leading = rows == list(range(len(rows)))
+        self.everything = self.leading and len(rows) == n_chunks
+        self.token_rows = torch.empty(0, dtype=torch.long, device=device)
+
+    def locate(self, bounds: Sequence[tuple[int, int]], device: torch.device) -> None:
+        """The packed rows of the one-token chunks (needed when they do not come first)."""
+        if not self.leading:
+            self.token_rows = torch.tensor([bounds[i][0] for i in self.rows], device=device)
 
 
 class KVWriter:

@@ -3,7 +3,9 @@
 `KVArena` allocates the whole KV budget once (on the GPU this is real memory up front; on the
 CPU pages are touched as they are used) and hands out contiguous blocks of token slots, each
 viewed as `[n_layer, 2, n_head, capacity, head_dim]`. Allocation is first fit with coalescing
-frees, so the bytes in use can never exceed the budget.
+frees, so the bytes in use can never exceed the budget. Slots are zeroed the first time they are
+handed out (`touched`), so every slot always holds finite values: batched attention reads slots
+past a sequence's length under a key mask, where a NaN would poison the sum (0 × NaN).
 
 `ConversationCache` keeps the KV of finished turns by conversation (`GenerationRequest.cache_key`)
 as `(token ids, block)`: least recently used first out when memory is needed, and dropped after
@@ -82,6 +84,8 @@ class KVArena:
         size = self.capacity * dims.kv_elements_per_token
         self.buffer = torch.empty(size, dtype=dtype, device=device)
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # (start, length), sorted
+        self.touched = 0
+        """Slots below this have been zeroed or written (first fit hands out low slots first)."""
         self.used = 0
         self.peak_used = 0
 
@@ -99,6 +103,7 @@ class KVArena:
         for index, (start, length) in enumerate(self._free):
             if length >= size:
                 self._take(index, start, length, size)
+                self._touch(start + size)
                 return KVBlock(start, size)
         return None
 
@@ -109,6 +114,13 @@ class KVArena:
             self._free[index] = (start + size, length - size)
         self.used += size
         self.peak_used = max(self.peak_used, self.used)
+
+    def _touch(self, end: int) -> None:
+        """Zero the never-used slots below `end` (fresh memory may hold any bit pattern)."""
+        if end > self.touched:
+            per_token = self.dims.kv_elements_per_token
+            self.buffer[self.touched * per_token : end * per_token].zero_()
+            self.touched = end
 
     def free(self, block: KVBlock) -> None:
         """Give `block` back, merging it with free neighbours."""

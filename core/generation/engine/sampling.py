@@ -6,8 +6,9 @@ banned), then — when sampling — temperature, top-k, top-p, and a multinomial
 take the argmax after the first three. Two shortcuts keep a batch cheap without changing the
 result: penalties gather/scatter only the ids a sequence has seen, and with top-k on, top-p and
 the draw run over the top-k candidates instead of sorting the whole 51,200-token vocabulary
-(every other token has probability 0 after top-k; a tie at the k-th score falls back to the
-full path so that ties are kept as Hugging Face keeps them).
+(every other token has probability 0 after top-k; a tie at the k-th score widens the
+candidates so that every tied token is kept, as Hugging Face keeps them: frequent in bf16),
+and the draws of all those rows are one inverse-CDF search over their candidates.
 
 Every sequence samples from its own CPU `torch.Generator`: seeded requests are reproducible
 whatever else is in the batch, and no global RNG state is touched.
@@ -22,7 +23,15 @@ import torch
 
 from core.generation.base import SamplingParams, is_greedy
 
-__all__ = ["LogitsHook", "NgramBans", "SamplerState", "choose_tokens", "top_candidates"]
+__all__ = [
+    "LogitsHook",
+    "NgramBans",
+    "SamplerState",
+    "choose_tokens",
+    "draw_rows",
+    "tied_candidates",
+    "top_candidates",
+]
 
 LogitsHook = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
 """Test seam: `(ids so far, float32 scores [vocab]) -> scores`, after the penalties."""
@@ -149,36 +158,44 @@ def apply_hooks(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
 
 
 def top_candidates(
-    scores: torch.Tensor, params: Sequence[SamplingParams]
+    scores: torch.Tensor, params: Sequence[SamplingParams], width: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """For rows with top-k on: `(probabilities [R, W], token ids [R, W], tie_rows)` after
-    temperature, top-k and top-p (probability 0 outside the kept set). `tie_rows` are rows
-    whose k-th score is tied with the next one; their result is not valid (Hugging Face keeps
-    every tied token: use `full_distribution`)."""
+    temperature, top-k and top-p (probability 0 outside the kept set), over each row's `W`
+    best scores (`W` = the largest k + 1 unless given). Top-k keeps every score at least the
+    k-th, as Hugging Face does; `tie_rows` are rows whose tie at the k-th score may reach past
+    the `W` columns, so their result is not valid (`tied_candidates` widens them)."""
     vocab = scores.shape[-1]
     ks = [min(p.top_k, vocab) for p in params]
-    width = min(max(ks) + 1, vocab)
+    width = min(width or max(ks) + 1, vocab)
     values, indices = torch.topk(scores, width, dim=-1)
+    k_index = torch.tensor([k - 1 for k in ks], device=scores.device)[:, None]
+    kth = values.gather(1, k_index)
+    tie_rows = _tied_rows(values, kth) if width < vocab else []
+    values = values.masked_fill(values < kth, NEG_INF)
     values = values / _column([p.temperature for p in params], scores)
-    tie_rows = _tied_rows(values, ks)
-    columns = torch.arange(width, device=scores.device)
-    k_tensor = torch.tensor(ks, device=scores.device)
-    values = values.masked_fill(columns >= k_tensor[:, None], NEG_INF)
     values = _top_p_sorted_desc(values, params)
     return values.softmax(dim=-1), indices, tie_rows
 
 
-def _tied_rows(values: torch.Tensor, ks: list[int]) -> list[int]:
-    """Rows of descending `values` whose k-th and (k+1)-th entries are equal."""
-    width = values.shape[1]
-    rows = [i for i, k in enumerate(ks) if k < width]
-    if not rows:
+def tied_candidates(
+    scores: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`top_candidates` wide enough for every row's tie at its k-th score (all tied kept)."""
+    vocab = scores.shape[-1]
+    ks = torch.tensor([min(p.top_k, vocab) for p in params], device=scores.device)
+    kth = torch.topk(scores, int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+    width = int((scores >= kth).sum(dim=-1).max()) + 1
+    probs, ids, _ = top_candidates(scores, params, width)
+    return probs, ids
+
+
+def _tied_rows(values: torch.Tensor, kth: torch.Tensor) -> list[int]:
+    """Rows of descending `values` whose last column still equals their k-th score."""
+    tied = (values[:, -1:] == kth)[:, 0]
+    if not bool(tied.any()):
         return []
-    picked = torch.tensor(rows, device=values.device)
-    kth = torch.tensor([ks[i] - 1 for i in rows], device=values.device)
-    pairs = values[picked].gather(1, torch.stack([kth, kth + 1], dim=1))
-    tied = (pairs[:, 0] == pairs[:, 1]).tolist()
-    return [row for row, is_tied in zip(rows, tied, strict=True) if is_tied]
+    return [int(row) for row in tied.nonzero()[:, 0].tolist()]
 
 
 def _top_p_sorted_desc(values: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -220,6 +237,18 @@ def draw(probabilities: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probabilities.cpu(), 1, generator=generator).item())
 
 
+def draw_rows(probabilities: torch.Tensor, generators: Sequence[torch.Generator]) -> list[int]:
+    """One draw per row of `probabilities [R, W]` (each row's own generator supplies one
+    uniform number; the column is found on the row's cumulative distribution, all rows at
+    once). Never a column of probability 0."""
+    uniform = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])
+    cumulative = probabilities.detach().cpu().double().cumsum(dim=-1)
+    target = (uniform * cumulative[:, -1])[:, None]
+    column = torch.searchsorted(cumulative, target, right=True)[:, 0]
+    last_nonzero = (probabilities.detach().cpu() > 0).sum(dim=-1) - 1
+    return torch.minimum(column, last_nonzero).tolist()
+
+
 # --- the whole choice -------------------------------------------------------------------------
 
 
@@ -231,7 +260,7 @@ def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[
     chosen = [0] * len(states)
     greedy = [i for i, s in enumerate(states) if s.greedy]
     if greedy:
-        picked = logits[torch.tensor(greedy, device=logits.device)].argmax(dim=-1).tolist()
+        picked = _rows(logits, greedy).argmax(dim=-1).tolist()
         for row, token in zip(greedy, picked, strict=True):
             chosen[row] = int(token)
     sampled = [i for i, s in enumerate(states) if not s.greedy]
@@ -240,21 +269,48 @@ def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[
     return chosen
 
 
+def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """`tensor[rows]`, without a copy when `rows` is every row in order."""
+    if rows == list(range(tensor.shape[0])):
+        return tensor
+    return tensor[torch.tensor(rows, device=tensor.device)]
+
+
 def _sample_rows(
     logits: torch.Tensor, states: Sequence[SamplerState], rows: list[int]
 ) -> list[int]:
+    """Rows with top-k on draw among their top-k candidates, all rows in a few batched ops
+    (rows tied at the k-th score among candidates wide enough for the tie); rows without
+    top-k over the whole vocabulary, one by one."""
     fast = [i for i in rows if states[i].params.top_k > 0]
     tokens: dict[int, int] = {}
     if fast:
-        picked = logits[torch.tensor(fast, device=logits.device)]
-        probs, ids, ties = top_candidates(picked, [states[i].params for i in fast])
-        probs, ids = probs.cpu(), ids.cpu()
-        for position, row in enumerate(fast):
-            if position not in ties:
-                column = draw(probs[position], states[row].generator)
-                tokens[row] = int(ids[position, column])
+        picked = _rows(logits, fast)
+        params = [states[i].params for i in fast]
+        probs, ids, ties = top_candidates(picked, params)
+        untied = [p for p in range(len(fast)) if p not in set(ties)]
+        if untied:
+            _draw_into(
+                tokens, [fast[p] for p in untied], _rows(probs, untied), _rows(ids, untied), states
+            )
+        if ties:
+            wide_probs, wide_ids = tied_candidates(_rows(picked, ties), [params[p] for p in ties])
+            _draw_into(tokens, [fast[p] for p in ties], wide_probs, wide_ids, states)
     for row in rows:
         if row not in tokens:
             distribution = full_distribution(logits[row], states[row].params)
             tokens[row] = draw(distribution, states[row].generator)
     return [tokens[row] for row in rows]
+
+
+def _draw_into(
+    tokens: dict[int, int],
+    rows: list[int],
+    probs: torch.Tensor,
+    ids: torch.Tensor,
+    states: Sequence[SamplerState],
+) -> None:
+    columns = draw_rows(probs, [states[row].generator for row in rows])
+    chosen = ids.cpu().gather(1, torch.tensor(columns)[:, None])[:, 0].tolist()
+    for row, token in zip(rows, chosen, strict=True):
+        tokens[row] = int(token)

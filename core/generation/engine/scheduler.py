@@ -52,6 +52,7 @@ __all__ = [
     "EngineStats",
     "FinishKind",
     "StopCheck",
+    "auto_max_batch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,9 @@ StopCheck = Callable[[Sequence[int]], bool]
 class EngineConfig:
     """The scheduler's bounds (KOBOT_ENGINE_* settings)."""
 
-    max_batch: int = 32
-    """Most requests in one forward pass; more wait in the queue."""
+    max_batch: int = 0
+    """Most requests in one forward pass; more wait in the queue. 0: what the KV budget holds
+    (`auto_max_batch`: one request per `REQUEST_TOKENS` tokens of arena, at most `MAX_BATCH`)."""
     kv_budget_mb: float = 1024
     """The KV arena, allocated once; running requests and cached conversations share it."""
     kv_idle_s: float = 600.0
@@ -75,6 +77,32 @@ class EngineConfig:
     """Prompt tokens read per step (beside every decoding request's one token)."""
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
+    decode_pool: str = "auto"
+    """`auto`/`on`: decoding sequences attend in one batched call per layer over a dense KV pool
+    (`engine.slots`, `DECODE_POOL_SHARE` of the KV budget; the arena gets the rest); `off`:
+    one attention call per sequence, the arena gets the whole budget."""
+    quant: str = "off"
+    """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
+    read by whoever builds the `GPT2Forward`)."""
+
+
+DECODE_POOL_SHARE = 1 / 3
+"""The decode pool's part of KOBOT_ENGINE_KV_BUDGET_MB (a step that would need more attends per
+sequence instead), so the arena and the pool together stay within the budget."""
+REQUEST_TOKENS = 256
+"""A typical request's KV footprint (prompt + reply) for the default batch bound."""
+MAX_BATCH = 256
+
+
+def use_decode_pool(mode: str, device: torch.device) -> bool:
+    """Everywhere unless `off` (the same code on CPU and CUDA; `device` for a future split)."""
+    del device
+    return mode != "off"
+
+
+def auto_max_batch(capacity_tokens: int) -> int:
+    """The batch bound the KV arena holds: one typical request per `REQUEST_TOKENS` slots."""
+    return max(1, min(MAX_BATCH, capacity_tokens // REQUEST_TOKENS))
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +225,14 @@ class Engine:
     ) -> None:
         self.forward = forward
         self.config = config or EngineConfig()
-        self.arena = KVArena(
-            forward.dims, int(self.config.kv_budget_mb * MB), forward.device, forward.dtype
-        )
+        budget = int(self.config.kv_budget_mb * MB)
+        pool_bytes = 0
+        if use_decode_pool(self.config.decode_pool, forward.device):
+            pool_bytes = int(budget * DECODE_POOL_SHARE)
+            forward.decode_slots.max_bytes = pool_bytes
+        self.arena = KVArena(forward.dims, budget - pool_bytes, forward.device, forward.dtype)
         self.cache = ConversationCache(self.arena, self.config.kv_idle_s, clock)
+        self.max_batch = self.config.max_batch or auto_max_batch(self.arena.capacity)
         self.stats = EngineStats()
         self._queue: deque[EngineHandle] = deque()
         self._running: list[_Running] = []
@@ -422,7 +454,7 @@ class Engine:
     # --- admission ----------------------------------------------------------------------------
 
     def _admit(self) -> None:
-        while len(self._running) < self.config.max_batch:
+        while len(self._running) < self.max_batch:
             with self._wake:
                 if not self._queue:
                     return

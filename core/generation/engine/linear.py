@@ -1,0 +1,99 @@
+"""The engine's dense layers, with their weights prepared once for the kernel that runs them.
+
+- `addmm`: the model's own weights, shared, as Hugging Face runs them (`torch.addmm` on the
+  Conv1D `[in, out]` weight); the reference path, and the one on CUDA.
+- `packed`: bf16 weights reordered once into oneDNN's blocked layout (`mkldnn._linear_pointwise`
+  on a `_reorder_linear_weight` result), so no call reorders them again; used on a CPU with
+  AMX/AVX-512 BF16, where it is the fastest bf16 path.
+- `int8` (`KOBOT_ENGINE_QUANT=int8`): weights quantized per output channel to int8 once,
+  activations quantized per call (torch's dynamic quantized linear, fbgemm/oneDNN VNNI), float
+  output; the LM head too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from core.generation.cpu_features import cpu_flags
+
+__all__ = ["LinearKind", "QuantMode", "choose_kind", "prepare_head", "prepare_linear"]
+
+QuantMode = Literal["off", "int8"]
+LinearKind = Literal["addmm", "packed", "int8"]
+Linear = Callable[[torch.Tensor], torch.Tensor]
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def choose_kind(device: torch.device, dtype: torch.dtype, quant: str) -> LinearKind:
+    """int8 when asked (CPU only), packed bf16 on a CPU where oneDNN has it, else addmm."""
+    if quant == "int8":
+        if device.type != "cpu":
+            raise ValueError("KOBOT_ENGINE_QUANT=int8 runs on the CPU only")
+        return "int8"
+    if quant != "off":
+        raise ValueError(f"KOBOT_ENGINE_QUANT: must be off or int8 (got {quant!r})")
+    if device.type == "cpu" and dtype == torch.bfloat16 and _packed_available():
+        return "packed"
+    return "addmm"
+
+
+def _packed_available() -> bool:
+    return bool(torch.backends.mkldnn.is_available()) and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight"
+    )
+
+
+def prepare_linear(kind: LinearKind, weight_in_out: torch.Tensor, bias: torch.Tensor) -> Linear:
+    """`x @ weight_in_out + bias` (a Conv1D's weight layout) as `kind` runs it."""
+    if kind == "addmm":
+        return lambda x: torch.addmm(bias, x, weight_in_out)
+    return _prepared(kind, weight_in_out.t(), bias)
+
+
+def prepare_head(kind: LinearKind, weight_out_in: torch.Tensor) -> Linear:
+    """`x @ weight_out_in.T` (the tied LM head: the embedding, `[vocab, n_embd]`)."""
+    if kind == "addmm":
+        return lambda x: F.linear(x, weight_out_in)
+    return _prepared(kind, weight_out_in, None)
+
+
+def _prepared(kind: LinearKind, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    if kind == "packed":
+        return _packed(weight_out_in, bias)
+    return _int8(weight_out_in, bias)
+
+
+def _packed(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight_out_in.contiguous(), None)
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return linear(x, packed, bias, "none", [], "")
+
+    return run
+
+
+def _int8(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
+    """Per-output-channel symmetric int8 weights; dynamic per-tensor activations."""
+    weight = weight_out_in.detach().float()
+    scales = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+    zero = torch.zeros(weight.shape[0], dtype=torch.long)
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated (torchao's turn)
+        warnings.simplefilter("ignore", UserWarning)
+        quantized = torch.quantize_per_channel(weight, scales.double(), zero, 0, torch.qint8)
+    float_bias = None if bias is None else bias.detach().float()
+    params = torch.ops.quantized.linear_prepack(quantized, float_bias)
+    dynamic = torch.ops.quantized.linear_dynamic
+    out_dtype = weight_out_in.dtype
+    reduce_range = not (cpu_flags() & VNNI_FLAGS)  # 7-bit activations only without VNNI
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = dynamic(x.float(), params, reduce_range)
+        return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+    return run
