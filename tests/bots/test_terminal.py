@@ -14,6 +14,7 @@ from pathlib import Path
 import pexpect
 
 from bots.terminal import EXIT_HINT, STOPPED_NOTE, TerminalReply, rows_taken
+from core.generation.cpu_features import fast_bf16_cpu
 from core.ops.lifecycle import Shutdown
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -63,7 +64,8 @@ def test_the_reply_streams_ctrl_c_stops_it_and_two_at_the_prompt_quit(
     child = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=512)
     transcript = io.StringIO()
     child.logfile_read = transcript
-    child.expect_exact(f"{tiny_model_dir} · cpu · fp32 · local")  # the status line
+    dtype = "bf16" if fast_bf16_cpu() else "fp32"  # KOBOT_DTYPE=auto
+    child.expect_exact(f"{tiny_model_dir} · cpu · {dtype} · local")  # the status line
     child.expect_exact("console>")
     child.sendline("안녕하세요")
     child.expect_exact(PROMPT_DONE)
