@@ -105,6 +105,76 @@ async def stored_replies(harness: Harness, channel_id: int, user: JSON) -> list[
     return [text for role, text in await harness.turns(channel_id, user) if role is Role.AI]
 
 
+async def final_answer(harness: Harness, interaction: JSON) -> str:
+    """The text a slash command ends with, once it is done: its original response's last edit
+    (streamed), or the answer sent in one piece."""
+    fake, adapter = harness.fake, harness.bot.adapter
+    assert adapter is not None
+    await fake.wait_for(
+        lambda: fake.interaction_answers(interaction) and adapter.in_flight.count == 0, WAIT_S
+    )
+    edits = fake.original_edits(interaction)
+    if edits:
+        return str(edits[-1].body["content"])
+    body = fake.interaction_answers(interaction)[-1].body
+    return str(body.get("data", body)["content"])
+
+
+class PacedAnywhere(PacedStream):
+    """`PacedStream` for any reply: each partial once a channel message or an interaction's
+    original response shows it (a slash command's shows the command's text before it)."""
+
+    __test__ = False
+
+    def __init__(self, inner: GenerationBackend, fake: FakeDiscord, final: str = FINAL) -> None:
+        super().__init__(inner, fake)
+        self.final = final
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return GenerationResult(self.final, 6, FinishReason.STOP)
+
+    def _showing(self, text: str) -> Callable[[], bool]:
+        def shown() -> list[str]:
+            return [
+                content for _, content in self.fake.shown.values()
+            ] + self.fake.originals_shown()
+
+        return lambda: any(content.endswith(text) for content in shown())
+
+
+async def test_slash_commands_stream_into_their_original_response(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    """/story and /retry: deferred, then the original response grows by edits at most once a
+    second, the last edit exactly the reply (for /retry, the reply stored)."""
+    backend = PacedAnywhere(tiny, fake)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    async with running_bot(fake, settings, backend, stream_first_after_s=0.0) as harness:
+        user = harness.person("지우")
+        channel = fake.dm_channel_id(user)
+        await fake.send_message(user, "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
+        story = await fake.send_command(user, "story", {"text": "옛날 옛적에"})
+        story_text = await final_answer(harness, story)
+        backend.final = "다른 날씨 이야기예요"
+        retry = await fake.send_command(user, "retry")
+        retry_text = await final_answer(harness, retry)
+        stored = await stored_replies(harness, channel, user)
+
+    for interaction, partials in [
+        (story, [f"옛날 옛적에{partial}" for partial in PARTIALS]),
+        (retry, PARTIALS),
+    ]:
+        (callback,) = fake.interaction_answers(interaction)  # nothing but the deferral posted
+        assert callback.body == {"type": 5}  # deferred, public: no ephemeral flag
+        edits = fake.original_edits(interaction)
+        assert [edit.body["content"] for edit in edits][:-1] == partials
+        assert all(gap >= 1.0 for gap in gaps(edits)), gaps(edits)
+        assert all(edit.body["allowed_mentions"] == {"parse": []} for edit in edits)
+    assert story_text == f"옛날 옛적에{FINAL}"
+    assert stored == ["다른 날씨 이야기예요"] and retry_text == displayable(stored[0])
+
+
 async def test_a_reply_grows_in_place_at_most_once_a_second(
     fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
 ) -> None:
@@ -165,7 +235,7 @@ async def test_the_model_commands_as_messages_and_slash_commands(
             ("retry", None),
         ]:
             interaction = await fake.send_command(user, name, options)
-            answers[name] = (await harness.answers(interaction))[-1]["body"]["data"]["content"]
+            answers[name] = await final_answer(harness, interaction)
         stored = await stored_replies(harness, channel, user)
 
     for name in ("complete", "story", "sentiment"):
