@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bots.discord_adapter import displayable
+from bots.discord_adapter import chunks_of, displayable
 from core.generation.base import (
     FinishReason,
     GenerationBackend,
@@ -24,7 +24,7 @@ from core.generation.base import (
     GenerationResult,
     StreamChunk,
 )
-from core.messages import Role
+from core.messages import Reply, Role
 from tests.e2e.fake_discord import JSON, Call, FakeDiscord
 from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
 from tests.generation.backends import close_now, engine_backend
@@ -281,3 +281,24 @@ async def test_a_restart_finishes_the_half_streamed_message(
     posts = [call for call in operations(fake, channel) if call.method == "POST"]
     assert [call.body["content"] for call in posts] == [PARTIALS[0]]
     assert stored == [FINAL] and len(fake.replies_to(asked)) == 1
+
+
+async def test_a_long_streamed_slash_answer_continues_in_follow_ups(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    """Past 2,000 characters the original response ends with the first chunk and the rest of
+    the reply follows as follow-ups, in order."""
+    long_story = " ".join(f"{i}번째 문장은 길게 이어지는 이야기예요." for i in range(120))
+    backend = PacedAnywhere(tiny, fake, final=long_story)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    options = {"stream_interval_s": 0.2, "stream_first_after_s": 0.0}
+    async with running_bot(fake, settings, backend, **options) as harness:
+        user = harness.person("긴이야기")
+        complete = await fake.send_command(user, "complete", {"text": "시작:"})
+        await final_answer(harness, complete)
+
+    callback, *follow_ups = fake.interaction_answers(complete)
+    expected = chunks_of(Reply(f"시작:{long_story}"))
+    assert callback.body == {"type": 5} and len(expected) > 1
+    assert fake.original_edits(complete)[-1].body["content"] == expected[0]
+    assert [call.body["content"] for call in follow_ups] == expected[1:]
