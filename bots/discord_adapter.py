@@ -35,8 +35,11 @@ Streaming (`KOBOT_STREAM_REPLIES`, on by default)
     A reply to a message is posted as soon as the model has text and grows by message edits
     (`PATCH`), at most one per second per message (`bots.streaming`); discord.py waits out 429s
     itself, and one it gives up on pushes the next edit back. The last edit makes the message
-    exactly the reply `handle` returns; further chunks follow as messages. Slash commands are
-    answered when done (after "thinking…"), as interactions cannot be paced the same way.
+    exactly the reply `handle` returns; further chunks follow as messages. The slash commands
+    that generate (`/complete`, `/story`, `/retry`) stream the same way into the interaction's
+    original response: deferred ("thinking…") once there is text or after `defer_after_s`,
+    then edited (`PATCH /webhooks/…/messages/@original`) at the same pace, the last edit
+    exactly the reply; further chunks follow as follow-ups.
 
 Reconnects
     discord.py resumes the session after op 7 / network drops and replays missed events.
@@ -49,7 +52,9 @@ Crashes (`bots.discord_inbox`)
     replay) is a no-op. After a restart, stored messages not yet finished are answered: their
     replies are generated, or sent from storage when the reply was stored but never sent (the
     outbox marks each reply pending, then sent with its Discord message ids, or failed for good
-    when the channel is gone or the bot may not write there).
+    when the channel is gone or the bot may not write there). A `/retry` (typed, or the slash
+    command) stores its new answer under its own message or interaction id: replayed, it is
+    answered from storage when the answer was never sent, and not at all when it was.
 """
 
 from __future__ import annotations
@@ -109,6 +114,7 @@ TEXT_ARGUMENTS = {  # slash commands that need text, and how their option is des
     Command.SENTIMENT: "분석할 문장 (text to analyse)",
 }
 PRIVATE_COMMANDS = frozenset({Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS})
+STREAMED_COMMANDS = frozenset({Command.COMPLETE, Command.STORY, Command.RETRY})
 USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 NO_MENTIONS = discord.AllowedMentions.none()
 REPLY_MENTION = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
@@ -425,19 +431,24 @@ async def send_reply(message: AnyMessage, reply: Reply) -> list[str]:
     return sent
 
 
-async def respond(interaction: discord.Interaction, reply: Reply, ephemeral: bool) -> None:
-    """Answer an interaction (or follow up after a defer), file on the last chunk."""
+async def respond(interaction: discord.Interaction, reply: Reply, ephemeral: bool) -> list[str]:
+    """Answer an interaction (or follow up after a defer), file on the last chunk; the ids of
+    the messages sent."""
     chunks = chunks_of(reply)
+    sent: list[str] = []
     for index, chunk in enumerate(chunks):
         files = files_of(reply.attachment) if index == len(chunks) - 1 else []
         if interaction.response.is_done():
-            await interaction.followup.send(
-                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files
+            posted = await interaction.followup.send(
+                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files, wait=True
             )
+            sent.append(str(posted.id))
         else:
-            await interaction.response.send_message(
+            answered = await interaction.response.send_message(
                 chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files
             )
+            sent.append(str(answered.message_id or interaction.id))
+    return sent
 
 
 async def _keep_typing(channel: Messageable) -> None:
@@ -548,6 +559,35 @@ async def _nothing_to_note(_message_id: int) -> None:
     """The default `on_post`."""
 
 
+StreamTiming = tuple[float, float | None]  # the interval between edits, the first post's delay
+
+
+def streamed(
+    post: Callable[[str], Awaitable[AnyMessage]],
+    mentions: discord.AllowedMentions,
+    timing: StreamTiming,
+) -> LiveMessage[AnyMessage]:
+    """A Discord message that grows by edits (`PATCH`), `post` making it; discord.py's errors
+    as `bots.streaming` expects them; each partial cut to the reply's first chunk."""
+
+    async def posted(text: str) -> AnyMessage:
+        with streaming_errors():
+            return await post(text)
+
+    async def edit(sent: AnyMessage, text: str) -> None:
+        with streaming_errors():
+            await sent.edit(content=text, allowed_mentions=mentions)
+
+    interval_s, first_after_s = timing
+    return LiveMessage(
+        posted,
+        edit,
+        interval_s=interval_s,
+        first_after_s=first_after_s,
+        fit=lambda text: chunks_of(Reply(text))[0],
+    )
+
+
 def live_reply(
     message: AnyMessage,
     interval_s: float,
@@ -559,52 +599,96 @@ def live_reply(
     reference = message.to_reference(fail_if_not_exists=False)
 
     async def post(text: str) -> AnyMessage:
-        with streaming_errors():
-            sent = await message.channel.send(
-                text, reference=reference, allowed_mentions=REPLY_MENTION
-            )
+        sent = await message.channel.send(text, reference=reference, allowed_mentions=REPLY_MENTION)
         await on_post(sent.id)
         return sent
 
-    async def edit(sent: AnyMessage, text: str) -> None:
-        with streaming_errors():
-            await sent.edit(content=text, allowed_mentions=REPLY_MENTION)
+    return streamed(post, REPLY_MENTION, (interval_s, first_after_s))
 
-    return LiveMessage(
-        post,
-        edit,
-        interval_s=interval_s,
-        first_after_s=first_after_s,
-        fit=lambda text: chunks_of(Reply(text))[0],
-    )
+
+SendMore = Callable[[str], Awaitable[str]]  # sends one more chunk of a reply; the message's id
 
 
 async def finish_live(
-    live: LiveMessage[AnyMessage], message: AnyMessage, reply: Reply
+    live: LiveMessage[AnyMessage], reply: Reply, send_more: SendMore
 ) -> list[str] | None:
-    """Edit the streamed message into the reply's first chunk and send the rest (the ids of
-    every message of the reply); None when nothing was streamed (or it broke): the reply is
-    then sent as usual."""
+    """Edit the streamed message into the reply's first chunk and send the rest with
+    `send_more` (the ids of every message of the reply); None when nothing was streamed (or it
+    broke): the reply is then sent as usual."""
     if not live.started or reply.attachment is not None or live.handle is None:
         return None
     first, *rest = chunks_of(reply)
     if not await live.finish(first):
         return None
+    return [str(live.handle.id), *[await send_more(chunk) for chunk in rest]]
+
+
+def more_replies_to(message: AnyMessage) -> SendMore:
+    """The rest of a streamed reply to a message: further replies to it that ping no one."""
     reference = message.to_reference(fail_if_not_exists=False)
-    sent = [str(live.handle.id)]
-    for chunk in rest:
+
+    async def send(chunk: str) -> str:
         posted = await message.channel.send(
             chunk, reference=reference, allowed_mentions=NO_MENTIONS
         )
-        sent.append(str(posted.id))
-    return sent
+        return str(posted.id)
+
+    return send
+
+
+class InteractionAnswer:
+    """The answer to one slash command: deferred at most once (by the clock or by the first
+    streamed text, whichever comes first), streamed into the original response by edits
+    (`PATCH …/messages/@original`), the rest of a long reply sent as follow-ups."""
+
+    def __init__(self, interaction: discord.Interaction, ephemeral: bool) -> None:
+        self.interaction = interaction
+        self.ephemeral = ephemeral
+        self._deferring = asyncio.Lock()
+
+    async def defer(self) -> None:
+        async with self._deferring:
+            if not self.interaction.response.is_done():
+                await self.interaction.response.defer(ephemeral=self.ephemeral, thinking=True)
+
+    def live(self, timing: StreamTiming) -> LiveMessage[AnyMessage]:
+        async def post(text: str) -> AnyMessage:
+            await self.defer()
+            return await self.interaction.edit_original_response(
+                content=text, allowed_mentions=NO_MENTIONS
+            )
+
+        return streamed(post, NO_MENTIONS, timing)
+
+    async def follow_up(self, chunk: str) -> str:
+        posted = await self.interaction.followup.send(
+            chunk, ephemeral=self.ephemeral, allowed_mentions=NO_MENTIONS, wait=True
+        )
+        return str(posted.id)
+
+    async def send(
+        self, reply: Reply, private: bool, live: LiveMessage[AnyMessage] | None
+    ) -> list[str]:
+        """The reply, finishing the streamed answer if there is one; the ids of its messages."""
+        streamed_ids = None if live is None else await finish_live(live, reply, self.follow_up)
+        return streamed_ids or await respond(self.interaction, reply, private)
 
 
 async def deliver(message: AnyMessage, reply: Reply, live: LiveMessage[AnyMessage] | None) -> Sent:
     """Send the reply (finishing the streamed message, if any); how it went."""
+
+    async def sending() -> list[str]:
+        more = more_replies_to(message)
+        streamed_ids = None if live is None else await finish_live(live, reply, more)
+        return streamed_ids or await send_reply(message, reply)
+
+    return await outcome_of(sending())
+
+
+async def outcome_of(sending: Awaitable[list[str]]) -> Sent:
+    """How sending a reply went (the ids of its messages when it was sent)."""
     try:
-        streamed = None if live is None else await finish_live(live, message, reply)
-        return Sent(Outcome.SENT, tuple(streamed or await send_reply(message, reply)))
+        return Sent(Outcome.SENT, tuple(await sending))
     except (discord.Forbidden, discord.NotFound) as error:
         log.warning("cannot answer in this channel (%s %s)", error.status, error.text)
         return Sent(Outcome.REFUSED)
@@ -749,12 +833,15 @@ class DiscordAdapter:
         return live
 
     async def _record(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
+        await self._record_outbox(incoming, reply, sent)
+        if sent.outcome is not Outcome.FAILED:
+            await self.inbox.done(incoming)
+
+    async def _record_outbox(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
         if reply.pending_delivery and sent.outcome is Outcome.SENT:
             await self.manager.delivered(incoming, sent.ids)
         elif reply.pending_delivery and sent.outcome is Outcome.REFUSED:
             await self.manager.undeliverable(incoming)
-        if sent.outcome is not Outcome.FAILED:
-            await self.inbox.done(incoming)
 
     async def resume_unfinished(self) -> None:
         """Once per run, when the gateway is first ready: answer what the last run left."""
@@ -784,18 +871,41 @@ class DiscordAdapter:
     async def on_command(
         self, interaction: discord.Interaction, command: Command, argument: str
     ) -> None:
-        """Route to the core; defer when the core takes longer than `defer_after_s`."""
+        """Route to the core; defer when the core takes longer than `defer_after_s` (or when
+        the reply starts streaming); a command answered before (a replay) is not answered
+        again, and a stored answer goes through the outbox like a message's."""
         if not self.policy.allows(interaction.user, interaction.guild_id, interaction.channel):
             await respond(interaction, Reply(NOT_ALLOWED, ReplyKind.NOTICE), ephemeral=True)
             return
-        ephemeral = command in PRIVATE_COMMANDS
+        answer = InteractionAnswer(interaction, command in PRIVATE_COMMANDS)
         incoming = command_message(interaction, command, argument, self.policy.admins)
-        task = asyncio.create_task(self.manager.handle(incoming))
-        if not await finish_within(task, self.defer_after_s):
-            await interaction.response.defer(ephemeral=ephemeral, thinking=True)
-        reply = await task
-        private = ephemeral or reply.kind in (ReplyKind.NOTICE, ReplyKind.ERROR)
-        await respond(interaction, reply, private)
+        live = answer.live(self.stream_timing) if self._streams(command) else None
+        reply = await self._command_reply(answer, incoming, live)
+        if reply.duplicate:
+            log.info("interaction %s was answered before; not again", incoming.message_id)
+            return
+        private = answer.ephemeral or reply.kind in (ReplyKind.NOTICE, ReplyKind.ERROR)
+        sent = await outcome_of(answer.send(reply, private, live))
+        await self._record_outbox(incoming, reply, sent)
+
+    def _streams(self, command: Command) -> bool:
+        return self.settings.stream_replies and command in STREAMED_COMMANDS
+
+    async def _command_reply(
+        self,
+        answer: InteractionAnswer,
+        incoming: IncomingMessage,
+        live: LiveMessage[AnyMessage] | None,
+    ) -> Reply:
+        on_partial = live.update if live is not None else None
+        task = asyncio.create_task(self.manager.handle_stream(incoming, on_partial))
+        try:
+            if not await finish_within(task, self.defer_after_s):
+                await answer.defer()
+            return await task
+        finally:
+            if live is not None:
+                await live.close()
 
     async def on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError

@@ -175,7 +175,7 @@ class DialogueManager:
         if not to_single_line(text):
             return Reply(texts.EMPTY_TEXT, ReplyKind.NOTICE)
         key = self.key_for(message)
-        earlier = await self._earlier_reply(key, message)
+        earlier = await self.earlier_reply(key, message)
         if earlier is not None:
             return earlier
         if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
@@ -219,7 +219,7 @@ class DialogueManager:
     async def _chat_locked(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool, lease: Lease
     ) -> Reply:
-        earlier = await self._earlier_reply(key, message)
+        earlier = await self.earlier_reply(key, message)
         if earlier is not None:
             return earlier
         history = await self.storage.recent(key, self.settings.history_turns)
@@ -239,7 +239,7 @@ class DialogueManager:
         reply = self._chat_reply(result.text, prompt, cut)
         return replace(reply, pending_delivery=outbox is not None)
 
-    async def _earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
+    async def earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
         """When this very message was handled before (a repeated delivery, a restart): its
         stored reply, to be sent now if it never was, or marked a duplicate if it was."""
         if not message.message_id:

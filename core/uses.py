@@ -11,7 +11,9 @@ politely); every generation goes through the manager's `ReplyGuard` (`core.reply
 * `/retry`: another answer to the last message, replacing the stored reply. Unused candidates of
   that message (`KOBOT_NUM_CANDIDATES`) come first; when none are left, `KOBOT_RETRY_CANDIDATES`
   new ones are sampled at once (sampling even when chat is greedy: a greedy retry would only
-  repeat itself) and the first one not shown before is used.
+  repeat itself) and the first one not shown before is used. The retry's message id is stored
+  with the new answer, which goes through the outbox like a chat reply: the same retry
+  delivered again is answered from storage (or not at all once sent), not retried twice.
 """
 
 from __future__ import annotations
@@ -115,8 +117,13 @@ class ModelCommands:
     # /retry
 
     async def retry(self, message: IncomingMessage) -> Reply:
+        """The new answer, stored with the retry's message id: a retry delivered again (after
+        a restart, a replay) gets that stored answer, sent if it never was, never a third one."""
         key = self.manager.key_for(message)
         async with self.manager.locks.lock(key) as lease:
+            earlier = await self.manager.earlier_reply(key, message)
+            if earlier is not None:
+                return earlier
             history = await self.manager.storage.recent(key, self.manager.settings.history_turns)
             if not is_answered(history):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
@@ -125,9 +132,10 @@ class ModelCommands:
             if reply is None:
                 reply = await self._fresh_reply(key, history[:-2], question)
             await lease.confirm()
-            if not await self.manager.storage.replace_last_reply(key, reply):
+            storage = self.manager.storage
+            if not await storage.replace_last_reply(key, reply, message.message_id):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
-        return Reply(reply, ReplyKind.CHAT)
+        return Reply(reply, ReplyKind.CHAT, pending_delivery=bool(message.message_id))
 
     async def _fresh_reply(self, key: ConversationKey, earlier: list[Turn], question: str) -> str:
         """Sample new candidates for `question`: the first one not shown before is the reply."""

@@ -99,7 +99,8 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
-        """The AI turn stored right after the user turn with this `message_id`, if any."""
+        """The AI turn answering `message_id`, if any: the one a `/retry` with this id made
+        (`replace_last_reply`), else the one stored right after the user turn with this id."""
 
     @abc.abstractmethod
     async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
@@ -137,9 +138,16 @@ class Storage(abc.ABC):
         """Forget finished items added before `before`; returns how many."""
 
     @abc.abstractmethod
-    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
         """Give the newest turn since the last `clear` the new `text` if it is an AI turn
-        (`/retry`); False, changing nothing, when there is no such turn."""
+        (`/retry`); False, changing nothing, when there is no such turn.
+
+        With the retry's `message_id`, the turn also answers that id from now on (`reply_to`,
+        `find_reply`, `set_delivery` find it; it is the AI turn's own `message_id`) and waits
+        in the outbox (`pending`) until its new text is sent: a redelivered retry is then
+        answered from storage instead of replacing the reply again."""
 
     @abc.abstractmethod
     async def clear(self, key: ConversationKey) -> None:

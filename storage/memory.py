@@ -33,7 +33,15 @@ class _Conversation:
         return self.key.platform == platform and self.key.user_id == user_id
 
     def reply_index(self, message_id: str) -> int | None:
-        """The index of the AI turn right after the newest user turn with `message_id`."""
+        """The index of the AI turn answering `message_id`: the one a `/retry` with this id
+        made, else the one right after the newest user turn with `message_id`."""
+        for index in range(len(self.turns) - 1, -1, -1):
+            turn = self.turns[index][1]
+            if turn.role is Role.AI and turn.message_id == message_id:
+                return index
+        return self._answer_index(message_id)
+
+    def _answer_index(self, message_id: str) -> int | None:
         for index in range(len(self.turns) - 1, -1, -1):
             turn = self.turns[index][1]
             if turn.role is Role.USER and turn.message_id == message_id:
@@ -138,14 +146,20 @@ class MemoryStorage(Storage):
             del self._inbox[name]
         return len(old)
 
-    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
         conversation = self._conversations.get(key.as_id())
         if conversation is None or not conversation.turns:
             return False
         turn_id, last = conversation.turns[-1]
         if turn_id <= conversation.context_start or last.role is not Role.AI:
             return False
-        conversation.turns[-1] = (turn_id, replace(last, text=text))
+        if not message_id:
+            conversation.turns[-1] = (turn_id, replace(last, text=text))
+            return True
+        conversation.turns[-1] = (turn_id, replace(last, text=text, message_id=message_id))
+        conversation.deliveries[turn_id] = (Delivery.PENDING, ())
         return True
 
     async def clear(self, key: ConversationKey) -> None:

@@ -436,9 +436,11 @@ class RedisCachedStorage(Storage):
     async def inbox_prune(self, before: datetime) -> int:
         return await self._inner.inbox_prune(before)
 
-    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
         """SQL first; then the cached entry is dropped (the next read fills it from SQL)."""
-        replaced = await self._inner.replace_last_reply(key, text)
+        replaced = await self._inner.replace_last_reply(key, text, message_id)
         if replaced:
             conversation_id = key.as_id()
             await self._run(

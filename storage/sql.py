@@ -387,6 +387,13 @@ def _rowcount(result: Any) -> int:
     return max(cast(CursorResult[Any], result).rowcount, 0)
 
 
+def retried_values(message_id: str) -> dict[str, Any]:
+    """What a `/retry` with `message_id` sets on the reply beside its text (see `Storage`)."""
+    if not message_id:
+        return {}
+    return {"message_id": message_id, "delivery": str(Delivery.PENDING), "sent_ids": None}
+
+
 class SqlStorage(Storage):
     """The source of truth. Build it with `await SqlStorage.create(url)`."""
 
@@ -473,6 +480,21 @@ class SqlStorage(Storage):
 
     @staticmethod
     def _reply_id(key: ConversationKey, message_id: str) -> Any:
+        """The id of the AI turn a `/retry` with `message_id` made, else of the first turn
+        after the newest user turn with `message_id`."""
+        retried = (
+            select(func.max(TurnRow.id))
+            .where(
+                TurnRow.conversation_id == key.as_id(),
+                TurnRow.role == str(Role.AI),
+                TurnRow.message_id == message_id,
+            )
+            .scalar_subquery()
+        )
+        return func.coalesce(retried, SqlStorage._answer_id(key, message_id))
+
+    @staticmethod
+    def _answer_id(key: ConversationKey, message_id: str) -> Any:
         """The id of the first turn after the newest user turn with `message_id`."""
         asked = (
             select(func.max(TurnRow.id))
@@ -595,7 +617,9 @@ class SqlStorage(Storage):
         async with self._transaction("pruning finished updates") as session:
             return _rowcount(await session.execute(query, execution_options=_NO_SYNC))
 
-    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
         boundary = (
             select(ConversationRow.context_start_turn_id)
             .where(ConversationRow.id == key.as_id())
@@ -609,7 +633,7 @@ class SqlStorage(Storage):
         query = (
             update(TurnRow)
             .where(TurnRow.id == newest, TurnRow.role == str(Role.AI))
-            .values(text=text)
+            .values(text=text, **retried_values(message_id))
         )
         async with self._transaction("replacing a reply") as session:
             return _rowcount(await session.execute(query, execution_options=_NO_SYNC)) > 0

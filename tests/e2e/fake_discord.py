@@ -151,6 +151,7 @@ class FakeDiscord:
         self.current: dict[int, Session] = {}
         self.closed_codes: list[int] = []
         self.shown: dict[int, tuple[int, str]] = {}  # message id -> (channel id, content)
+        self.originals: dict[str, JSON] = {}  # interaction token -> its original response
         self._rate_limits: list[tuple[re.Pattern[str], int]] = []
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -520,6 +521,16 @@ class FakeDiscord:
             rf"POST /(interactions/{interaction['id']}/{token}/callback|webhooks/\d+/{token})"
         )
 
+    def original_edits(self, interaction: JSON) -> list[Call]:
+        """Accepted edits of one interaction's original response, in order."""
+        token = re.escape(interaction["token"])
+        calls = self.find(rf"PATCH /webhooks/\d+/{token}/messages/@original")
+        return [call for call in calls if call.status == 200]
+
+    def originals_shown(self) -> list[str]:
+        """The current content of every interaction's original response."""
+        return [str(original.get("content") or "") for original in self.originals.values()]
+
     # -- REST --------------------------------------------------------------------------------
 
     @web.middleware
@@ -581,6 +592,7 @@ class FakeDiscord:
         yield r"PATCH /channels/(\d+)/messages/(\d+)", self._edit_message
         yield r"POST /interactions/(\d+)/([^/]+)/callback", self._interaction_callback
         yield r"POST /webhooks/\d+/[^/]+", self._followup
+        yield r"PATCH /webhooks/\d+/([^/]+)/messages/@original", self._edit_original
         yield r"PATCH /webhooks/\d+/[^/]+/messages/[^/]+", self._followup
 
     def _application(self) -> JSON:
@@ -655,6 +667,8 @@ class FakeDiscord:
         kind = int((call.body or {}).get("type", 4))
         data = (call.body or {}).get("data") or {}
         message = self._bot_message(data, 0)
+        message["flags"] = int(data.get("flags", 0))
+        self.originals[token] = message
         resource: JSON = {"type": kind}
         if kind == 4:
             resource["message"] = message
@@ -673,6 +687,15 @@ class FakeDiscord:
 
     def _followup(self, call: Call) -> web.Response:
         return json_response(self._bot_message(call.body, 0))
+
+    def _edit_original(self, call: Call, token: str) -> web.Response:
+        """The interaction's original response (the deferred "thinking…" one), edited."""
+        original = self.originals.get(token)
+        if original is None:
+            return json_response({"message": "Unknown Webhook", "code": 10015}, 404)
+        original["content"] = (call.body or {}).get("content") or ""
+        original["edited_timestamp"] = TIMESTAMP
+        return json_response(original)
 
     # -- gateway -----------------------------------------------------------------------------
 

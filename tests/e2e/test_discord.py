@@ -51,6 +51,7 @@ from core.generation.base import (
 )
 from core.messages import ConversationKey, Role
 from core.settings import Settings
+from storage.base import StorageError
 from tests.e2e.fake_discord import JSON, FakeDiscord
 
 WAIT_S = 30.0
@@ -674,3 +675,83 @@ async def test_a_restart_answers_what_died_mid_generation_once(
         "답을 기다리던 말",
         "마지막 말",
     ]
+
+
+def idle(harness: Harness) -> bool:
+    adapter = harness.bot.adapter
+    return adapter is not None and adapter.in_flight.count == 0
+
+
+async def inbox_emptied(harness: Harness) -> None:
+    """Wait until every stored message is finished (the bot's side has no event for it)."""
+    async with asyncio.timeout(WAIT_S):
+        while await harness.manager.storage.inbox_pending("discord"):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+async def test_a_retry_taken_up_again_after_a_restart_is_not_retried_twice(
+    fake: FakeDiscord,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    tiny_backend: GenerationBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A typed /retry was answered, then the process died before the inbox finished it: the
+    next run takes it up again and neither answers it again nor replaces the reply again."""
+    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    first_life = TestBackend(tiny_backend, "처음 답")
+    user = fake.user("다시")
+    async with running_bot(fake, settings, first_life) as harness:
+        await harness.replies(await fake.send_message(user, "안녕하세요"))
+        await inbox_emptied(harness)
+        first_life.script = "다시 한 답"
+
+        async def died_before_finishing(platform: str, item_id: str) -> None:
+            raise StorageError("the process died here")
+
+        monkeypatch.setattr(harness.manager.storage, "inbox_done", died_before_finishing)
+        retry = await fake.send_message(user, "/retry")
+        assert await harness.reply_text(retry) == "다시 한 답"
+        await fake.wait_for(lambda: idle(harness), WAIT_S)  # recorded as sent, not finished
+        assert len(await harness.manager.storage.inbox_pending("discord")) == 1
+
+    second_life = TestBackend(tiny_backend, "세 번째 답 (만들면 안 됨)")
+    async with running_bot(fake, settings, second_life) as harness:
+        await inbox_emptied(harness)
+        said = await harness.turns(fake.dm_channel_id(user), user)
+
+    assert [body["content"] for body in fake.replies_to(retry)] == ["다시 한 답"]
+    assert [text for role, text in said if role is Role.AI] == ["다시 한 답"]
+    assert second_life.started == 0
+
+
+async def test_a_replayed_slash_retry_is_answered_once(
+    harness: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same /retry interaction dispatched again (a replay after a resume) is not answered
+    again and does not replace the reply again; the answer is recorded as sent."""
+    fake, user = harness.fake, harness.person("재생")
+    channel = fake.dm_channel_id(user)
+    harness.backend.script = "처음 답"
+    await harness.replies(await fake.send_message(user, "안녕하세요"))
+    harness.backend.script = "다시 한 답"
+    retry = await fake.send_command(user, "retry")
+    (answer,) = await harness.answers(retry)
+    await fake.wait_for(lambda: idle(harness), WAIT_S)
+    started = harness.backend.started
+
+    harness.backend.script = "세 번째 답 (만들면 안 됨)"
+    with caplog.at_level(logging.INFO, logger="bots.discord_adapter"):
+        await fake.dispatch("INTERACTION_CREATE", retry)
+        replayed = f"interaction {retry['id']} was answered before"
+        await fake.wait_for(lambda: replayed in caplog.text, WAIT_S)
+    key = ConversationKey("discord", str(channel), str(user["id"]))
+    stored = await harness.manager.storage.reply_to(key, retry["id"])
+
+    assert answer["body"]["data"]["content"] == "다시 한 답"
+    assert len(fake.interaction_answers(retry)) == 1
+    assert harness.backend.started == started
+    assert [text for role, text in await harness.turns(channel, user) if role is Role.AI] == [
+        "다시 한 답"
+    ]
+    assert stored is not None and stored.delivery == "sent" and stored.sent_ids

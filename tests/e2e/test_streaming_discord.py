@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bots.discord_adapter import displayable
+from bots.discord_adapter import chunks_of, displayable
 from core.generation.base import (
     FinishReason,
     GenerationBackend,
@@ -24,7 +24,7 @@ from core.generation.base import (
     GenerationResult,
     StreamChunk,
 )
-from core.messages import Role
+from core.messages import Reply, Role
 from tests.e2e.fake_discord import JSON, Call, FakeDiscord
 from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
 from tests.generation.backends import close_now, engine_backend
@@ -105,6 +105,76 @@ async def stored_replies(harness: Harness, channel_id: int, user: JSON) -> list[
     return [text for role, text in await harness.turns(channel_id, user) if role is Role.AI]
 
 
+async def final_answer(harness: Harness, interaction: JSON) -> str:
+    """The text a slash command ends with, once it is done: its original response's last edit
+    (streamed), or the answer sent in one piece."""
+    fake, adapter = harness.fake, harness.bot.adapter
+    assert adapter is not None
+    await fake.wait_for(
+        lambda: fake.interaction_answers(interaction) and adapter.in_flight.count == 0, WAIT_S
+    )
+    edits = fake.original_edits(interaction)
+    if edits:
+        return str(edits[-1].body["content"])
+    body = fake.interaction_answers(interaction)[-1].body
+    return str(body.get("data", body)["content"])
+
+
+class PacedAnywhere(PacedStream):
+    """`PacedStream` for any reply: each partial once a channel message or an interaction's
+    original response shows it (a slash command's shows the command's text before it)."""
+
+    __test__ = False
+
+    def __init__(self, inner: GenerationBackend, fake: FakeDiscord, final: str = FINAL) -> None:
+        super().__init__(inner, fake)
+        self.final = final
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return GenerationResult(self.final, 6, FinishReason.STOP)
+
+    def _showing(self, text: str) -> Callable[[], bool]:
+        def shown() -> list[str]:
+            return [
+                content for _, content in self.fake.shown.values()
+            ] + self.fake.originals_shown()
+
+        return lambda: any(content.endswith(text) for content in shown())
+
+
+async def test_slash_commands_stream_into_their_original_response(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    """/story and /retry: deferred, then the original response grows by edits at most once a
+    second, the last edit exactly the reply (for /retry, the reply stored)."""
+    backend = PacedAnywhere(tiny, fake)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    async with running_bot(fake, settings, backend, stream_first_after_s=0.0) as harness:
+        user = harness.person("지우")
+        channel = fake.dm_channel_id(user)
+        await fake.send_message(user, "날씨 어때?")
+        await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
+        story = await fake.send_command(user, "story", {"text": "옛날 옛적에"})
+        story_text = await final_answer(harness, story)
+        backend.final = "다른 날씨 이야기예요"
+        retry = await fake.send_command(user, "retry")
+        retry_text = await final_answer(harness, retry)
+        stored = await stored_replies(harness, channel, user)
+
+    for interaction, partials in [
+        (story, [f"옛날 옛적에{partial}" for partial in PARTIALS]),
+        (retry, PARTIALS),
+    ]:
+        (callback,) = fake.interaction_answers(interaction)  # nothing but the deferral posted
+        assert callback.body == {"type": 5}  # deferred, public: no ephemeral flag
+        edits = fake.original_edits(interaction)
+        assert [edit.body["content"] for edit in edits][:-1] == partials
+        assert all(gap >= 1.0 for gap in gaps(edits)), gaps(edits)
+        assert all(edit.body["allowed_mentions"] == {"parse": []} for edit in edits)
+    assert story_text == f"옛날 옛적에{FINAL}"
+    assert stored == ["다른 날씨 이야기예요"] and retry_text == displayable(stored[0])
+
+
 async def test_a_reply_grows_in_place_at_most_once_a_second(
     fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
 ) -> None:
@@ -165,7 +235,7 @@ async def test_the_model_commands_as_messages_and_slash_commands(
             ("retry", None),
         ]:
             interaction = await fake.send_command(user, name, options)
-            answers[name] = (await harness.answers(interaction))[-1]["body"]["data"]["content"]
+            answers[name] = await final_answer(harness, interaction)
         stored = await stored_replies(harness, channel, user)
 
     for name in ("complete", "story", "sentiment"):
@@ -211,3 +281,24 @@ async def test_a_restart_finishes_the_half_streamed_message(
     posts = [call for call in operations(fake, channel) if call.method == "POST"]
     assert [call.body["content"] for call in posts] == [PARTIALS[0]]
     assert stored == [FINAL] and len(fake.replies_to(asked)) == 1
+
+
+async def test_a_long_streamed_slash_answer_continues_in_follow_ups(
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+) -> None:
+    """Past 2,000 characters the original response ends with the first chunk and the rest of
+    the reply follows as follow-ups, in order."""
+    long_story = " ".join(f"{i}번째 문장은 길게 이어지는 이야기예요." for i in range(120))
+    backend = PacedAnywhere(tiny, fake, final=long_story)
+    settings = streaming_settings(fake, tmp_path, tiny_model_dir)
+    options = {"stream_interval_s": 0.2, "stream_first_after_s": 0.0}
+    async with running_bot(fake, settings, backend, **options) as harness:
+        user = harness.person("긴이야기")
+        complete = await fake.send_command(user, "complete", {"text": "시작:"})
+        await final_answer(harness, complete)
+
+    callback, *follow_ups = fake.interaction_answers(complete)
+    expected = chunks_of(Reply(f"시작:{long_story}"))
+    assert callback.body == {"type": 5} and len(expected) > 1
+    assert fake.original_edits(complete)[-1].body["content"] == expected[0]
+    assert [call.body["content"] for call in follow_ups] == expected[1:]

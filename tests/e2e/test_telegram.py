@@ -691,6 +691,68 @@ async def test_a_reply_stored_but_not_sent_is_sent_from_storage(
     assert pending == []
 
 
+async def test_a_retry_redelivered_after_a_restart_is_sent_from_storage(
+    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+) -> None:
+    """/retry stored its new answer, then every send failed: the next start answers the
+    redelivered /retry with that stored answer; nothing is generated or replaced again."""
+    chat, kim = private_chat(1971), user(1971)
+    first_life = ScriptedBackend(local_backend, "처음 답")
+    async with running(settings, first_life, replace(OPTIONS, send_attempts=4)):
+        await fake.wait_handled(fake.send(chat, kim, "안녕하세요"))
+        first_life.reply = "다시 한 답"
+        fake.fail_next("sendMessage", status=502, retry_after=None, times=4)
+        retry = fake.send(chat, kim, "/retry")
+        await fake.wait_handled(retry, timeout_s=30)
+    assert fake.replies_to(1971) == ["처음 답"]
+
+    second_life = ScriptedBackend(local_backend, "세 번째 답 (만들면 안 됨)")
+    async with running(settings, second_life) as adapter:
+        await fake.wait_for(lambda: len(fake.replies_to(1971)) == 2)
+        await fake.wait_handled(retry)
+        turns = await turns_of(adapter, 1971, 1971)
+        pending = await adapter.manager.storage.inbox_pending("telegram")
+        stored = await adapter.manager.storage.reply_to(
+            key(1971, 1971), f"1971:{message_id(retry)}"
+        )
+    assert fake.replies_to(1971) == ["처음 답", "다시 한 답"]
+    assert texts_of(turns, Role.AI) == ["다시 한 답"]
+    assert stored is not None and stored.delivery == "sent"
+    assert pending == []
+
+
+async def test_a_retry_sent_but_not_finished_is_not_answered_again(
+    fake: FakeTelegram,
+    settings: Settings,
+    local_backend: GenerationBackend,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/retry was answered, then the process died before its update was finished: after the
+    restart the update is handled again, and neither answers nor changes the reply again."""
+    chat, lee = private_chat(1981), user(1981)
+    first_life = ScriptedBackend(local_backend, "처음 답")
+    async with running(settings, first_life) as adapter:
+        await fake.wait_handled(fake.send(chat, lee, "안녕하세요"))
+        first_life.reply = "다시 한 답"
+
+        async def died_before_finishing(platform: str, item_id: str) -> None:
+            raise StorageError("the process died here")
+
+        monkeypatch.setattr(adapter.manager.storage, "inbox_done", died_before_finishing)
+        retry = fake.send(chat, lee, "/retry")
+        await fake.wait_for(lambda: len(fake.replies_to(1981)) == 2)
+        await fake.wait_handled(retry)
+
+    second_life = ScriptedBackend(local_backend, "세 번째 답 (만들면 안 됨)")
+    async with running(settings, second_life) as adapter:
+        async with asyncio.timeout(20):
+            while await adapter.manager.storage.inbox_pending("telegram"):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        turns = await turns_of(adapter, 1981, 1981)
+    assert fake.replies_to(1981) == ["처음 답", "다시 한 답"]
+    assert texts_of(turns, Role.AI) == ["다시 한 답"]
+
+
 async def test_a_blocked_bot_marks_the_reply_failed_for_good(
     fake: FakeTelegram, settings: Settings, backend: SharedBackend
 ) -> None:

@@ -184,8 +184,10 @@ class SpyStorage(Storage):
     async def inbox_prune(self, before: datetime) -> int:
         return await self.inner.inbox_prune(before)
 
-    async def replace_last_reply(self, key: ConversationKey, text: str) -> bool:
-        result = await self.inner.replace_last_reply(key, text)
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
+        result = await self.inner.replace_last_reply(key, text, message_id)
         await self._done("replace_last_reply")
         return result
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from core.messages import ConversationKey, Role
-from storage.base import Storage
+from storage.base import Delivery, Storage, StoredReply
 from tests.storage.helpers import ai, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
@@ -53,3 +53,23 @@ async def test_a_reply_before_a_reset_is_not_replaced(storage: Storage) -> None:
     assert not await storage.replace_last_reply(KEY, "x")
     exported = (await storage.export_user("telegram", "u1")).conversations[KEY.as_id()]
     assert texts(exported) == ["q1", "a1"]
+
+
+async def test_a_retry_id_makes_the_reply_answer_the_retry_too(storage: Storage) -> None:
+    """`/retry` stores its message id: a redelivered retry finds its answer (pending until
+    sent), and the question's own lookups still find the same, newest text."""
+    await storage.append(KEY, [user("q", message_id="m1"), ai("a")], Delivery.PENDING)
+    assert await storage.set_delivery(KEY, "m1", Delivery.SENT, ["s1"])
+    assert await storage.reply_to(KEY, "r1") is None
+
+    assert await storage.replace_last_reply(KEY, "b", message_id="r1")
+
+    assert await storage.reply_to(KEY, "r1") == StoredReply("b", Delivery.PENDING)
+    assert await storage.reply_to(KEY, "m1") == StoredReply("b", Delivery.PENDING)
+    assert await storage.set_delivery(KEY, "r1", Delivery.SENT, ["s2"])
+    assert await storage.reply_to(KEY, "r1") == StoredReply("b", Delivery.SENT, ("s2",))
+    assert await storage.replace_last_reply(KEY, "c", message_id="r2")
+    assert await storage.find_reply(KEY, "r1") is None  # only the newest retry's id is kept
+    assert await storage.reply_to(KEY, "r2") == StoredReply("c", Delivery.PENDING)
+    assert texts(await storage.recent(KEY, 10)) == ["q", "c"]
+    assert await storage.reply_to(OTHER, "r2") is None

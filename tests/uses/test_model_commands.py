@@ -174,6 +174,33 @@ async def test_retry_needs_an_answered_message(make_manager: ManagerFactory) -> 
     assert (reply.kind, reply.text) == (ReplyKind.NOTICE, texts.NOTHING_TO_RETRY)
 
 
+async def test_a_retry_delivered_again_is_answered_from_storage_not_retried(
+    make_manager: ManagerFactory, scripted_local: RowScripts
+) -> None:
+    """The outbox for /retry: pending until sent (the stored answer again, nothing generated),
+    then a duplicate; the stored reply changed once. A new retry id retries again."""
+    manager, backend = await make_manager(temperature=0.8, retry_candidates=2)
+    scripted_local.script_texts("처음 답")
+    await manager.handle(message("안녕", message_id="m1"))
+    scripted_local.script_texts("다시 한 답", "또 다른 답")
+    retry = message("/retry", message_id="r1")
+    first = await manager.handle(retry)
+    generated = len(backend.requests)
+
+    again = await manager.handle(retry)  # redelivered before the first send was recorded
+    await manager.delivered(retry, ["sent-1"])
+    after_send = await manager.handle(retry)  # redelivered after it was sent
+
+    assert (first.text, first.pending_delivery) == ("다시 한 답", True)
+    assert (again.text, again.pending_delivery, again.duplicate) == ("다시 한 답", True, False)
+    assert (after_send.text, after_send.duplicate) == ("다시 한 답", True)
+    assert len(backend.requests) == generated
+    assert await stored(manager) == [(Role.USER, "안녕"), (Role.AI, "다시 한 답")]
+    newer = await manager.handle(message("/retry", message_id="r2"))
+    assert newer.text == "또 다른 답" and not newer.duplicate
+    assert await stored(manager) == [(Role.USER, "안녕"), (Role.AI, "또 다른 답")]
+
+
 async def test_candidates_of_another_exchange_are_never_used(
     make_manager: ManagerFactory, scripted_local: RowScripts
 ) -> None:
