@@ -169,7 +169,7 @@ class DialogueManager:
     async def _handle(self, message: IncomingMessage) -> Reply:
         command = parse_command(message.text)
         try:
-            message = await self.links.resolved(message)
+            message = await self.links.resolved(message, command.command if command else None)
             if command is not None:
                 self.observer.command()
                 return await self._run_command(message, command)

@@ -17,6 +17,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 from core import commands as texts
+from core.commands import Command
 from core.messages import PERSON, ContextScope, IncomingMessage, Reply, ReplyKind, utc_now
 from core.ops.logs import UserIds
 from core.ratelimit import RateLimiter
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 CODE_ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford's base32: no I, L, O, U
 CODE_LENGTH = 10  # 32**10 = 2**50 codes
 WRONG_CODES_ALLOWED = 5
+PERSON_COMMANDS = frozenset({Command.LINK, Command.UNLINK, Command.EXPORT, Command.FORGET})
 PLATFORM_NAMES = {"telegram": "Telegram", "discord": "Discord", "console": "console"}
 
 
@@ -81,8 +83,15 @@ class AccountLinks:
         self.clock = clock
         self.wrong_codes = RateLimiter(WRONG_CODES_ALLOWED, window_s=code_ttl_s)
 
-    async def resolved(self, message: IncomingMessage) -> IncomingMessage:
-        """The message with the person its account belongs to (`person_id`), if linked."""
+    async def resolved(
+        self, message: IncomingMessage, command: Command | None = None
+    ) -> IncomingMessage:
+        """The message with the person its account belongs to (`person_id`), if linked.
+
+        Looked up only where the person matters: every message in the `user` scope (it picks
+        the conversation), and in the other scopes only the commands that act on the person."""
+        if self.scope is not ContextScope.USER and command not in PERSON_COMMANDS:
+            return message
         person = await self.storage.person_of(account_of(message))
         return replace(message, person_id=person or "")
 

@@ -204,3 +204,23 @@ async def test_logs_show_linked_ids_hashed(chat, caplog: pytest.LogCaptureFixtur
 async def test_help_lists_the_link_commands() -> None:
     help_text = texts.help_text()
     assert "/link [코드]" in help_text and "/unlink" in help_text
+
+
+async def test_in_other_scopes_linking_covers_export_and_forget_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = make_settings(tiny_model_dir, tmp_path, context_scope="user-in-chat")
+    manager, backend = await make_manager(settings)
+    try:
+        code = await code_from(manager, on_telegram("/link"))
+        linked = await manager.handle(on_discord(f"/link {code}"))
+        assert linked.text.endswith(texts.LINK_NEEDS_USER_SCOPE)
+        await manager.handle(on_telegram("텔레그램에서 한 말"))
+        await manager.handle(on_discord("디스코드는 따로"))
+        assert "텔레그램에서 한 말" not in decoded(backend)  # each chat keeps its own context
+
+        exported = await manager.handle(on_discord("/export"))
+        assert exported.attachment is not None
+        assert "텔레그램에서 한 말" in exported.attachment.data.decode()
+    finally:
+        await manager.close()
