@@ -338,7 +338,7 @@ class DialogueManager:
             Command.STATS: self._stats,
             Command.ABOUT: self._about,
             Command.LINK: self.links.link,
-            Command.UNLINK: self._unlink,
+            Command.UNLINK: self.links.unlink,
         }
         if parsed.command is None:
             name = to_single_line(parsed.name)[:32]
@@ -407,11 +407,6 @@ class DialogueManager:
         self.context_starts.forget(key)
         text = texts.FORGET_TEXT.format(count=count) + (texts.FORGET_UNLINKED if unlinked else "")
         return Reply(text, ReplyKind.COMMAND)
-
-    async def _unlink(self, message: IncomingMessage, argument: str) -> Reply:
-        reply = await self.links.unlink(message)
-        self.context_starts.forget(self.key_for(message))
-        return reply
 
     async def _export(self, message: IncomingMessage, argument: str) -> Reply:
         exports = [

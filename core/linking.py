@@ -183,7 +183,7 @@ class AccountLinks:
 
     # /unlink
 
-    async def unlink(self, message: IncomingMessage) -> Reply:
+    async def unlink(self, message: IncomingMessage, argument: str = "") -> Reply:
         """Take the sender's account out of its person. The last account stays: the person's
         shared conversation always has an owner whose `/forget` reaches it."""
         account = account_of(message)
