@@ -107,13 +107,17 @@ SLASH_COMMANDS = (
     Command.STORY,
     Command.SENTIMENT,
     Command.RETRY,
+    Command.LINK,
+    Command.UNLINK,
 )
 TEXT_ARGUMENTS = {  # slash commands that need text, and how their option is described
     Command.COMPLETE: "이어 쓸 문장 (text to continue)",
     Command.STORY: "이야기의 첫 문장 (the story's opening)",
     Command.SENTIMENT: "분석할 문장 (text to analyse)",
 }
-PRIVATE_COMMANDS = frozenset({Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS})
+PRIVATE_COMMANDS = frozenset(
+    {Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS, Command.LINK, Command.UNLINK}
+)
 STREAMED_COMMANDS = frozenset({Command.COMPLETE, Command.STORY, Command.RETRY})
 USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
 NO_MENTIONS = discord.AllowedMentions.none()
@@ -381,6 +385,7 @@ def command_message(
         sent_at=interaction.created_at,
         is_private=interaction.guild_id is None,
         is_admin=interaction.user.id in admins,
+        private_answer=command in PRIVATE_COMMANDS,  # answered ephemerally (`on_command`)
     )
 
 
@@ -499,6 +504,18 @@ def persona_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None
     )
 
 
+def link_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
+    @app_commands.describe(
+        code="다른 계정에서 받은 코드; 비우면 새 코드 (code from your other account)"
+    )
+    async def callback(interaction: discord.Interaction, code: str | None = None) -> None:
+        await handle(interaction, Command.LINK, code or "")
+
+    return app_commands.Command(
+        name=Command.LINK.value, description=describe(Command.LINK), callback=callback
+    )
+
+
 def text_command(command: Command, handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
     """A slash command with one required text option (`/complete text:…`)."""
 
@@ -516,6 +533,8 @@ def build_command_tree(client: discord.Client, handle: SlashHandler) -> app_comm
     for command in SLASH_COMMANDS:
         if command is Command.PERSONA:
             tree.add_command(persona_command(handle))
+        elif command is Command.LINK:
+            tree.add_command(link_command(handle))
         elif command in TEXT_ARGUMENTS:
             tree.add_command(text_command(command, handle))
         else:

@@ -97,6 +97,8 @@ MENU = (
     Command.STORY,
     Command.SENTIMENT,
     Command.RETRY,
+    Command.LINK,
+    Command.UNLINK,
 )
 EMPTY_REPLY = "…"
 EXPORT_SENT_PRIVATELY = (

@@ -19,6 +19,8 @@ class Command(StrEnum):
     STORY = "story"
     SENTIMENT = "sentiment"
     RETRY = "retry"
+    LINK = "link"
+    UNLINK = "unlink"
 
 
 ALIASES: dict[str, Command] = {
@@ -35,6 +37,8 @@ ALIASES: dict[str, Command] = {
     "이야기": Command.STORY,
     "감정": Command.SENTIMENT,
     "다시": Command.RETRY,
+    "연결": Command.LINK,
+    "연결해제": Command.UNLINK,
 }
 
 # (Korean, English) one-line descriptions, also used for Telegram's and Discord's command menus.
@@ -51,6 +55,8 @@ DESCRIPTIONS: dict[Command, tuple[str, str]] = {
     Command.STORY: ("이야기 지어 주기", "Write a story from an opening"),
     Command.SENTIMENT: ("문장의 감정 분석 (긍정/부정)", "Positive or negative, with confidence"),
     Command.RETRY: ("마지막 메시지에 다른 대답", "Another answer to my last message"),
+    Command.LINK: ("다른 플랫폼 계정과 연결", "Link my Discord and Telegram accounts"),
+    Command.UNLINK: ("계정 연결 해제", "Unlink this account"),
 }
 
 # What follows the command in help texts (the commands that take an argument).
@@ -59,6 +65,7 @@ USAGE: dict[Command, str] = {
     Command.COMPLETE: "<문장>",
     Command.STORY: "<첫 문장>",
     Command.SENTIMENT: "<문장>",
+    Command.LINK: "[코드]",
 }
 
 PERSONA_CLEAR_WORDS = frozenset({"clear", "reset", "off", "none", "초기화", "해제", "삭제"})
@@ -94,6 +101,10 @@ def help_text() -> str:
             usage = f" {USAGE[command]}" if command in USAGE else ""
             lines.append(f"/{command.value}{usage} — {korean} ({english})")
     lines.append("/persona <설명> 으로 이 대화의 페르소나를 정하고, /persona clear 로 해제해요.")
+    lines.append(
+        "/link 로 받은 코드를 다른 플랫폼에서 /link <코드> 로 보내면 두 계정이 이어져요. "
+        "(Get a code with /link, send /link <code> from your other account.)"
+    )
     return "\n".join(lines)
 
 
@@ -112,6 +123,7 @@ FORGET_TEXT = (
     "저장된 회원님의 대화 기록과 페르소나를 모두 삭제했어요 ({count}개 항목). "
     "(Deleted everything stored about you.)"
 )
+FORGET_UNLINKED = " 연결된 계정도 모두 해제했어요. (Your linked accounts were unlinked too.)"
 EXPORT_TEXT = "대화 기록을 JSON 파일로 보내 드려요. (Here is your history as JSON.)"
 PERSONA_SHOW = "현재 페르소나: {persona}\n(/persona <설명> 으로 바꾸고 /persona clear 로 해제해요.)"
 PERSONA_SET = "이 대화의 페르소나를 바꿨어요: {persona} (Persona set.)"
@@ -165,4 +177,54 @@ NO_CONTINUATION = (
 STORAGE_FAILED = (
     "죄송해요, 대화 기록 저장소에 문제가 있어요. 잠시 후 다시 시도해 주세요. "
     "(Storage is unavailable; please retry.)"
+)
+LINK_CODE = (
+    "연결 코드: {code}\n{minutes}분 안에 다른 플랫폼(Discord 또는 Telegram)의 내 계정에서 "
+    "/link {code} 를 보내면 두 계정이 한 사람으로 이어져요. 코드는 한 번만 쓸 수 있고, "
+    "다른 사람에게 알려 주지 마세요. (Your link code: send /link {code} from your other "
+    "account within {minutes} min. It works once; keep it to yourself.)"
+)
+LINK_PRIVATE_ONLY = (
+    "계정 연결은 저와의 개인 채팅에서만 할 수 있어요. 개인 채팅에서 /link 를 보내 주세요. "
+    "(Linking works only in a private chat with me; please send /link there.)"
+)
+LINK_CODE_SHOWN = (
+    "이 코드는 다른 사람도 볼 수 있는 곳에 올라와서 취소했어요. 개인 채팅에서 /link 로 새 코드를 "
+    "받아 주세요. (That code was posted where others can see it, so I cancelled it; get a new "
+    "one with /link in a private chat.)"
+)
+LINK_WRONG = (
+    "연결 코드가 맞지 않거나 만료됐어요. 다른 계정에서 /link 로 새 코드를 받아 주세요. "
+    "(That code is wrong, used or expired; get a new one with /link.)"
+)
+LINK_TOO_MANY = (
+    "잘못된 코드를 너무 많이 보냈어요. {minutes}분 뒤에 다시 시도해 주세요. "
+    "(Too many wrong codes; please try again in {minutes} min.)"
+)
+LINK_OWN_CODE = (
+    "이 코드는 바로 이 계정에서 받은 코드예요. 다른 플랫폼의 계정에서 보내 주세요. "
+    "(That code is from this very account; send it from your other account.)"
+)
+LINK_ALREADY = "두 계정은 이미 연결되어 있어요. (These accounts are already linked.)"
+LINK_OTHER_PERSON = (
+    "두 계정이 이미 각각 다른 계정과 연결되어 있어요. 한쪽에서 먼저 /unlink 해 주세요. "
+    "(Both accounts are linked elsewhere already; /unlink one of them first.)"
+)
+LINK_DONE = (
+    "계정을 연결했어요! 이제 {platforms}에서 나누는 대화가 한 사람의 대화로 이어지고, "
+    "/export 와 /forget 은 연결된 모든 계정을 다뤄요. 되돌리려면 /unlink 를 보내세요. "
+    "(Accounts linked: {platforms}. The conversation follows you; /export and /forget cover "
+    "every linked account; /unlink undoes it.)"
+)
+LINK_NEEDS_USER_SCOPE = (
+    "참고: 대화가 플랫폼을 넘어 이어지려면 관리자가 KOBOT_CONTEXT_SCOPE=user 로 설정해야 해요. "
+    "(Note: the conversation follows you across platforms only with KOBOT_CONTEXT_SCOPE=user.)"
+)
+UNLINK_DONE = (
+    "이 계정의 연결을 해제했어요. 이제 이 계정은 따로 대화해요. 함께 나눈 대화 기록은 연결된 다른 "
+    "계정에 남아요. (This account is unlinked and talks on its own again; the shared history "
+    "stays with your other account.)"
+)
+UNLINK_NOTHING = (
+    "이 계정은 다른 계정과 연결되어 있지 않아요. (This account is not linked to another one.)"
 )

@@ -18,8 +18,10 @@ from core.generation.base import (
     GenerationResult,
     SamplingParams,
 )
+from core.linking import AccountLinks, merged_export
 from core.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
 from core.messages import (
+    PERSON,
     Attachment,
     ConversationKey,
     IncomingMessage,
@@ -113,6 +115,12 @@ def _first_user_turn(history: list[Turn], start: int) -> int:
     return start
 
 
+def speaker_id(key: ConversationKey, message: IncomingMessage) -> str:
+    """Whom a stored turn is by (or for): in a person's conversation the person, so that
+    `/export` and `/forget` of the person reach it; elsewhere the sender's account."""
+    return key.user_id if key.platform == PERSON else message.user_id
+
+
 class DialogueManager:
     """Keeps per-conversation context, builds trimmed prompts and asks the backend for replies.
 
@@ -140,6 +148,9 @@ class DialogueManager:
         self.context_starts = ContextStarts()
         self.replies = ReplyGuard.from_settings(settings)
         self.uses = ModelCommands(self)
+        self.links = AccountLinks(
+            storage, settings.link_code_ttl_s, settings.context_scope, self.observer.user_ids
+        )
 
     async def handle(self, message: IncomingMessage) -> Reply:
         """Answer one message: a command, a chat turn, or a polite explanation."""
@@ -158,6 +169,7 @@ class DialogueManager:
     async def _handle(self, message: IncomingMessage) -> Reply:
         command = parse_command(message.text)
         try:
+            message = await self.links.resolved(message, command.command if command else None)
             if command is not None:
                 self.observer.command()
                 return await self._run_command(message, command)
@@ -234,7 +246,7 @@ class DialogueManager:
             return self._generation_failed(error)
         await lease.confirm()
         outbox = Delivery.PENDING if message.message_id else None
-        await self.storage.append(key, self._exchange(message, text, result.text), outbox)
+        await self.storage.append(key, self._exchange(key, message, text, result.text), outbox)
         self.uses.candidates.keep(key, text, result.text, result.alternatives)
         reply = self._chat_reply(result.text, prompt, cut)
         return replace(reply, pending_delivery=outbox is not None)
@@ -263,6 +275,7 @@ class DialogueManager:
         self, message: IncomingMessage, delivery: Delivery, sent_ids: Sequence[str]
     ) -> None:
         try:
+            message = await self.links.resolved(message)
             await self.storage.set_delivery(
                 self.key_for(message), message.message_id, delivery, sent_ids
             )
@@ -294,9 +307,12 @@ class DialogueManager:
         text = texts.GENERATION_FAILED.get(str(error.kind), texts.GENERATION_FAILED["default"])
         return Reply(text, ReplyKind.ERROR)
 
-    def _exchange(self, message: IncomingMessage, text: str, reply: str) -> list[Turn]:
-        user = Turn(Role.USER, text, message.user_id, message.sent_at, message.message_id)
-        return [user, Turn(Role.AI, reply, message.user_id)]
+    def _exchange(
+        self, key: ConversationKey, message: IncomingMessage, text: str, reply: str
+    ) -> list[Turn]:
+        speaker = speaker_id(key, message)
+        user = Turn(Role.USER, text, speaker, message.sent_at, message.message_id)
+        return [user, Turn(Role.AI, reply, speaker)]
 
     def _chat_reply(self, reply_text: str, prompt: TrimmedPrompt, cut_before: bool) -> Reply:
         trimmed = prompt.newest_trimmed or cut_before
@@ -321,6 +337,8 @@ class DialogueManager:
             Command.EXPORT: self._export,
             Command.STATS: self._stats,
             Command.ABOUT: self._about,
+            Command.LINK: self.links.link,
+            Command.UNLINK: self.links.unlink,
         }
         if parsed.command is None:
             name = to_single_line(parsed.name)[:32]
@@ -378,13 +396,24 @@ class DialogueManager:
         return Reply(texts.PERSONA_SET.format(persona=persona), ReplyKind.COMMAND)
 
     async def _forget(self, message: IncomingMessage, argument: str) -> Reply:
+        """Every account of the person (or the sender's alone), their shared conversation and
+        the links themselves."""
         key = self.key_for(message)
         async with self.locks.lock(key):
-            count = await self.storage.delete_user(message.platform, message.user_id)
-        return Reply(texts.FORGET_TEXT.format(count=count), ReplyKind.COMMAND)
+            count = 0
+            for owner in await self.links.owners(message):
+                count += await self.storage.delete_user(owner.platform, owner.user_id)
+            unlinked = await self.links.unlink_all(message)
+        self.context_starts.forget(key)
+        text = texts.FORGET_TEXT.format(count=count) + (texts.FORGET_UNLINKED if unlinked else "")
+        return Reply(text, ReplyKind.COMMAND)
 
     async def _export(self, message: IncomingMessage, argument: str) -> Reply:
-        exported = await self.storage.export_user(message.platform, message.user_id)
+        exports = [
+            await self.storage.export_user(owner.platform, owner.user_id)
+            for owner in await self.links.owners(message)
+        ]
+        exported = merged_export(message, exports)
         data = json.dumps(exported.as_dict(), ensure_ascii=False, indent=2).encode("utf-8")
         filename = f"kobot-history-{message.platform}-{message.user_id}.json"
         return Reply(texts.EXPORT_TEXT, ReplyKind.COMMAND, attachment=Attachment(filename, data))

@@ -15,6 +15,9 @@ class ContextScope(StrEnum):
     CHAT = "chat"
 
 
+PERSON = "person"  # the platform part of a person's conversation key (linked accounts)
+
+
 class Role(StrEnum):
     USER = "user"
     AI = "ai"
@@ -26,7 +29,10 @@ def utc_now() -> datetime:
 
 @dataclass(frozen=True, slots=True)
 class ConversationKey:
-    """Identity of one context. `chat_id` is empty for the `user` scope, `user_id` for `chat`."""
+    """Identity of one context. `chat_id` is empty for the `user` scope, `user_id` for `chat`.
+
+    In the `user` scope, an account linked to a person (`/link`) talks in the person's
+    conversation, `person::<person id>`, shared by every account of that person."""
 
     platform: str
     chat_id: str = ""
@@ -34,6 +40,8 @@ class ConversationKey:
 
     @classmethod
     def for_message(cls, message: IncomingMessage, scope: ContextScope) -> ConversationKey:
+        if scope is ContextScope.USER and message.person_id:
+            return cls(PERSON, "", message.person_id)
         if scope is ContextScope.USER:
             return cls(message.platform, "", message.user_id)
         if scope is ContextScope.CHAT and not message.is_private:
@@ -63,6 +71,13 @@ class IncomingMessage:
     sent_at: datetime = field(default_factory=utc_now)
     is_private: bool = True
     is_admin: bool = False
+    private_answer: bool = False  # only the sender sees the answer (an ephemeral Discord one)
+    person_id: str = ""  # the person a linked account belongs to: the dialogue manager sets it
+
+    @property
+    def answered_privately(self) -> bool:
+        """Whether nobody but the sender sees the answer: a private chat or an ephemeral one."""
+        return self.is_private or self.private_answer
 
 
 @dataclass(frozen=True, slots=True)

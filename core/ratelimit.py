@@ -8,15 +8,18 @@ from collections.abc import Callable
 
 
 class RateLimiter:
-    """Allows at most `per_minute` messages per user in any 60-second window (0 = unlimited)."""
+    """Allows at most `per_minute` events per user in any `window_s` window (60 s unless told;
+    0 = unlimited)."""
 
     def __init__(
         self,
         per_minute: int,
         max_users: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        window_s: float = 60.0,
     ) -> None:
         self._per_minute = per_minute
+        self._window_s = window_s
         self._max_users = max_users
         self._clock = clock
         self._recent: OrderedDict[str, deque[float]] = OrderedDict()
@@ -26,7 +29,7 @@ class RateLimiter:
             return True
         now = self._clock()
         stamps = self._recent.pop(user, None) or deque()
-        while stamps and now - stamps[0] >= 60.0:
+        while stamps and now - stamps[0] >= self._window_s:
             stamps.popleft()
         allowed = len(stamps) < self._per_minute
         if allowed:
@@ -38,7 +41,7 @@ class RateLimiter:
         stamps = self._recent.get(user)
         if not stamps or len(stamps) < self._per_minute:
             return 0.0
-        return max(0.0, 60.0 - (self._clock() - stamps[0]))
+        return max(0.0, self._window_s - (self._clock() - stamps[0]))
 
     def _remember(self, user: str, stamps: deque[float]) -> None:
         self._recent[user] = stamps

@@ -82,6 +82,7 @@ class Settings(BaseSettings):
     lock_timeout_s: float = Field(300.0, gt=0, le=3600)
     lock_lease_s: float = Field(15.0, ge=1.0, le=600)
     rate_limit_per_minute: int = Field(20, ge=0, le=10000)
+    link_code_ttl_s: int = Field(600, ge=60, le=86400)
     stream_replies: bool = True
     reply_filter: Literal["off", "mask", "block"] = "off"
     reply_filter_words: str | None = None

@@ -50,6 +50,23 @@ class InboxItem:
     note: str = ""  # what handling it left behind so far (a streamed message's id)
 
 
+@dataclass(frozen=True, slots=True, order=True)
+class Account:
+    """One account on one platform (a Telegram user, a Discord user)."""
+
+    platform: str
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LinkCode:
+    """A pending `/link` code: only its `digest` is stored, never the code itself."""
+
+    digest: str
+    account: Account
+    expires_at: datetime
+
+
 @dataclass(frozen=True, slots=True)
 class UserExport:
     """Everything stored about one user, ready for `json.dumps` via `as_dict`."""
@@ -58,8 +75,10 @@ class UserExport:
     user_id: str
     conversations: dict[str, list[Turn]] = field(default_factory=dict)
     personas: dict[str, str] = field(default_factory=dict)
+    linked_accounts: tuple[Account, ...] = ()  # when the export covers a person's accounts
 
     def as_dict(self) -> dict[str, object]:
+        linked = [{"platform": a.platform, "user_id": a.user_id} for a in self.linked_accounts]
         return {
             "platform": self.platform,
             "user_id": self.user_id,
@@ -76,6 +95,7 @@ class UserExport:
                 for conversation_id, turns in self.conversations.items()
             },
             "personas": dict(self.personas),
+            **({"linked_accounts": linked} if linked else {}),
         }
 
 
@@ -163,6 +183,32 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def get_persona(self, key: ConversationKey) -> str | None: ...
+
+    @abc.abstractmethod
+    async def link_code_put(self, code: LinkCode) -> None:
+        """Store `code`, replacing any earlier code of the same account (one pending code per
+        account), and drop every code that has expired."""
+
+    @abc.abstractmethod
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        """Remove the code with this digest and return its account, or None when there is no
+        such code or it expired before `now`. Single use: of two takes, one at most succeeds."""
+
+    @abc.abstractmethod
+    async def person_of(self, account: Account) -> str | None:
+        """The id of the person this account is linked to, if any."""
+
+    @abc.abstractmethod
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        """Every account linked to the person, sorted."""
+
+    @abc.abstractmethod
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        """Make each account part of the person, in one transaction (moving it from any other)."""
+
+    @abc.abstractmethod
+    async def unlink(self, account: Account) -> bool:
+        """Remove the account from its person; False when it was not linked."""
 
     @abc.abstractmethod
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:

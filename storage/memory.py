@@ -11,7 +11,15 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from core.messages import ConversationKey, Role, Turn, utc_now
-from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
+from storage.base import (
+    Account,
+    Delivery,
+    InboxItem,
+    LinkCode,
+    Storage,
+    StoredReply,
+    UserExport,
+)
 
 
 def to_utc(moment: datetime) -> datetime:
@@ -66,6 +74,8 @@ class MemoryStorage(Storage):
         self._conversations: dict[str, _Conversation] = {}
         self._last_turn_id = 0
         self._inbox: dict[tuple[str, str], _InboxEntry] = {}  # insertion order is arrival order
+        self._link_codes: dict[str, LinkCode] = {}  # by digest
+        self._people: dict[Account, str] = {}  # account → person id
 
     def _conversation(self, key: ConversationKey) -> _Conversation:
         return self._conversations.setdefault(key.as_id(), _Conversation(key))
@@ -200,6 +210,32 @@ class MemoryStorage(Storage):
 
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
         self._conversation(key).persona = persona
+
+    async def link_code_put(self, code: LinkCode) -> None:
+        now = utc_now()
+        for digest, pending in list(self._link_codes.items()):
+            if pending.account == code.account or to_utc(pending.expires_at) <= now:
+                del self._link_codes[digest]
+        self._link_codes[code.digest] = replace(code, expires_at=to_utc(code.expires_at))
+
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        code = self._link_codes.pop(digest, None)
+        if code is None or code.expires_at <= to_utc(now):
+            return None
+        return code.account
+
+    async def person_of(self, account: Account) -> str | None:
+        return self._people.get(account)
+
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        return sorted(account for account, person in self._people.items() if person == person_id)
+
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        for account in accounts:
+            self._people[account] = person_id
+
+    async def unlink(self, account: Account) -> bool:
+        return self._people.pop(account, None) is not None
 
     async def purge_before(self, cutoff: datetime) -> int:
         cutoff = to_utc(cutoff)

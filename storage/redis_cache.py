@@ -8,6 +8,7 @@ that every use refreshes:
                                             p: the persona as JSON (absent: not cached)
     {prefix}:user:{platform}:{user}  set    conversations whose cached window holds their turns
     {prefix}:lock:{conversation}     string the cross-process conversation lock (core/locks.py)
+    {prefix}:person:{platform}:{user} string the person a linked account belongs to ("" none)
 
 Correctness rules:
 
@@ -19,6 +20,8 @@ Correctness rules:
   version read *before* the SQL write is unchanged; otherwise the entry is invalidated. Every
   change of an entry sets a fresh random version, so a reader filling the cache from an older
   SQL read never overwrites a newer write, and a write never appends twice.
+* A linked account's person is written through (SQL, then SET) and filled with SET NX, so a
+  reader filling from an older SQL read never overwrites a newer link or unlink.
 * When Redis fails, the call is served by SQL, a warning is logged once per outage (URL password
   masked), Redis is left alone for `retry_after_s`, and every conversation written meanwhile is
   remembered and invalidated before the cache is used again. (Another process that did not see
@@ -46,7 +49,15 @@ from redis.exceptions import RedisError, WatchError
 
 from core.messages import ConversationKey, Role, Turn
 from core.settings import mask_url_password
-from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
+from storage.base import (
+    Account,
+    Delivery,
+    InboxItem,
+    LinkCode,
+    Storage,
+    StoredReply,
+    UserExport,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +88,9 @@ class RedisKeyBuilder:
 
     def lock(self, key: ConversationKey) -> str:
         return self.build("lock", key.as_id())
+
+    def person(self, account: Account) -> str:
+        return self.build("person", account.platform, account.user_id)
 
     def pattern(self, kind: str = "") -> str:
         """A SCAN pattern for every key of one kind (`window`, `meta`...) or of this prefix."""
@@ -171,6 +185,7 @@ class RedisCachedStorage(Storage):
         self._resting_until = 0.0
         self._in_outage = False
         self._stale: set[str] = set()
+        self._stale_accounts: set[Account] = set()
         self._stale_everything = False
 
     @classmethod
@@ -208,7 +223,7 @@ class RedisCachedStorage(Storage):
     async def _usable(self) -> bool:
         if time.monotonic() < self._resting_until:
             return False
-        if not (self._stale or self._stale_everything):
+        if not (self._stale or self._stale_accounts or self._stale_everything):
             return True
         try:
             await self._forget_stale()
@@ -235,6 +250,10 @@ class RedisCachedStorage(Storage):
             self._stale_everything = True
 
     async def _forget_stale(self) -> None:
+        if self._stale_accounts:
+            accounts = set(self._stale_accounts)
+            await self._redis.delete(*(self._keys.person(account) for account in accounts))
+            self._stale_accounts -= accounts
         if self._stale_everything:
             self._stale_everything = False
             self._stale.clear()
@@ -270,7 +289,7 @@ class RedisCachedStorage(Storage):
 
     async def _invalidate_everything(self) -> None:
         """After a long outage or a purge: every window, meta and user index of this prefix."""
-        for kind in ("window", "user", "meta"):
+        for kind in ("window", "user", "meta", "person"):
             pattern = self._keys.pattern(kind)
             names = [name async for name in self._redis.scan_iter(match=pattern, count=500)]
             for start in range(0, len(names), 500):
@@ -527,6 +546,51 @@ class RedisCachedStorage(Storage):
             pipe.hset(self._keys.meta(key), "p", json.dumps(persona, ensure_ascii=False))
 
         await self._after_write("storing a persona", key, before, store)
+
+    async def link_code_put(self, code: LinkCode) -> None:
+        await self._inner.link_code_put(code)
+
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        return await self._inner.link_code_take(digest, now)
+
+    async def person_of(self, account: Account) -> str | None:
+        name = self._keys.person(account)
+        cached = await self._run("reading a linked account", lambda: self._redis.get(name))
+        if isinstance(cached, str | bytes):
+            return _text(cached) or None
+        person = await self._inner.person_of(account)
+        if not isinstance(cached, _Unavailable):
+            await self._run("caching a linked account", lambda: self._fill_person(name, person))
+        return person
+
+    async def _fill_person(self, name: str, person: str | None) -> None:
+        """Only where no write got there first (NX): a link or unlink always wins."""
+        await self._redis.set(name, person or "", ex=self._ttl_s, nx=True)
+
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        return await self._inner.accounts_of(person_id)
+
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        await self._inner.link(person_id, accounts)
+        await self._store_people({account: person_id for account in accounts})
+
+    async def unlink(self, account: Account) -> bool:
+        unlinked = await self._inner.unlink(account)
+        await self._store_people({account: ""})
+        return unlinked
+
+    async def _store_people(self, people: dict[Account, str]) -> None:
+        """Write the accounts' persons through ("" for none); if Redis cannot take them, their
+        entries are dropped before the cache is used again."""
+
+        async def store() -> None:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for account, person in people.items():
+                    pipe.set(self._keys.person(account), person, ex=self._ttl_s)
+                await pipe.execute()
+
+        if isinstance(await self._run("storing linked accounts", store), _Unavailable):
+            self._stale_accounts.update(people)
 
     async def purge_before(self, cutoff: datetime) -> int:
         deleted = await self._inner.purge_before(cutoff)

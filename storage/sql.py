@@ -58,7 +58,16 @@ from sqlalchemy.types import TypeDecorator
 
 from core.messages import ConversationKey, Role, Turn, utc_now
 from core.settings import mask_url_password
-from storage.base import Delivery, InboxItem, Storage, StorageError, StoredReply, UserExport
+from storage.base import (
+    Account,
+    Delivery,
+    InboxItem,
+    LinkCode,
+    Storage,
+    StorageError,
+    StoredReply,
+    UserExport,
+)
 from storage.memory import to_utc
 
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
@@ -165,9 +174,35 @@ class InboxRow(Base):
     done_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class LinkCodeRow(Base):
+    """A pending `/link` code of one account, by the SHA-256 digest of the code."""
+
+    __tablename__ = "link_codes"
+    __table_args__ = (Index(None, "platform", "user_id"), Index(None, "expires_at"))
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    platform: Mapped[str] = mapped_column(String)
+    user_id: Mapped[str] = mapped_column(String)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class PersonAccountRow(Base):
+    """One account linked to a person: the accounts of one person share a conversation."""
+
+    __tablename__ = "person_accounts"
+    __table_args__ = (Index(None, "person_id"),)
+
+    platform: Mapped[str] = mapped_column(String, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String, primary_key=True)
+    person_id: Mapped[str] = mapped_column(String)
+    linked_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 CONVERSATIONS = cast(Table, ConversationRow.__table__)
 TURNS = cast(Table, TurnRow.__table__)
 INBOX = cast(Table, InboxRow.__table__)
+LINK_CODES = cast(Table, LinkCodeRow.__table__)
+PERSON_ACCOUNTS = cast(Table, PersonAccountRow.__table__)
 
 
 # --- errors -----------------------------------------------------------------------------------
@@ -692,6 +727,75 @@ class SqlStorage(Storage):
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
         async with self._transaction("storing a persona") as session:
             await session.execute(self._upsert_conversation(key, persona=persona))
+
+    # --- linked accounts --------------------------------------------------------------------
+
+    async def link_code_put(self, code: LinkCode) -> None:
+        account = code.account
+        stale = delete(LinkCodeRow).where(
+            or_(
+                (LinkCodeRow.platform == account.platform)
+                & (LinkCodeRow.user_id == account.user_id),
+                LinkCodeRow.expires_at <= utc_now(),
+            )
+        )
+        values = {
+            "digest": code.digest,
+            "platform": account.platform,
+            "user_id": account.user_id,
+            "expires_at": code.expires_at,
+        }
+        async with self._transaction("storing a link code") as session:
+            await session.execute(stale, execution_options=_NO_SYNC)
+            await session.execute(LINK_CODES.insert().values(values))
+
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        query = select(LinkCodeRow).where(LinkCodeRow.digest == digest)
+        taken = delete(LinkCodeRow).where(LinkCodeRow.digest == digest)
+        async with self._transaction("taking a link code") as session:
+            row = (await session.scalars(query)).first()
+            if row is None:
+                return None
+            if _rowcount(await session.execute(taken, execution_options=_NO_SYNC)) != 1:
+                return None  # another process took it first
+            return Account(row.platform, row.user_id) if row.expires_at > to_utc(now) else None
+
+    @staticmethod
+    def _is_account(account: Account) -> Any:
+        return (PersonAccountRow.platform == account.platform) & (
+            PersonAccountRow.user_id == account.user_id
+        )
+
+    async def person_of(self, account: Account) -> str | None:
+        query = select(PersonAccountRow.person_id).where(self._is_account(account))
+        async with self._transaction("reading a linked account") as session:
+            return (await session.execute(query)).scalar_one_or_none()
+
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        query = select(PersonAccountRow.platform, PersonAccountRow.user_id).where(
+            PersonAccountRow.person_id == person_id
+        )
+        async with self._transaction("reading linked accounts") as session:
+            rows = (await session.execute(query)).all()
+        return sorted(Account(platform, user_id) for platform, user_id in rows)
+
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        if not accounts:
+            return
+        now = utc_now()
+        earlier = delete(PersonAccountRow).where(or_(*map(self._is_account, accounts)))
+        rows = [
+            {"platform": a.platform, "user_id": a.user_id, "person_id": person_id, "linked_at": now}
+            for a in accounts
+        ]
+        async with self._transaction("linking accounts") as session:
+            await session.execute(earlier, execution_options=_NO_SYNC)
+            await session.execute(PERSON_ACCOUNTS.insert().values(rows))
+
+    async def unlink(self, account: Account) -> bool:
+        query = delete(PersonAccountRow).where(self._is_account(account))
+        async with self._transaction("unlinking an account") as session:
+            return _rowcount(await session.execute(query, execution_options=_NO_SYNC)) > 0
 
     async def purge_before(self, cutoff: datetime) -> int:
         query = delete(TurnRow).where(TurnRow.created_at < to_utc(cutoff))

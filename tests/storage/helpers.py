@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from core.messages import ConversationKey, Role, Turn
-from storage.base import Delivery, InboxItem, Storage, StoredReply, UserExport
+from storage.base import (
+    Account,
+    Delivery,
+    InboxItem,
+    LinkCode,
+    Storage,
+    StoredReply,
+    UserExport,
+)
 from storage.memory import MemoryStorage
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
@@ -213,6 +221,26 @@ class SpyStorage(Storage):
     async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
         await self.inner.set_persona(key, persona)
         await self._done("set_persona")
+
+    async def link_code_put(self, code: LinkCode) -> None:
+        await self.inner.link_code_put(code)
+
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        return await self.inner.link_code_take(digest, now)
+
+    async def person_of(self, account: Account) -> str | None:
+        result = await self.inner.person_of(account)
+        await self._done("person_of")
+        return result
+
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        return await self.inner.accounts_of(person_id)
+
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        await self.inner.link(person_id, accounts)
+
+    async def unlink(self, account: Account) -> bool:
+        return await self.inner.unlink(account)
 
     async def purge_before(self, cutoff: datetime) -> int:
         result = await self.inner.purge_before(cutoff)

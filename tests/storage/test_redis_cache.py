@@ -17,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.messages import ConversationKey
+from storage.base import Account
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, proves_recent, redis_client
 from storage.sql import SqlStorage
 from tests.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
@@ -174,6 +175,45 @@ async def test_personas_are_cached(cache: RedisCachedStorage, spy: SpyStorage) -
     assert await cache.get_persona(other) is None  # miss: SQL, then "no persona" is cached
     assert await cache.get_persona(other) is None
     assert spy.calls["get_persona"] == 1
+
+
+async def test_linked_accounts_are_cached_and_written_through(
+    cache: RedisCachedStorage, spy: SpyStorage, redis: Redis, redis_prefix: str
+) -> None:
+    telegram, discord = Account("telegram", "t1"), Account("discord", "d1")
+    other_process = make_cache(spy, redis, redis_prefix)
+    assert await other_process.person_of(telegram) is None  # "not linked" is cached now
+    assert await other_process.person_of(telegram) is None
+    assert spy.calls["person_of"] == 1
+
+    await cache.link("p1", [telegram, discord])
+    assert await other_process.person_of(telegram) == "p1"  # the link replaced the cached ""
+    await cache.unlink(telegram)
+    assert await other_process.person_of(telegram) is None
+    assert await other_process.person_of(discord) == "p1"
+    assert spy.calls["person_of"] == 1  # all of it served by Redis
+
+
+async def test_an_unlink_during_an_outage_is_not_hidden_after_it(
+    spy: SpyStorage, redis_prefix: str
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 6379)
+    await proxy.start()
+    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
+    cache = RedisCachedStorage(
+        spy, client, keys=RedisKeyBuilder(redis_prefix), retry_after_s=0.0, owns_redis=True
+    )
+    telegram = Account("telegram", "t1")
+    await cache.link("p1", [telegram])
+    assert await cache.person_of(telegram) == "p1"
+
+    await proxy.stop()
+    assert await cache.unlink(telegram) is True
+    await proxy.start()
+
+    assert await cache.person_of(telegram) is None
+    await cache.close()
+    await proxy.stop()
 
 
 async def test_delete_user_drops_cached_windows_holding_their_turns(

@@ -20,7 +20,7 @@ from tests.services import PostgresSchema, asyncpg_dsn, closed_port
 from tests.storage.helpers import ai, database, sqlite_url, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
-HEAD = "0002_inbox_outbox"
+HEAD = "0003_linked_accounts"
 
 
 def _schema_report(connection: Connection) -> dict[str, Any]:
@@ -49,7 +49,14 @@ async def test_upgrade_creates_the_schema_and_a_second_upgrade_changes_nothing(
         await upgrade_database(url, connect_args)
         report = await schema_report(url, connect_args)
         assert report == {
-            "tables": ["alembic_version", "conversations", "inbox", "turns"],
+            "tables": [
+                "alembic_version",
+                "conversations",
+                "inbox",
+                "link_codes",
+                "person_accounts",
+                "turns",
+            ],
             "version": HEAD,
             "drift": [],  # the models and the migrations describe the same schema
         }
