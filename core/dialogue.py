@@ -39,7 +39,7 @@ from core.streaming import PartialCallback, partials_to
 from core.text import remove_control_characters, to_single_line
 from core.trimming import TrimmedPrompt, token_budget
 from core.uses import MODEL_COMMANDS, ModelCommands
-from storage.base import Delivery, Storage, StorageError
+from storage.base import Delivery, DeliveryRecord, Storage, StorageError
 
 log = logging.getLogger(__name__)
 PERSONA_MAX_CHARS = 500
@@ -276,9 +276,8 @@ class DialogueManager:
     ) -> None:
         try:
             message = await self.links.resolved(message)
-            await self.storage.set_delivery(
-                self.key_for(message), message.message_id, delivery, sent_ids
-            )
+            record = DeliveryRecord(message.message_id, delivery, tuple(sent_ids))
+            await self.storage.set_delivery(self.key_for(message), record)
         except StorageError as error:
             log.warning("could not record a reply as %s: %s", delivery, error)
 

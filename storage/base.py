@@ -38,6 +38,15 @@ class StoredReply:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """How the reply to one message went: its new state and the platform's message ids."""
+
+    message_id: str
+    delivery: Delivery
+    sent_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class InboxItem:
     """One received update or message (the inbox), stored before the platform is told it
     arrived. `item_id` is unique per platform; `lane` orders the items of one conversation;
@@ -127,14 +136,8 @@ class Storage(abc.ABC):
         """`find_reply` with the reply's delivery state (the outbox)."""
 
     @abc.abstractmethod
-    async def set_delivery(
-        self,
-        key: ConversationKey,
-        message_id: str,
-        delivery: Delivery,
-        sent_ids: Sequence[str] = (),
-    ) -> bool:
-        """Record how the reply to `message_id` went; False when there is no such reply."""
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
+        """Record how the reply to `record.message_id` went; False when there is no such reply."""
 
     @abc.abstractmethod
     async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:

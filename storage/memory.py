@@ -14,6 +14,7 @@ from core.messages import ConversationKey, Role, Turn, utc_now
 from storage.base import (
     Account,
     Delivery,
+    DeliveryRecord,
     InboxItem,
     LinkCode,
     Storage,
@@ -114,18 +115,13 @@ class MemoryStorage(Storage):
         delivery, sent_ids = conversation.deliveries.get(turn_id, (Delivery.SENT, ()))
         return StoredReply(turn.text, delivery, sent_ids)
 
-    async def set_delivery(
-        self,
-        key: ConversationKey,
-        message_id: str,
-        delivery: Delivery,
-        sent_ids: Sequence[str] = (),
-    ) -> bool:
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
         conversation = self._conversations.get(key.as_id())
+        message_id = record.message_id
         index = conversation.reply_index(message_id) if conversation and message_id else None
         if conversation is None or index is None:
             return False
-        conversation.deliveries[conversation.turns[index][0]] = (delivery, tuple(sent_ids))
+        conversation.deliveries[conversation.turns[index][0]] = (record.delivery, record.sent_ids)
         return True
 
     async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:

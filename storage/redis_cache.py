@@ -52,6 +52,7 @@ from core.settings import mask_url_password
 from storage.base import (
     Account,
     Delivery,
+    DeliveryRecord,
     InboxItem,
     LinkCode,
     Storage,
@@ -431,14 +432,8 @@ class RedisCachedStorage(Storage):
     async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
         return await self._inner.reply_to(key, message_id)
 
-    async def set_delivery(
-        self,
-        key: ConversationKey,
-        message_id: str,
-        delivery: Delivery,
-        sent_ids: Sequence[str] = (),
-    ) -> bool:
-        return await self._inner.set_delivery(key, message_id, delivery, sent_ids)
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
+        return await self._inner.set_delivery(key, record)
 
     async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
         return await self._inner.inbox_add(items)

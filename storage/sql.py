@@ -61,6 +61,7 @@ from core.settings import mask_url_password
 from storage.base import (
     Account,
     Delivery,
+    DeliveryRecord,
     InboxItem,
     LinkCode,
     Storage,
@@ -565,19 +566,14 @@ class SqlStorage(Storage):
         sent_ids = tuple(row.sent_ids.split(",")) if row.sent_ids else ()
         return StoredReply(row.text, Delivery(row.delivery or Delivery.SENT), sent_ids)
 
-    async def set_delivery(
-        self,
-        key: ConversationKey,
-        message_id: str,
-        delivery: Delivery,
-        sent_ids: Sequence[str] = (),
-    ) -> bool:
-        if not message_id:
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
+        if not record.message_id:
             return False
+        reply_id = self._reply_id(key, record.message_id)
         query = (
             update(TurnRow)
-            .where(TurnRow.id == self._reply_id(key, message_id), TurnRow.role == str(Role.AI))
-            .values(delivery=str(delivery), sent_ids=",".join(sent_ids) or None)
+            .where(TurnRow.id == reply_id, TurnRow.role == str(Role.AI))
+            .values(delivery=str(record.delivery), sent_ids=",".join(record.sent_ids) or None)
         )
         async with self._transaction("recording a delivery") as session:
             return _rowcount(await session.execute(query, execution_options=_NO_SYNC)) > 0

@@ -16,6 +16,7 @@ from core.messages import ConversationKey, Role, Turn
 from storage.base import (
     Account,
     Delivery,
+    DeliveryRecord,
     InboxItem,
     LinkCode,
     Storage,
@@ -166,14 +167,8 @@ class SpyStorage(Storage):
         await self._done("reply_to")
         return result
 
-    async def set_delivery(
-        self,
-        key: ConversationKey,
-        message_id: str,
-        delivery: Delivery,
-        sent_ids: Sequence[str] = (),
-    ) -> bool:
-        result = await self.inner.set_delivery(key, message_id, delivery, sent_ids)
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
+        result = await self.inner.set_delivery(key, record)
         await self._done("set_delivery")
         return result
 

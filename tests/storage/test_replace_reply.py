@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from core.messages import ConversationKey, Role
-from storage.base import Delivery, Storage, StoredReply
+from storage.base import Delivery, DeliveryRecord, Storage, StoredReply
 from tests.storage.helpers import ai, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
@@ -59,14 +59,14 @@ async def test_a_retry_id_makes_the_reply_answer_the_retry_too(storage: Storage)
     """`/retry` stores its message id: a redelivered retry finds its answer (pending until
     sent), and the question's own lookups still find the same, newest text."""
     await storage.append(KEY, [user("q", message_id="m1"), ai("a")], Delivery.PENDING)
-    assert await storage.set_delivery(KEY, "m1", Delivery.SENT, ["s1"])
+    assert await storage.set_delivery(KEY, DeliveryRecord("m1", Delivery.SENT, ("s1",)))
     assert await storage.reply_to(KEY, "r1") is None
 
     assert await storage.replace_last_reply(KEY, "b", message_id="r1")
 
     assert await storage.reply_to(KEY, "r1") == StoredReply("b", Delivery.PENDING)
     assert await storage.reply_to(KEY, "m1") == StoredReply("b", Delivery.PENDING)
-    assert await storage.set_delivery(KEY, "r1", Delivery.SENT, ["s2"])
+    assert await storage.set_delivery(KEY, DeliveryRecord("r1", Delivery.SENT, ("s2",)))
     assert await storage.reply_to(KEY, "r1") == StoredReply("b", Delivery.SENT, ("s2",))
     assert await storage.replace_last_reply(KEY, "c", message_id="r2")
     assert await storage.find_reply(KEY, "r1") is None  # only the newest retry's id is kept

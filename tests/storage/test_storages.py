@@ -12,6 +12,7 @@ from core.messages import ConversationKey, Role, Turn
 from storage.base import (
     Account,
     Delivery,
+    DeliveryRecord,
     InboxItem,
     LinkCode,
     Storage,
@@ -278,7 +279,7 @@ class TestOutbox:
         await storage.append(KEY, [user("q1", message_id="m1"), ai("a1")], Delivery.PENDING)
 
         assert await storage.reply_to(KEY, "m1") == StoredReply("a1", Delivery.PENDING)
-        assert await storage.set_delivery(KEY, "m1", Delivery.SENT, ["77", "78"])
+        assert await storage.set_delivery(KEY, DeliveryRecord("m1", Delivery.SENT, ("77", "78")))
         assert await storage.reply_to(KEY, "m1") == StoredReply("a1", Delivery.SENT, ("77", "78"))
         found = await storage.find_reply(KEY, "m1")
         assert found is not None and found.text == "a1"
@@ -290,7 +291,7 @@ class TestOutbox:
         await storage.append(other, [user("q1", message_id="m1"), ai("b1")], Delivery.PENDING)
         await storage.recent(KEY, 10)  # warm any cache
 
-        assert await storage.set_delivery(KEY, "m2", Delivery.FAILED)
+        assert await storage.set_delivery(KEY, DeliveryRecord("m2", Delivery.FAILED))
 
         assert await storage.reply_to(KEY, "m1") == StoredReply("a1", Delivery.PENDING)
         assert await storage.reply_to(KEY, "m2") == StoredReply("a2", Delivery.FAILED)
@@ -304,13 +305,13 @@ class TestOutbox:
         assert await storage.reply_to(KEY, "m1") == StoredReply("a1", Delivery.SENT)
         assert await storage.reply_to(KEY, "m2") is None
         assert await storage.reply_to(KEY, "nope") is None
-        assert not await storage.set_delivery(KEY, "m2", Delivery.SENT)
-        assert not await storage.set_delivery(KEY, "", Delivery.SENT)
+        assert not await storage.set_delivery(KEY, DeliveryRecord("m2", Delivery.SENT))
+        assert not await storage.set_delivery(KEY, DeliveryRecord("", Delivery.SENT))
 
     async def test_the_state_follows_the_newest_asking(self, storage: Storage) -> None:
         """A message asked again after a /reset is answered (and delivered) anew."""
         await storage.append(KEY, [user("q", message_id="m1"), ai("old")], Delivery.PENDING)
-        await storage.set_delivery(KEY, "m1", Delivery.SENT, ["1"])
+        await storage.set_delivery(KEY, DeliveryRecord("m1", Delivery.SENT, ("1",)))
         await storage.clear(KEY)
         await storage.append(KEY, [user("q", message_id="m1"), ai("new")], Delivery.PENDING)
 
