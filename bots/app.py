@@ -16,7 +16,7 @@ async def build_dialogue_manager(
     settings: Settings, backend: GenerationBackend | None = None
 ) -> DialogueManager:
     """Connect storage, load the model (off the event loop) and return a ready manager."""
-    storage = await build_storage(settings)
+    storage = await build_storage(settings.storage_options())
     try:
         if backend is None:
             backend = await asyncio.to_thread(build_backend, settings)

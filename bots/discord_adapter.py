@@ -85,8 +85,9 @@ from core.dialogue import DialogueManager
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
 from core.ops.lifecycle import BotServices, InFlight
-from core.settings import Settings, mask_url_password
+from core.settings import Settings
 from core.text import split_message, utf16_length
+from storage.base import mask_url_password
 
 log = logging.getLogger(__name__)
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -14,6 +13,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from core.generation.device import parse_device
 from core.messages import ContextScope
+from storage.base import mask_url_password
+
+if TYPE_CHECKING:
+    from storage.factory import StorageOptions
 
 ENV_PREFIX = "KOBOT_"
 ENV_FILE_VARIABLE = "KOBOT_ENV_FILE"
@@ -152,6 +155,14 @@ class Settings(BaseSettings):
             raise ValueError("must start with http:// or https://")
         return value
 
+    def storage_options(self) -> StorageOptions:
+        """The storage settings, for `storage.factory.build_storage`."""
+        from storage.factory import StorageOptions
+
+        return StorageOptions(
+            self.database_url, self.redis_url, self.redis_ttl_s, self.redis_window_turns
+        )
+
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str) -> str:
@@ -225,10 +236,6 @@ class Settings(BaseSettings):
                 text = "" if value is None else str(value)
             shown[f"{ENV_PREFIX}{name.upper()}"] = text
         return shown
-
-
-def mask_url_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", url)
 
 
 def known_variables() -> set[str]:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
 from core.messages import ConversationKey, Turn
+
+
+def mask_url_password(url: str) -> str:
+    """`url` (or a message holding URLs) with every password replaced by asterisks."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1********@", url)
 
 
 class StorageError(Exception):

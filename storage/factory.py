@@ -1,8 +1,8 @@
-"""Build the storage the settings ask for: SQL (SQLite or PostgreSQL), behind Redis if set."""
+"""Build the storage asked for: SQL (SQLite or PostgreSQL), behind Redis if set."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 from storage.base import Storage, StorageError
 from storage.redis_cache import (
@@ -15,12 +15,20 @@ from storage.redis_cache import (
 )
 from storage.sql import SqlStorage
 
-if TYPE_CHECKING:
-    from core.settings import Settings
+
+@dataclass(frozen=True, slots=True)
+class StorageOptions:
+    """Where the history lives (KOBOT_DATABASE_URL) and the optional Redis hot window
+    (KOBOT_REDIS_URL, KOBOT_REDIS_TTL_S, KOBOT_REDIS_WINDOW_TURNS)."""
+
+    database_url: str
+    redis_url: str | None = None
+    redis_ttl_s: int = 86400
+    redis_window_turns: int = 80
 
 
 async def build_storage(
-    settings: Settings, *, redis_keys: RedisKeyBuilder | None = None
+    settings: StorageOptions, *, redis_keys: RedisKeyBuilder | None = None
 ) -> Storage:
     """Open (and migrate) the database, then check Redis; any failure names the variable.
 
@@ -40,7 +48,7 @@ async def build_storage(
 
 
 async def _with_redis(
-    sql: SqlStorage, settings: Settings, keys: RedisKeyBuilder | None
+    sql: SqlStorage, settings: StorageOptions, keys: RedisKeyBuilder | None
 ) -> RedisCachedStorage:
     assert settings.redis_url is not None
     client = redis_client(settings.redis_url)

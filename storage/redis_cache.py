@@ -48,7 +48,6 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from core.messages import ConversationKey, Role, Turn
-from core.settings import mask_url_password
 from storage.base import (
     Account,
     Delivery,
@@ -58,6 +57,7 @@ from storage.base import (
     Storage,
     StoredReply,
     UserExport,
+    mask_url_password,
 )
 
 log = logging.getLogger(__name__)

@@ -57,7 +57,6 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 from sqlalchemy.types import TypeDecorator
 
 from core.messages import ConversationKey, Role, Turn, utc_now
-from core.settings import mask_url_password
 from storage.base import (
     Account,
     Delivery,
@@ -68,6 +67,7 @@ from storage.base import (
     StorageError,
     StoredReply,
     UserExport,
+    mask_url_password,
 )
 from storage.memory import to_utc
 

@@ -28,7 +28,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from core.settings import mask_url_password
+from storage.base import mask_url_password
 
 POSTGRES_URL = os.environ.get(
     "TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test"

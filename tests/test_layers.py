@@ -18,12 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "storage", "bots")
 Graph = dict[str, set[str]]
 
-# storage → core beyond core.messages: Settings in the factory, the SQL and the Redis stores.
-KNOWN_STORAGE_TO_CORE = {
-    ("storage.factory", "core.settings"),
-    ("storage.redis_cache", "core.settings"),
-    ("storage.sql", "core.settings"),
-}
+# storage → core beyond core.messages: none left (the factory takes StorageOptions).
+KNOWN_STORAGE_TO_CORE: set[tuple[str, str]] = set()
 # Cycles, TYPE_CHECKING and function-level imports included, as sorted member tuples.
 KNOWN_CYCLES = {
     ("core.dialogue", "core.uses"),

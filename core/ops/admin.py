@@ -74,7 +74,7 @@ def purge_cutoff(args: argparse.Namespace, settings: Settings, now: datetime) ->
 async def with_storage(settings: Settings, action: StorageAction) -> int:
     from storage.factory import build_storage
 
-    storage = await build_storage(settings)
+    storage = await build_storage(settings.storage_options())
     try:
         return await action(storage)
     finally:

@@ -10,7 +10,7 @@ import pytest
 from core.messages import ConversationKey
 from core.settings import Settings
 from storage.base import StorageError
-from storage.factory import build_storage
+from storage.factory import StorageOptions, build_storage
 from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.services import REDIS_URL, closed_port
@@ -19,12 +19,12 @@ from tests.storage.helpers import sqlite_url, texts, user
 KEY = ConversationKey("telegram", "c1", "u1")
 
 
-def settings(**values: Any) -> Settings:
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+def options(**values: Any) -> StorageOptions:
+    return StorageOptions(**values)
 
 
 async def test_sqlite_by_default_settings(tmp_path: Path) -> None:
-    storage = await build_storage(settings(database_url=sqlite_url(tmp_path)))
+    storage = await build_storage(options(database_url=sqlite_url(tmp_path)))
     assert isinstance(storage, SqlStorage)
     await storage.append(KEY, [user("hi")])
     assert texts(await storage.recent(KEY, 5)) == ["hi"]
@@ -32,7 +32,9 @@ async def test_sqlite_by_default_settings(tmp_path: Path) -> None:
 
 
 async def test_redis_url_puts_the_cache_in_front(tmp_path: Path, redis_prefix: str) -> None:
-    chosen = settings(database_url=sqlite_url(tmp_path), redis_url=REDIS_URL, redis_window_turns=2)
+    chosen = Settings(  # type: ignore[call-arg]
+        _env_file=None, database_url=sqlite_url(tmp_path), redis_url=REDIS_URL, redis_window_turns=2
+    ).storage_options()
     storage = await build_storage(chosen, redis_keys=RedisKeyBuilder(redis_prefix))
     assert isinstance(storage, RedisCachedStorage) and isinstance(storage.inner, SqlStorage)
     await storage.append(KEY, [user("one"), user("two"), user("three")])
@@ -44,7 +46,7 @@ async def test_unreachable_postgresql_names_the_variable() -> None:
     url = f"postgresql+asyncpg://kobot:s3cret@127.0.0.1:{closed_port()}/kobot"
 
     with pytest.raises(StorageError) as caught:
-        await build_storage(settings(database_url=url))
+        await build_storage(options(database_url=url))
 
     message = str(caught.value)
     assert message.startswith("KOBOT_DATABASE_URL: cannot connect to PostgreSQL at 127.0.0.1:")
@@ -55,7 +57,7 @@ async def test_unreachable_redis_names_the_variable(tmp_path: Path) -> None:
     url = f"redis://:s3cret@127.0.0.1:{closed_port()}/0"
 
     with pytest.raises(StorageError) as caught:
-        await build_storage(settings(database_url=sqlite_url(tmp_path), redis_url=url))
+        await build_storage(options(database_url=sqlite_url(tmp_path), redis_url=url))
 
     message = str(caught.value)
     assert message.startswith("KOBOT_REDIS_URL: cannot connect to Redis at 127.0.0.1:")
