@@ -204,11 +204,16 @@ class GPT2Forward:
         `ln_f`) of each chunk's last token, `[len(chunks), n_embd]`.
 
         When every block is a view of the flat tensor `kv_buffer` (the engine's arena), each
-        layer writes all new K/V with one indexed copy instead of one copy per chunk.
+        layer writes all new K/V with one indexed copy instead of one copy per chunk; the
+        one-token chunks the decode pool holds write theirs into the pool only (`slots`: the
+        engine calls `retire` before it caches or frees such a block).
         """
         ids, positions, bounds = self._packed_inputs(chunks)
-        writer = KVWriter(chunks, kv_buffer, self.dims) if kv_buffer is not None else None
         decode = self._decode_plan(chunks, kv_buffer)
+        writer = None
+        if kv_buffer is not None:
+            pooled = decode.row_set if decode is not None else frozenset()
+            writer = KVWriter(chunks, bounds, pooled, kv_buffer, self.dims)
         if decode is not None:
             decode.locate(bounds, self.device)
         x = self.wte[ids] + self.wpe[positions]
@@ -240,6 +245,13 @@ class GPT2Forward:
         keys = [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in picked]
         plan = self.decode_slots.prepare(keys, [c.kv for c in picked], [c.start for c in picked])
         return None if plan is None else DecodeRows(plan, rows, len(chunks), self.device)
+
+    def retire(self, kv: torch.Tensor, kv_buffer: torch.Tensor) -> None:
+        """The sequence of block `kv` (a view of `kv_buffer`) stops decoding: its KV in the
+        decode pool is copied back into the block, and its slot freed."""
+        key = (int(kv.storage_offset() - kv_buffer.storage_offset()), int(kv.shape[3]))
+        with torch.inference_mode():
+            self.decode_slots.retire(key)
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -350,21 +362,42 @@ class DecodeRows:
 
 
 class KVWriter:
-    """Writes one layer's new K/V of every chunk with a single `index_copy_` into the flat
-    buffer that all the chunks' blocks are views of."""
+    """Writes one layer's new K/V of every chunk (but those in `skip`) with a single
+    `index_copy_` into the flat buffer that all the chunks' blocks are views of."""
 
-    def __init__(self, chunks: Sequence[SeqChunk], buffer: torch.Tensor, dims: GPT2Dims) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[SeqChunk],
+        bounds: Sequence[tuple[int, int]],
+        skip: frozenset[int],
+        buffer: torch.Tensor,
+        dims: GPT2Dims,
+    ) -> None:
         self.rows2d = buffer.view(-1, dims.head_dim)
         heads, head_dim = dims.n_head, dims.head_dim
         base: list[int] = []
         capacity: list[int] = []
         position: list[int] = []
-        for chunk in chunks:
+        token_rows: list[int] = []
+        for index, (chunk, (begin, end)) in enumerate(zip(chunks, bounds, strict=True)):
+            if index in skip:
+                continue
             offset = chunk.kv.storage_offset() - buffer.storage_offset()
             n = len(chunk.ids)
             base += [offset // head_dim] * n
             capacity += [chunk.kv.shape[3]] * n
             position += range(chunk.start, chunk.start + n)
+            token_rows += range(begin, end)
+        self.empty = not token_rows
+        self.span: tuple[int, int] | None = None
+        """The written rows of the packed tokens, when they are one range (no gather)."""
+        self.token_rows: torch.Tensor | None = None
+        if self.empty:
+            return
+        if token_rows[-1] - token_rows[0] + 1 == len(token_rows):
+            self.span = (token_rows[0], token_rows[-1] + 1)
+        else:
+            self.token_rows = torch.tensor(token_rows, dtype=torch.long, device=buffer.device)
         as_tensor = lambda values: torch.tensor(values, device=buffer.device)[:, None, None]  # noqa: E731
         cap = as_tensor(capacity)
         kind = torch.arange(2, device=buffer.device)[None, :, None]
@@ -374,6 +407,12 @@ class KVWriter:
         self.layer_step = (2 * heads * cap).expand(-1, 2, heads).flatten()
 
     def write(self, layer: int, split: torch.Tensor) -> None:
+        if self.empty:
+            return
+        if self.token_rows is not None:
+            split = split.index_select(0, self.token_rows)
+        elif self.span is not None and self.span != (0, split.shape[0]):
+            split = split[self.span[0] : self.span[1]]
         rows = self.first + layer * self.layer_step
         self.rows2d.index_copy_(0, rows, split[:, 1:].reshape(-1, split.shape[-1]))
 
