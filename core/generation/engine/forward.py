@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from core.generation.engine.linear import (
+    TANH_GELU,
     Linear,
     LinearKind,
+    Residual,
     choose_kind,
     prepare_head,
     prepare_linear,
+    prepare_residual,
 )
 from core.generation.engine.slots import DecodePlan, DecodeSlots
 
@@ -136,21 +139,29 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass(frozen=True, slots=True)
 class LayerLinears:
-    """One layer's four projections, weights prepared for their kernel (`linear`)."""
+    """One layer's four projections, weights prepared for their kernel (`linear`): `proj` and
+    `out` add the residual, `fc` applies the activation."""
 
     qkv: Linear
-    proj: Linear
+    proj: Residual
     fc: Linear
-    out: Linear
+    out: Residual
 
 
-def layer_linears(kind: LinearKind, w: LayerWeights) -> LayerLinears:
+def layer_linears(
+    kind: LinearKind, w: LayerWeights, act: Linear, act_name: str = ""
+) -> LayerLinears:
     return LayerLinears(
         qkv=prepare_linear(kind, w.qkv_w, w.qkv_b),
-        proj=prepare_linear(kind, w.proj_w, w.proj_b),
-        fc=prepare_linear(kind, w.fc_w, w.fc_b),
-        out=prepare_linear(kind, w.out_w, w.out_b),
+        proj=prepare_residual(kind, w.proj_w, w.proj_b),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name),
+        out=prepare_residual(kind, w.out_w, w.out_b),
     )
+
+
+def activation_name(name: str) -> str:
+    """`gelu_tanh` for the activations `activation` runs as tanh-GELU (a fusable post-op)."""
+    return TANH_GELU if name in ("gelu_new", "gelu_pytorch_tanh") else ""
 
 
 class GPT2Forward:
@@ -176,7 +187,8 @@ class GPT2Forward:
         self.scale = self.dims.head_dim**-0.5
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
         self.quant = quant
-        self.linears = [layer_linears(self.linear_kind, w) for w in self.layers]
+        act_name = activation_name(config.activation_function)
+        self.linears = [layer_linears(self.linear_kind, w, self.act, act_name) for w in self.layers]
         self._head = prepare_head(self.linear_kind, self.wte)
         d = self.dims
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
@@ -285,9 +297,9 @@ class GPT2Forward:
     def _post_attention(
         self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights, linears: LayerLinears
     ) -> torch.Tensor:
-        x = x + linears.proj(attended)
+        x = linears.proj(attended, x)
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
-        return x + linears.out(self.act(linears.fc(h)))
+        return linears.out(linears.fc(h), x)
 
     def _attention(
         self,
