@@ -168,7 +168,12 @@ class DecodePlan:
             ((kind * total_slots + slot[:, None, None]) * heads + head) * length
             + start[:, None, None]
         ).flatten()
-        self.layer_rows = 2 * total_slots * heads * length
+        n_layer = self.pool.shape[0]
+        layer_offsets = torch.arange(n_layer, device=device)[:, None] * (
+            2 * total_slots * heads * length
+        )
+        self.rows = self.first[None, :] + layer_offsets
+        """`rows[layer]`: the pool rows this step's K/V go to, every layer's computed at once."""
         self.rows2d = self.pool.view(-1, head_dim)
         lengths = torch.ones(self.used, dtype=torch.long, device=device)  # idle slots: 1 key
         lengths[slot] = start + 1
@@ -181,8 +186,7 @@ class DecodePlan:
         into the pool (only: `DecodeSlots.retire` copies them into the arena), attend, return
         `[B, heads * head_dim]`."""
         batch, _, heads, head_dim = split.shape
-        rows = self.first + layer * self.layer_rows if layer else self.first
-        self.rows2d.index_copy_(0, rows, split[:, 1:].reshape(-1, head_dim))
+        self.rows2d.index_copy_(0, self.rows[layer], split[:, 1:].reshape(-1, head_dim))
         keys = self.pool[layer, 0, : self.used, :, : self.bucket]
         values = self.pool[layer, 1, : self.used, :, : self.bucket]
         query = split[:, 0].unsqueeze(2)  # [B, heads, 1, head_dim]
