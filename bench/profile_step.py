@@ -15,6 +15,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--no-profile", action="store_true", help="only the wall times")
     parser.add_argument("--decode-pool", choices=["off", "on"], default="on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,19 +77,25 @@ def main() -> None:
             state.append(int(torch.randint(10, 51200, (1,), generator=generator)))
         for _ in range(5):
             step()
-        started = time.perf_counter()
+        times = []
         for _ in range(args.steps):
+            started = time.perf_counter()
             step()
-        wall = (time.perf_counter() - started) / args.steps
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.steps):
-                step()
+            times.append(time.perf_counter() - started)
+        wall = statistics.median(times)
+        if args.no_profile:
+            prof = None
+        else:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.steps):
+                    step()
     print(
         f"batch {args.batch}, {args.prompt}-token prompts, {forward.dtype}, quant {args.quant}: "
-        f"{1000 * wall:.1f} ms per decode step (unprofiled), {os.getloadavg()[0]:.2f} load"
+        f"{1000 * wall:.1f} ms per decode step (unprofiled median; min {1000 * min(times):.1f}), "
+        f"{os.getloadavg()[0]:.2f} load"
     )
-    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
-    print(table)
+    if prof is not None:
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -159,6 +159,28 @@ def test_decode_pool_logits_match_hugging_face_in_any_chunk_order() -> None:
     assert forward.decode_slots.slot_of == {}  # no sequence decoded: every slot released
 
 
+def test_decoded_kv_lives_in_the_pool_until_the_block_is_retired() -> None:
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    pooled, plain = pooled_forward(hf), GPT2Forward(hf)  # plain: every write into the arena
+    arenas = [KVArena(pooled.dims, 1 << 22, "cpu", torch.float32) for _ in range(2)]
+    ids = list(range(10, 40))
+    views = []
+    for forward, arena in zip((pooled, plain), arenas, strict=True):
+        block = arena.allocate(48)
+        assert block is not None
+        view = arena.view(block)
+        forward.logits([SeqChunk(view, 0, ids[:20])], arena.buffer)
+        for position in range(20, 30):
+            forward.logits([SeqChunk(view, position, ids[position : position + 1])], arena.buffer)
+        views.append(view)
+    pooled_view, plain_view = views
+    assert torch.count_nonzero(pooled_view[:, :, :, 20:30]) == 0  # only in the pool so far
+    pooled.retire(pooled_view, arenas[0].buffer)
+    assert pooled.decode_slots.slot_of == {}
+    torch.testing.assert_close(pooled_view[:, :, :, :30], plain_view[:, :, :, :30])
+
+
 def test_a_pool_too_small_falls_back_to_per_sequence_attention() -> None:
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()

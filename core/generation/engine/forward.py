@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from core.generation.engine.linear import (
+    TANH_GELU,
     Linear,
     LinearKind,
+    Residual,
     choose_kind,
     prepare_head,
     prepare_linear,
+    prepare_residual,
 )
 from core.generation.engine.slots import DecodePlan, DecodeSlots
 
@@ -136,21 +139,29 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass(frozen=True, slots=True)
 class LayerLinears:
-    """One layer's four projections, weights prepared for their kernel (`linear`)."""
+    """One layer's four projections, weights prepared for their kernel (`linear`): `proj` and
+    `out` add the residual, `fc` applies the activation."""
 
     qkv: Linear
-    proj: Linear
+    proj: Residual
     fc: Linear
-    out: Linear
+    out: Residual
 
 
-def layer_linears(kind: LinearKind, w: LayerWeights) -> LayerLinears:
+def layer_linears(
+    kind: LinearKind, w: LayerWeights, act: Linear, act_name: str = ""
+) -> LayerLinears:
     return LayerLinears(
         qkv=prepare_linear(kind, w.qkv_w, w.qkv_b),
-        proj=prepare_linear(kind, w.proj_w, w.proj_b),
-        fc=prepare_linear(kind, w.fc_w, w.fc_b),
-        out=prepare_linear(kind, w.out_w, w.out_b),
+        proj=prepare_residual(kind, w.proj_w, w.proj_b),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name),
+        out=prepare_residual(kind, w.out_w, w.out_b),
     )
+
+
+def activation_name(name: str) -> str:
+    """`gelu_tanh` for the activations `activation` runs as tanh-GELU (a fusable post-op)."""
+    return TANH_GELU if name in ("gelu_new", "gelu_pytorch_tanh") else ""
 
 
 class GPT2Forward:
@@ -176,7 +187,8 @@ class GPT2Forward:
         self.scale = self.dims.head_dim**-0.5
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
         self.quant = quant
-        self.linears = [layer_linears(self.linear_kind, w) for w in self.layers]
+        act_name = activation_name(config.activation_function)
+        self.linears = [layer_linears(self.linear_kind, w, self.act, act_name) for w in self.layers]
         self._head = prepare_head(self.linear_kind, self.wte)
         d = self.dims
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
@@ -204,11 +216,16 @@ class GPT2Forward:
         `ln_f`) of each chunk's last token, `[len(chunks), n_embd]`.
 
         When every block is a view of the flat tensor `kv_buffer` (the engine's arena), each
-        layer writes all new K/V with one indexed copy instead of one copy per chunk.
+        layer writes all new K/V with one indexed copy instead of one copy per chunk; the
+        one-token chunks the decode pool holds write theirs into the pool only (`slots`: the
+        engine calls `retire` before it caches or frees such a block).
         """
         ids, positions, bounds = self._packed_inputs(chunks)
-        writer = KVWriter(chunks, kv_buffer, self.dims) if kv_buffer is not None else None
         decode = self._decode_plan(chunks, kv_buffer)
+        writer = None
+        if kv_buffer is not None:
+            pooled = decode.row_set if decode is not None else frozenset()
+            writer = KVWriter(chunks, bounds, pooled, kv_buffer, self.dims)
         if decode is not None:
             decode.locate(bounds, self.device)
         x = self.wte[ids] + self.wpe[positions]
@@ -240,6 +257,13 @@ class GPT2Forward:
         keys = [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in picked]
         plan = self.decode_slots.prepare(keys, [c.kv for c in picked], [c.start for c in picked])
         return None if plan is None else DecodeRows(plan, rows, len(chunks), self.device)
+
+    def retire(self, kv: torch.Tensor, kv_buffer: torch.Tensor) -> None:
+        """The sequence of block `kv` (a view of `kv_buffer`) stops decoding: its KV in the
+        decode pool is copied back into the block, and its slot freed."""
+        key = (int(kv.storage_offset() - kv_buffer.storage_offset()), int(kv.shape[3]))
+        with torch.inference_mode():
+            self.decode_slots.retire(key)
 
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -273,9 +297,9 @@ class GPT2Forward:
     def _post_attention(
         self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights, linears: LayerLinears
     ) -> torch.Tensor:
-        x = x + linears.proj(attended)
+        x = linears.proj(attended, x)
         h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
-        return x + linears.out(self.act(linears.fc(h)))
+        return linears.out(linears.fc(h), x)
 
     def _attention(
         self,
@@ -350,21 +374,42 @@ class DecodeRows:
 
 
 class KVWriter:
-    """Writes one layer's new K/V of every chunk with a single `index_copy_` into the flat
-    buffer that all the chunks' blocks are views of."""
+    """Writes one layer's new K/V of every chunk (but those in `skip`) with a single
+    `index_copy_` into the flat buffer that all the chunks' blocks are views of."""
 
-    def __init__(self, chunks: Sequence[SeqChunk], buffer: torch.Tensor, dims: GPT2Dims) -> None:
+    def __init__(
+        self,
+        chunks: Sequence[SeqChunk],
+        bounds: Sequence[tuple[int, int]],
+        skip: frozenset[int],
+        buffer: torch.Tensor,
+        dims: GPT2Dims,
+    ) -> None:
         self.rows2d = buffer.view(-1, dims.head_dim)
         heads, head_dim = dims.n_head, dims.head_dim
         base: list[int] = []
         capacity: list[int] = []
         position: list[int] = []
-        for chunk in chunks:
+        token_rows: list[int] = []
+        for index, (chunk, (begin, end)) in enumerate(zip(chunks, bounds, strict=True)):
+            if index in skip:
+                continue
             offset = chunk.kv.storage_offset() - buffer.storage_offset()
             n = len(chunk.ids)
             base += [offset // head_dim] * n
             capacity += [chunk.kv.shape[3]] * n
             position += range(chunk.start, chunk.start + n)
+            token_rows += range(begin, end)
+        self.empty = not token_rows
+        self.span: tuple[int, int] | None = None
+        """The written rows of the packed tokens, when they are one range (no gather)."""
+        self.token_rows: torch.Tensor | None = None
+        if self.empty:
+            return
+        if token_rows[-1] - token_rows[0] + 1 == len(token_rows):
+            self.span = (token_rows[0], token_rows[-1] + 1)
+        else:
+            self.token_rows = torch.tensor(token_rows, dtype=torch.long, device=buffer.device)
         as_tensor = lambda values: torch.tensor(values, device=buffer.device)[:, None, None]  # noqa: E731
         cap = as_tensor(capacity)
         kind = torch.arange(2, device=buffer.device)[None, :, None]
@@ -374,6 +419,12 @@ class KVWriter:
         self.layer_step = (2 * heads * cap).expand(-1, 2, heads).flatten()
 
     def write(self, layer: int, split: torch.Tensor) -> None:
+        if self.empty:
+            return
+        if self.token_rows is not None:
+            split = split.index_select(0, self.token_rows)
+        elif self.span is not None and self.span != (0, split.shape[0]):
+            split = split[self.span[0] : self.span[1]]
         rows = self.first + layer * self.layer_step
         self.rows2d.index_copy_(0, rows, split[:, 1:].reshape(-1, split.shape[-1]))
 

@@ -178,6 +178,15 @@ def top_candidates(
     return values.softmax(dim=-1), indices, tie_rows
 
 
+TIE_MARGIN = 2.0
+"""The first top-k takes `TIE_MARGIN` × k (+ 1) candidates, so that a tie at the k-th score
+(frequent with bf16 logits) rarely reaches past them and needs the second, wider pass."""
+
+
+def candidate_width(params: Sequence[SamplingParams]) -> int:
+    return int(max(p.top_k for p in params) * TIE_MARGIN) + 1
+
+
 def tied_candidates(
     scores: torch.Tensor, params: Sequence[SamplingParams]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,7 +296,7 @@ def _sample_rows(
     if fast:
         picked = _rows(logits, fast)
         params = [states[i].params for i in fast]
-        probs, ids, ties = top_candidates(picked, params)
+        probs, ids, ties = top_candidates(picked, params, candidate_width(params))
         untied = [p for p in range(len(fast)) if p not in set(ties)]
         if untied:
             _draw_into(

@@ -326,6 +326,7 @@ class Engine:
             logger.error("engine step failed: %s", mapped, exc_info=error)
             if mapped.kind is GenerationErrorKind.OUT_OF_MEMORY:
                 free_cuda_cache()
+            self.forward.decode_slots.discard()  # the running blocks are freed below
             for running in self._running:
                 self.arena.free(running.block)
                 running.handle.fail(mapped)
@@ -427,6 +428,7 @@ class Engine:
         """Take `running` out of the batch; its KV goes to the conversation cache or is freed."""
         if running in self._running:
             self._running.remove(running)
+        self.forward.retire(self.arena.view(running.block), self.arena.buffer)
         key = running.handle.request.cache_key
         if keep and key is not None and running.computed > 0:
             self.cache.put(key, running.ids[: running.computed], running.block)
@@ -525,6 +527,7 @@ class Engine:
 
     def _shut_down(self) -> None:
         closed = GenerationError(GenerationErrorKind.UNAVAILABLE, "the engine is closed")
+        self.forward.decode_slots.discard()
         for running in list(self._running):
             self.arena.free(running.block)
             running.handle.fail(closed)

@@ -2,14 +2,17 @@
 
 The KV of each decoding sequence is also kept in a dense working pool
 `[n_layer, 2, slots, n_head, length, head_dim]`: a sequence gets a slot when it starts decoding
-(its block's KV copied in once), then each step writes its new K/V into both its arena block and
-its slot, and every layer attends with one SDPA call on a view of the pool (`[slots, heads, L,
-head_dim]`, `L` a length bucket) under a key mask of each sequence's length. The pool is the
-static-shape KV a CUDA graph of the decode step needs (per slot-count and length bucket).
+(its block's KV copied in once), then each step writes its new K/V into its slot only, and every
+layer attends with one SDPA call on a view of the pool (`[slots, heads, L, head_dim]`, `L` a
+length bucket) under a key mask of each sequence's length. The pool is the static-shape KV a CUDA
+graph of the decode step needs (per slot-count and length bucket).
 
-A slot is released when its block is not among a step's decoding sequences (finished, or
-reading a prompt again); the pool grows by doubling (slots) or by `LENGTH_BUCKET` (length), and
-`max_bytes` bounds it: a step that would need more falls back to per-sequence attention.
+The positions decoded in the pool are copied back into the arena block once, when the slot is
+released: when the request leaves (`retire`, called by the engine before the block is cached or
+freed), or when its block is not among a step's decoding sequences. Until then the arena block
+lacks them; nothing reads them there meanwhile (the engine retires a block before anything else
+can). The pool grows by doubling (slots) or by `LENGTH_BUCKET` (length), and `max_bytes` bounds
+it: a step that would need more falls back to per-sequence attention (every slot flushed first).
 
 Measured on a 2-core AMX CPU (bf16, burst of 32 chats, `bench/serve.py`, alternating runs): 68–70
 ms per engine step against 90–94 ms with one SDPA call per sequence; a gather of the blocks into
@@ -46,6 +49,10 @@ class DecodeSlots:
         self.pool: torch.Tensor | None = None  # [n_layer, 2, slots, heads, length, head_dim]
         self.slot_of: dict[BlockKey, int] = {}
         self.filled: dict[BlockKey, int] = {}
+        """Positions `[0, filled)` of the block are in its slot."""
+        self.synced: dict[BlockKey, int] = {}
+        """Positions `[0, synced)` of the block are in the arena too."""
+        self.blocks: dict[BlockKey, torch.Tensor] = {}
         self.free: list[int] = []
 
     @property
@@ -73,9 +80,7 @@ class DecodeSlots:
         self.release_others(set(keys))
         new_keys = sum(key not in self.slot_of for key in keys)
         if not self._fit(new_keys, max(starts) + 1, device=blocks[0].device):
-            self.slot_of.clear()
-            self.filled.clear()
-            self.free = list(range(self.slots))
+            self.release_others(set())
             return None
         self.free.sort(reverse=True)
         slots = []
@@ -83,18 +88,37 @@ class DecodeSlots:
             slot = self.slot_of.get(key)
             if slot is None:
                 slot = self.slot_of[key] = self.free.pop()
-                self.filled[key] = 0
+                self.filled[key] = self.synced[key] = 0
+                self.blocks[key] = block
             if self.filled[key] < start:
                 self._copy_in(slot, block, start)
+                self.synced[key] = start
             self.filled[key] = start + 1
+            self.synced[key] = min(self.synced[key], start)
             slots.append(slot)
         return DecodePlan(self, slots, list(starts))
 
     def release_others(self, present: set[BlockKey]) -> None:
-        """Free the slots of blocks not decoding this step (their pool KV may go stale)."""
+        """Release the slots of blocks not decoding this step (their KV copied back first)."""
         for key in [k for k in self.slot_of if k not in present]:
-            self.free.append(self.slot_of.pop(key))
-            self.filled.pop(key, None)
+            self.retire(key)
+
+    def retire(self, key: BlockKey) -> None:
+        """Copy the slot's decoded positions back into the block, and free the slot."""
+        slot = self.slot_of.pop(key, None)
+        if slot is None:
+            return
+        filled, synced, block = self.filled.pop(key), self.synced.pop(key), self.blocks.pop(key)
+        if filled > synced:
+            assert self.pool is not None
+            block[:, :, :, synced:filled].copy_(self.pool[:, :, slot, :, synced:filled])
+        self.free.append(slot)
+
+    def discard(self) -> None:
+        """Free every slot without copying back (their blocks are being freed: a failed step)."""
+        self.free += self.slot_of.values()
+        for table in (self.slot_of, self.filled, self.synced, self.blocks):
+            table.clear()
 
     def _fit(self, new_keys: int, needed_length: int, device: torch.device) -> bool:
         """Grow the pool for `new_keys` more slots and `needed_length` positions (within
@@ -144,7 +168,12 @@ class DecodePlan:
             ((kind * total_slots + slot[:, None, None]) * heads + head) * length
             + start[:, None, None]
         ).flatten()
-        self.layer_rows = 2 * total_slots * heads * length
+        n_layer = self.pool.shape[0]
+        layer_offsets = torch.arange(n_layer, device=device)[:, None] * (
+            2 * total_slots * heads * length
+        )
+        self.rows = self.first[None, :] + layer_offsets
+        """`rows[layer]`: the pool rows this step's K/V go to, every layer's computed at once."""
         self.rows2d = self.pool.view(-1, head_dim)
         lengths = torch.ones(self.used, dtype=torch.long, device=device)  # idle slots: 1 key
         lengths[slot] = start + 1
@@ -154,10 +183,10 @@ class DecodePlan:
 
     def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
         """`split` `[B, 3, heads, head_dim]` (these sequences' rows, in order): write their K/V
-        into the pool, attend, return `[B, heads * head_dim]`."""
+        into the pool (only: `DecodeSlots.retire` copies them into the arena), attend, return
+        `[B, heads * head_dim]`."""
         batch, _, heads, head_dim = split.shape
-        rows = self.first + layer * self.layer_rows if layer else self.first
-        self.rows2d.index_copy_(0, rows, split[:, 1:].reshape(-1, head_dim))
+        self.rows2d.index_copy_(0, self.rows[layer], split[:, 1:].reshape(-1, head_dim))
         keys = self.pool[layer, 0, : self.used, :, : self.bucket]
         values = self.pool[layer, 1, : self.used, :, : self.bucket]
         query = split[:, 0].unsqueeze(2)  # [B, heads, 1, head_dim]
