@@ -32,7 +32,6 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
         KOBOT_MODEL=str(model_dir),
         KOBOT_MAX_NEW_TOKENS=str(max_new_tokens),
         KOBOT_DEVICE="cpu",
-        KOBOT_DTYPE="fp32",  # the status line below names it (auto is bf16 on an AMX CPU)
         HF_HUB_OFFLINE="1",
         OMP_NUM_THREADS="1",
         TERM="xterm",
