@@ -1,5 +1,5 @@
-"""The reply filter (`core.reply_filter`) on a labelled sample, against a plain word list and the
-Korean profanity libraries on PyPI (each run only when installed).
+"""The reply filter (`core.moderation.reply_filter`) on a labelled sample, against a plain
+word list and the Korean profanity libraries on PyPI (each run only when installed).
 
 Two samples, both written for kobot. `reply_filter_sample.tsv` (the one the word lists were
 written beside, so kobot's figures there are optimistic): offensive Korean lines
@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core import reply_words
-from core.reply_filter import build_filter
+from core.moderation import words as reply_words
+from core.moderation.reply_filter import build_filter
 
 DATA = Path(__file__).resolve().parent / "data"
 SAMPLES = {

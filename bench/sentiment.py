@@ -2,9 +2,9 @@
 
 Each question (`Q`) labelled 1 (breakup: 부정, negative) or 2 (love: 긍정, positive) is
 classified by comparing the model's log-likelihood of " 긍정" and " 부정" after a Korean template
-(`core.sentiment`); label 0 (everyday) is left out. Texts go in batches, each batch one forward
-pass. Accuracy is printed raw and calibrated (content-free prior subtracted, what the bot uses),
-beside the majority-class baseline: always answering the more frequent label.
+(`core.dialogue.sentiment`); label 0 (everyday) is left out. Texts go in batches, each batch one
+forward pass. Accuracy is printed raw and calibrated (content-free prior subtracted, what the bot
+uses), beside the majority-class baseline: always answering the more frequent label.
 
     python bench/sentiment.py --model /path/to/kogpt2-folder [--limit 1000] [--batch 32]
 
@@ -25,8 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
+from core.dialogue.sentiment import LABELS, SentimentScorer, decide
 from core.generation.factory import build_backend
-from core.sentiment import LABELS, SentimentScorer, decide
 from core.settings import Settings
 
 LABEL_OF = {"1": "부정", "2": "긍정"}

@@ -60,7 +60,9 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
-from core.dialogue import ContextStarts, sampling_params
+from core.dialogue.manager import ContextStarts, sampling_params
+from core.dialogue.prompt import PromptBuilder
+from core.dialogue.trimming import token_budget
 from core.generation.base import SamplingParams
 from core.generation.cpu_features import auto_dtype
 from core.generation.engine.forward import GPT2Forward
@@ -68,9 +70,7 @@ from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
 from core.generation.hf_decoder import generation_config
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, Role, Turn
-from core.prompt import PromptBuilder
 from core.settings import Settings
-from core.trimming import token_budget
 
 SHARED = shared_dir()
 MB = 1024 * 1024

@@ -19,11 +19,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
+from core.dialogue.prompt import PromptBuilder, render_prompt_text
+from core.dialogue.trimming import token_budget
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import Role, Turn
-from core.prompt import PromptBuilder, render_prompt_text
 from core.settings import DEFAULT_PERSONA
-from core.trimming import token_budget
 
 SHARED = shared_dir()
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
 from core.generation.base import GenerationBackend
 from core.generation.factory import build_backend
-from core.locks import build_locks
+from core.ops.logs import UserIds
 from core.settings import Settings
-from storage.factory import build_storage
+from storage.factory import build_locks, build_storage
+from storage.locks import ConversationLocks
 
 
 async def build_dialogue_manager(
@@ -20,7 +21,12 @@ async def build_dialogue_manager(
     try:
         if backend is None:
             backend = await asyncio.to_thread(build_backend, settings)
-        return DialogueManager(settings, storage, backend, build_locks(settings))
+        return DialogueManager(settings, storage, backend, _locks(settings))
     except BaseException:
         await storage.close()
         raise
+
+
+def _locks(settings: Settings) -> ConversationLocks:
+    ids = UserIds.from_settings(settings)
+    return build_locks(settings.lock_options(), describe_key=ids.conversation)

@@ -16,11 +16,11 @@ from typing import TextIO
 from bots import terminal
 from bots.app import build_dialogue_manager
 from bots.terminal import next_or_stop
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
+from core.dialogue.streaming import PartialCallback
 from core.messages import IncomingMessage, Reply
 from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.settings import Settings
-from core.streaming import PartialCallback
 from core.text import to_single_line
 
 PLATFORM = "console"

@@ -67,16 +67,16 @@ from bots.telegram_updates import (
     WebhookServer,
     resume_unfinished,
 )
-from core import commands as texts
-from core.commands import DESCRIPTIONS, Command, parse_command
-from core.dialogue import DialogueManager
+from core.dialogue import commands as texts
+from core.dialogue.commands import DESCRIPTIONS, Command, parse_command
+from core.dialogue.manager import DialogueManager
+from core.dialogue.uses import MODEL_COMMANDS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
 from core.ops.lifecycle import BotServices
 from core.ops.logs import UserIds
 from core.settings import Settings
 from core.text import split_message, utf16_length
-from core.uses import MODEL_COMMANDS
 
 log = logging.getLogger(__name__)
 TelegramApp = Application[Any, Any, Any, Any, Any, Any]

@@ -18,7 +18,7 @@ from enum import StrEnum
 from telegram import Message, MessageEntity
 from telegram.constants import ChatType
 
-from core.commands import parse_command
+from core.dialogue.commands import parse_command
 from core.messages import IncomingMessage
 
 PLATFORM = "telegram"

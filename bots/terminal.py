@@ -21,10 +21,10 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Protocol, TextIO
 
+from core.dialogue.streaming import PartialCallback
 from core.generation.base import BackendInfo
 from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
 from core.ops.logs import quiet_stderr
-from core.streaming import PartialCallback
 
 if TYPE_CHECKING:
     from prompt_toolkit.key_binding import KeyBindings

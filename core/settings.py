@@ -16,7 +16,7 @@ from core.messages import ContextScope
 from storage.base import mask_url_password
 
 if TYPE_CHECKING:
-    from storage.factory import StorageOptions
+    from storage.factory import LockOptions, StorageOptions
 
 ENV_PREFIX = "KOBOT_"
 ENV_FILE_VARIABLE = "KOBOT_ENV_FILE"
@@ -162,6 +162,12 @@ class Settings(BaseSettings):
         return StorageOptions(
             self.database_url, self.redis_url, self.redis_ttl_s, self.redis_window_turns
         )
+
+    def lock_options(self) -> LockOptions:
+        """The conversation-lock settings, for `storage.factory.build_locks`."""
+        from storage.factory import LockOptions
+
+        return LockOptions(self.redis_url, self.lock_lease_s, self.lock_timeout_s)
 
     @field_validator("database_url")
     @classmethod

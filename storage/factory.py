@@ -1,11 +1,15 @@
-"""Build the storage asked for: SQL (SQLite or PostgreSQL), behind Redis if set."""
+"""Build the storage asked for: SQL (SQLite or PostgreSQL), behind Redis if set; and the
+conversation locks (shared through Redis when it is set)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.messages import ConversationKey
 from storage.base import Storage, StorageError
-from storage.redis_cache import (
+from storage.locks import ConversationLocks, InProcessLocks
+from storage.redis.cache import (
     REDIS_ERRORS,
     RedisCachedStorage,
     RedisKeyBuilder,
@@ -13,6 +17,7 @@ from storage.redis_cache import (
     describe_redis_error,
     redis_client,
 )
+from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
 
 
@@ -67,3 +72,34 @@ async def _with_redis(
         window_turns=settings.redis_window_turns,
         owns_redis=True,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class LockOptions:
+    """How turns of one conversation are serialized (KOBOT_REDIS_URL, KOBOT_LOCK_LEASE_S,
+    KOBOT_LOCK_TIMEOUT_S)."""
+
+    redis_url: str | None = None
+    lease_s: float = 15.0
+    wait_s: float = 300.0
+
+
+def build_locks(
+    options: LockOptions,
+    *,
+    redis_keys: RedisKeyBuilder | None = None,
+    describe_key: Callable[[ConversationKey], str] | None = None,
+) -> ConversationLocks:
+    """Redis locks when `redis_url` is set (several workers), otherwise in-process locks.
+
+    `describe_key` shows a conversation in log lines (hashed ids, as the logs' policy says).
+    """
+    if options.redis_url:
+        return RedisLocks.from_url(
+            options.redis_url,
+            keys=redis_keys,
+            lease_s=options.lease_s,
+            wait_s=options.wait_s,
+            describe_key=describe_key,
+        )
+    return InProcessLocks(options.wait_s)

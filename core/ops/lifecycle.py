@@ -31,7 +31,7 @@ from core.ops.server import OpsServer
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from core.dialogue import DialogueManager
+    from core.dialogue.manager import DialogueManager
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)

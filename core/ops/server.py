@@ -43,7 +43,7 @@ from core.ops.metrics import (
 from core.settings import Settings
 
 if TYPE_CHECKING:
-    from core.dialogue import DialogueManager
+    from core.dialogue.manager import DialogueManager
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class OpsServer:
         return self.platform
 
     async def _ping_redis(self) -> str:
-        from storage.redis_cache import describe_client, redis_client
+        from storage.redis.cache import describe_client, redis_client
 
         if self._redis is None:
             assert self.settings.redis_url is not None

@@ -22,9 +22,9 @@ from core.ops.metrics import MetricSet, total
 from core.settings import Settings
 
 if TYPE_CHECKING:
+    from core.dialogue.trimming import TrimmedPrompt
     from core.generation.base import GenerationResult
     from core.messages import IncomingMessage, Reply
-    from core.trimming import TrimmedPrompt
 
 turn_log = logging.getLogger("kobot.turn")
 UNHANDLED = "unhandled"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.dialogue.prompt import PromptBuilder
 from core.generation.base import TokenCounter
 from core.messages import Role, Turn
-from core.prompt import PromptBuilder
 from core.text import to_single_line
 
 IGNORE = -100

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bots.app import build_dialogue_manager
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
 from core.generation.base import (
     BackendInfo,
     GenerationBackend,

@@ -1,7 +1,7 @@
 import pytest
 
-from core.commands import Command, help_text, parse_command
-from core.ratelimit import RateLimiter
+from core.dialogue.commands import Command, help_text, parse_command
+from core.dialogue.ratelimit import RateLimiter
 
 
 @pytest.mark.parametrize(

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from core import commands as texts
-from core.dialogue import ContextStarts, DialogueManager
+from core.dialogue import commands as texts
+from core.dialogue.manager import ContextStarts, DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn
 from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings, message
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from core import commands as texts
-from core.dialogue import DialogueManager
-from core.linking import WRONG_CODES_ALLOWED, code_digest, new_code
+from core.dialogue import commands as texts
+from core.dialogue.linking import WRONG_CODES_ALLOWED, code_digest, new_code
+from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, IncomingMessage, ReplyKind, utc_now
 from storage.base import Account, Delivery
 from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings

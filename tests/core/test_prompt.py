@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from core.dialogue.prompt import PromptBuilder, render_prompt_text
+from core.dialogue.trimming import token_budget
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import Role, Turn
-from core.prompt import PromptBuilder, render_prompt_text
 from core.settings import DEFAULT_PERSONA
-from core.trimming import token_budget
 
 SPECIAL_IDS = set(range(0, 109)) - {5}
 KOREAN = st.text(

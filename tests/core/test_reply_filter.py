@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from core.reply_filter import MASK_CHAR, build_filter, initial_of, read_word_file, word_pattern
+from core.moderation.reply_filter import (
+    MASK_CHAR,
+    build_filter,
+    initial_of,
+    read_word_file,
+    word_pattern,
+)
 from core.settings import ConfigError, load_settings
 
 FILTER = build_filter()

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from core.trimming import PromptParts, token_budget, trim_prompt
+from core.dialogue.trimming import PromptParts, token_budget, trim_prompt
 
 PREFIX = (10, 11)
 SUFFIX = (12, 13)

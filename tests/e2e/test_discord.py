@@ -38,8 +38,8 @@ from bots.discord_adapter import (
     discord_endpoints,
     displayable,
 )
-from core import commands as texts
-from core.dialogue import DialogueManager
+from core.dialogue import commands as texts
+from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
 from core.generation.base import (
     BackendInfo,

@@ -27,7 +27,7 @@ from core.generation.base import (
     StreamChunk,
 )
 from core.messages import ConversationKey, IncomingMessage, Role
-from core.reply_filter import MASK_CHAR, build_filter
+from core.moderation.reply_filter import MASK_CHAR, build_filter
 from core.settings import Settings
 from tests.e2e.fake_telegram import TOKEN, Call, FakeTelegram, private_chat, user
 from tests.e2e.test_telegram import OPTIONS, running
@@ -218,7 +218,7 @@ async def test_a_streamed_reply_longer_than_a_message_continues_in_new_ones(
     assert {int(call.params["message_id"]) for call in fake.edits_of(808)} == {first_id}
 
 
-# The reply filter (core.reply_filter), seen from a platform: no adapter code knows about it
+# The reply filter (core.moderation), seen from a platform: no adapter code knows about it
 
 SWEARING = ["아 씨", "아 씨발", "아 씨발 또 늦었다"]
 SWORE = "아 씨발 또 늦었다!"

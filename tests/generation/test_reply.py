@@ -46,7 +46,10 @@ def test_split_reply_says_whether_a_stop_cut_it() -> None:
     assert split_reply("AI: 네.") == ("네.", False)
     assert split_reply("네. 사용자: 아니", ("사용자:",)) == ("네.", True)
     assert split_reply("네. AI: 아니", ()) == ("네.", True)
-    assert split_reply("AI: 네. AI: 아니", ("User:", "AI:")) == ("네.", True)  # as core.prompt
+    assert split_reply("AI: 네. AI: 아니", ("User:", "AI:")) == (
+        "네.",
+        True,
+    )  # as the prompt
 
 
 def test_find_stop_takes_the_first_marker() -> None:

@@ -13,10 +13,10 @@ import sys
 import time
 from typing import Any
 
-from core.locks import RedisLocks
 from core.messages import ConversationKey, Role, Turn
 from storage.base import Storage
-from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage, upgrade_database
 
 KEY = ConversationKey("telegram", "c1", "")

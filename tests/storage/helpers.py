@@ -24,7 +24,7 @@ from storage.base import (
     UserExport,
 )
 from storage.memory import MemoryStorage
-from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
 from tests.services import REDIS_URL, postgres_schema, redis_key_prefix, require_redis
 

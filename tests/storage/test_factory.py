@@ -11,7 +11,7 @@ from core.messages import ConversationKey
 from core.settings import Settings
 from storage.base import StorageError
 from storage.factory import StorageOptions, build_storage
-from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder
+from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.services import REDIS_URL, closed_port
 from tests.storage.helpers import sqlite_url, texts, user

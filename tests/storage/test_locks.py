@@ -13,21 +13,16 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
 from core.generation.base import GenerationBackend, GenerationRequest, GenerationResult
 from core.generation.factory import build_backend
-from core.locks import (
-    ConversationLocks,
-    InProcessLocks,
-    LeaseLost,
-    LockTimeout,
-    RedisLocks,
-    build_locks,
-)
 from core.messages import ConversationKey, Role
 from core.settings import Settings
+from storage.factory import build_locks
+from storage.locks import ConversationLocks, InProcessLocks, LeaseLost, LockTimeout
 from storage.memory import MemoryStorage
-from storage.redis_cache import RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisKeyBuilder, redis_client
+from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
 from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
 from tests.services import (
@@ -213,8 +208,8 @@ async def test_redis_down_falls_back_to_in_process_locks(caplog: pytest.LogCaptu
 async def test_build_locks_follows_the_settings() -> None:
     plain = Settings(_env_file=None)  # type: ignore[call-arg]
     shared = Settings(_env_file=None, redis_url=REDIS_URL, lock_timeout_s=42, lock_lease_s=7)  # type: ignore[call-arg]
-    assert isinstance(build_locks(plain), InProcessLocks)
-    redis_locks = build_locks(shared)
+    assert isinstance(build_locks(plain.lock_options()), InProcessLocks)
+    redis_locks = build_locks(shared.lock_options())
     assert isinstance(redis_locks, RedisLocks)
     assert (redis_locks._lease_s, redis_locks._wait_s) == (7, 42)
     await redis_locks.close()

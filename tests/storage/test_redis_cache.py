@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from core.messages import ConversationKey
 from storage.base import Account
-from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, proves_recent, redis_client
+from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, proves_recent, redis_client
 from storage.sql import SqlStorage
 from tests.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
 from tests.storage.helpers import SpyStorage, TcpProxy, ai, texts, user
@@ -288,7 +288,7 @@ async def test_redis_down_serves_from_sql(
 ) -> None:
     url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
     cache = RedisCachedStorage(spy, redis_client(url), owns_redis=True, window_turns=WINDOW)
-    caplog.set_level(logging.WARNING, logger="storage.redis_cache")
+    caplog.set_level(logging.WARNING, logger="storage.redis.cache")
 
     expected = await fill(cache, 2)
     assert texts(await cache.recent(KEY, 10)) == expected

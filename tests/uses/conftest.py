@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bots.app import build_dialogue_manager
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
 from tests.core.dialogue_helpers import RecordingBackend, make_settings
 from tests.generation.backends import close_now, engine_backend
 from tests.uses.helpers import RowScripts, Unclosed

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 
 from bots.console_adapter import ConsoleAdapter
-from core import commands as texts
-from core.commands import help_text
-from core.dialogue import DialogueManager
+from core.dialogue import commands as texts
+from core.dialogue.commands import help_text
+from core.dialogue.manager import DialogueManager
+from core.dialogue.sentiment import LABELS
 from core.generation.base import GenerationError, GenerationErrorKind
 from core.messages import ConversationKey, ReplyKind, Role
-from core.sentiment import LABELS
 from tests.core.dialogue_helpers import message
 from tests.uses.conftest import ManagerFactory
 from tests.uses.helpers import RowScripts

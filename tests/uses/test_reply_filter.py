@@ -4,7 +4,7 @@ SQLite and the engine backend as the factory ships it (tiny model), scripted per
 from __future__ import annotations
 
 from core.messages import ConversationKey, Role
-from core.reply_filter import MASK_CHAR, REPLY_BLOCKED
+from core.moderation.reply_filter import MASK_CHAR, REPLY_BLOCKED
 from tests.core.dialogue_helpers import message
 from tests.uses.conftest import ManagerFactory
 from tests.uses.helpers import RowScripts

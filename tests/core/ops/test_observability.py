@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bots.app import build_dialogue_manager
-from core.dialogue import DialogueManager
+from core.dialogue.manager import DialogueManager
 from core.generation.factory import build_backend
 from core.ops.logs import JsonFormatter
 from core.ops.server import OpsServer

@@ -17,7 +17,7 @@ from core.ops.lifecycle import BotServices
 from core.ops.metrics import total
 from core.ops.retention import RetentionPurge
 from storage.base import Storage
-from storage.redis_cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
 from tests.core.dialogue_helpers import make_settings
 from tests.core.ops.helpers import eventually, parse_exposition, sample

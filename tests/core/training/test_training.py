@@ -12,9 +12,9 @@ import torch
 
 from bots.app import build_dialogue_manager
 from bots.cli import main as cli_main
+from core.dialogue.prompt import PromptBuilder
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ReplyKind, Role, Turn
-from core.prompt import PromptBuilder
 from core.training.data import (
     IGNORE,
     DataError,

@@ -9,8 +9,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from core import commands as texts
-from core.commands import Command, ParsedCommand, parse_command
+from core.dialogue import commands as texts
+from core.dialogue.commands import Command, ParsedCommand, parse_command
+from core.dialogue.linking import AccountLinks, merged_export
+from core.dialogue.prompt import STOP_STRINGS, PromptBuilder
+from core.dialogue.ratelimit import RateLimiter
+from core.dialogue.streaming import PartialCallback, partials_to
+from core.dialogue.trimming import TrimmedPrompt, token_budget
+from core.dialogue.uses import MODEL_COMMANDS, ModelCommands
 from core.generation.base import (
     GenerationBackend,
     GenerationError,
@@ -18,8 +24,6 @@ from core.generation.base import (
     GenerationResult,
     SamplingParams,
 )
-from core.linking import AccountLinks, merged_export
-from core.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
 from core.messages import (
     PERSON,
     Attachment,
@@ -30,16 +34,12 @@ from core.messages import (
     Role,
     Turn,
 )
+from core.moderation.reply_filter import ReplyGuard
 from core.ops.turns import TurnObserver
-from core.prompt import STOP_STRINGS, PromptBuilder
-from core.ratelimit import RateLimiter
-from core.reply_filter import ReplyGuard
 from core.settings import Settings
-from core.streaming import PartialCallback, partials_to
 from core.text import remove_control_characters, to_single_line
-from core.trimming import TrimmedPrompt, token_budget
-from core.uses import MODEL_COMMANDS, ModelCommands
 from storage.base import Delivery, DeliveryRecord, Storage, StorageError
+from storage.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
 
 log = logging.getLogger(__name__)
 PERSONA_MAX_CHARS = 500
@@ -347,8 +347,8 @@ class DialogueManager:
         return await handlers[parsed.command](message, parsed.argument)
 
     async def _use_model(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
-        """`/complete`, `/story`, `/sentiment`, `/retry` (`core.uses`): rate-limited like chat,
-        generation failures and a busy conversation answered politely."""
+        """`/complete`, `/story`, `/sentiment`, `/retry` (`core.dialogue.uses`): rate-limited like
+        chat, generation failures and a busy conversation answered politely."""
         missing = self.uses.missing_argument(parsed)
         if missing is not None:
             return missing

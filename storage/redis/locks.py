@@ -1,29 +1,32 @@
-"""One turn at a time per conversation: a lock per `ConversationKey`, in process or in Redis.
+"""Conversation locks shared by every process that uses the same Redis and key prefix.
 
-`InProcessLocks` serializes the coroutines of one process. `RedisLocks` serializes several bot
-processes that share a Redis; each process first queues on its own in-process lock, so only one
-of its coroutines polls Redis per conversation. Different conversations never wait for each other.
+Each process first queues on its own in-process lock, so only one of its coroutines polls Redis
+per conversation; the Redis lock is a lease its holder renews while the turn runs.
 """
 
 from __future__ import annotations
 
-import abc
 import asyncio
 import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import LockError, LockNotOwnedError
 
 from core.messages import ConversationKey
-from core.ops.logs import UserIds
-from storage.redis_cache import (
+from storage.locks import (
+    LOCAL_LEASE,
+    ConversationLocks,
+    InProcessLocks,
+    Lease,
+    LeaseLost,
+    LockTimeout,
+)
+from storage.redis.cache import (
     REDIS_ERRORS,
     RedisKeyBuilder,
     describe_client,
@@ -31,88 +34,11 @@ from storage.redis_cache import (
     redis_client,
 )
 
-if TYPE_CHECKING:
-    from core.settings import Settings
-
 log = logging.getLogger(__name__)
 
 
-class LockTimeout(Exception):
-    """A conversation stayed locked longer than the caller was willing to wait."""
-
-    def __init__(self, key: ConversationKey, waited_s: float) -> None:
-        super().__init__(f"the conversation is still busy after {waited_s:g} s")
-        self.key = key
-        self.waited_s = waited_s
-
-
-class LeaseLost(Exception):
-    """The holder no longer owns the conversation's lock (its lease ran out, or Redis was
-    flushed or restarted): what it computed under the lock must not be stored."""
-
-
-class Lease:
-    """What a holder gets from `lock()`: `confirm()` right before storing a turn."""
-
-    async def confirm(self) -> None:
-        """Raise `LeaseLost` unless the lock is still ours (and will stay so for a while)."""
-
-
-class ConversationLocks(abc.ABC):
-    """`async with locks.lock(key) as lease:` holds the conversation for one turn."""
-
-    @abc.abstractmethod
-    def lock(self, key: ConversationKey) -> AbstractAsyncContextManager[Lease]:
-        """Wait for the conversation (raising `LockTimeout` after the wait limit) and hold it."""
-
-    async def close(self) -> None:  # noqa: B027 - optional hook
-        """Release connections."""
-
-
-@dataclass(slots=True)
-class _Entry:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    users: int = 0  # holders and waiters; the entry is dropped when it reaches zero
-
-
-LOCAL_LEASE = Lease()  # an in-process lock cannot be lost while its holder runs
-
-
-class InProcessLocks(ConversationLocks):
-    """One `asyncio.Lock` per conversation in use; entries vanish when nobody holds or waits."""
-
-    def __init__(self, wait_s: float | None = 300.0) -> None:
-        self._wait_s = wait_s
-        self._entries: dict[ConversationKey, _Entry] = {}
-
-    def __len__(self) -> int:
-        """How many conversations are held or waited for right now."""
-        return len(self._entries)
-
-    @contextlib.asynccontextmanager
-    async def lock(self, key: ConversationKey) -> AsyncIterator[Lease]:
-        entry = self._entries.get(key) or self._entries.setdefault(key, _Entry())
-        entry.users += 1
-        try:
-            await self._acquire(entry.lock, key)
-            try:
-                yield LOCAL_LEASE
-            finally:
-                entry.lock.release()
-        finally:
-            entry.users -= 1
-            if entry.users == 0:
-                del self._entries[key]
-
-    async def _acquire(self, lock: asyncio.Lock, key: ConversationKey) -> None:
-        if self._wait_s is None:
-            await lock.acquire()
-            return
-        try:
-            async with asyncio.timeout(self._wait_s):
-                await lock.acquire()
-        except TimeoutError:
-            raise LockTimeout(key, self._wait_s) from None
+def _unnamed(key: ConversationKey) -> str:
+    return f"a {key.platform} conversation"  # never its ids: the caller passes how to show them
 
 
 class RedisLease(Lease):
@@ -195,7 +121,7 @@ class RedisLocks(ConversationLocks):
         wait_s: float = 300.0,
         poll_s: float = 0.02,
         owns_redis: bool = False,
-        ids: UserIds | None = None,
+        describe_key: Callable[[ConversationKey], str] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys or RedisKeyBuilder()
@@ -203,7 +129,7 @@ class RedisLocks(ConversationLocks):
         self._wait_s = wait_s
         self._poll_s = poll_s
         self._owns_redis = owns_redis
-        self._ids = ids or UserIds()
+        self._describe_key = describe_key or _unnamed
         self._local = InProcessLocks(wait_s)
         self._in_outage = False
 
@@ -226,7 +152,7 @@ class RedisLocks(ConversationLocks):
 
     @contextlib.asynccontextmanager
     async def _renewed(self, key: ConversationKey, lock: RedisLock) -> AsyncIterator[RedisLease]:
-        lease = RedisLease(lock, self._lease_s, lambda: self._ids.conversation(key))
+        lease = RedisLease(lock, self._lease_s, lambda: self._describe_key(key))
         renewing = asyncio.create_task(lease.keep_renewed())
         try:
             yield lease
@@ -276,7 +202,7 @@ class RedisLocks(ConversationLocks):
         except REDIS_ERRORS as error:
             log.warning(
                 "could not release the lock of %s (%s); its lease ends within %g s",
-                self._ids.conversation(key),
+                self._describe_key(key),
                 describe_redis_error(error),
                 self._lease_s,
             )
@@ -298,18 +224,3 @@ class RedisLocks(ConversationLocks):
     async def close(self) -> None:
         if self._owns_redis:
             await self._redis.aclose()
-
-
-def build_locks(
-    settings: Settings, *, redis_keys: RedisKeyBuilder | None = None
-) -> ConversationLocks:
-    """Redis locks when `redis_url` is set (several workers), otherwise in-process locks."""
-    if settings.redis_url:
-        return RedisLocks.from_url(
-            settings.redis_url,
-            keys=redis_keys,
-            lease_s=settings.lock_lease_s,
-            wait_s=settings.lock_timeout_s,
-            ids=UserIds.from_settings(settings),
-        )
-    return InProcessLocks(settings.lock_timeout_s)

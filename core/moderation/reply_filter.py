@@ -4,7 +4,7 @@ Matching works on a *skeleton* of the text: its letters only (Hangul, jamo, Lati
 NFKC for the rest), each mapped back to its place in the text. So 씨 발, 시1발, 씨.발 and
 s.h.i.t are found like 씨발, 시발 and shit. A match that the skeleton made by dropping spaces,
 digits or symbols counts only when it starts a word (다시 발견 is not 시발); English words are
-whole words plus a common suffix (Dickens is not dick). The word lists are `core.reply_words`;
+whole words plus a common suffix (Dickens is not dick). The word lists are `core.moderation.words`;
 an admin file (`KOBOT_REPLY_FILTER_WORDS`) adds words, one a line, and `!word` lines add
 allowed words.
 
@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from core import reply_words
+from core.dialogue.streaming import generate
 from core.generation.base import GenerationBackend, GenerationRequest, GenerationResult
+from core.moderation import words as reply_words
 from core.settings import Settings
-from core.streaming import generate
 
 MASK_CHAR = "○"
 REPLY_BLOCKED = (

@@ -7,7 +7,7 @@ that every use refreshes:
     {prefix}:meta:{conversation}     hash   v: version token, n: turns since the last clear,
                                             p: the persona as JSON (absent: not cached)
     {prefix}:user:{platform}:{user}  set    conversations whose cached window holds their turns
-    {prefix}:lock:{conversation}     string the cross-process conversation lock (core/locks.py)
+    {prefix}:lock:{conversation}     string the cross-process conversation lock (locks.py)
     {prefix}:person:{platform}:{user} string the person a linked account belongs to ("" none)
 
 Correctness rules:

@@ -1,13 +1,14 @@
 """The model's other uses, as commands every adapter gets: `/complete`, `/story`, `/sentiment`,
 `/retry`. The DialogueManager routes them here (rate-limited like chat, failures answered
-politely); every generation goes through the manager's `ReplyGuard` (`core.reply_filter`) and
-`core.streaming`, so streaming adapters see them grow and the reply filter sees every reply.
+politely); every generation goes through the manager's `ReplyGuard`
+(`core.moderation.reply_filter`) and `core.dialogue.streaming`, so streaming adapters see them
+grow and the reply filter sees every reply.
 
 * `/complete <text>`: the prompt is the text itself (no persona, no turns); the reply is the
   text and its continuation (a space between them when the model began a new word).
 * `/story <opening>`: the same with its own, larger token budget (`KOBOT_STORY_MAX_NEW_TOKENS`);
   the opening is cut from the left so that it plus the story fit the window.
-* `/sentiment <text>`: 긍정/부정 with a confidence, by scoring (`core.sentiment`).
+* `/sentiment <text>`: 긍정/부정 with a confidence, by scoring (`core.dialogue.sentiment`).
 * `/retry`: another answer to the last message, replacing the stored reply. Unused candidates of
   that message (`KOBOT_NUM_CANDIDATES`) come first; when none are left, `KOBOT_RETRY_CANDIDATES`
   new ones are sampled at once (sampling even when chat is greedy: a greedy retry would only
@@ -21,9 +22,12 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from core import commands as texts
-from core.candidates import Candidates
-from core.commands import Command, ParsedCommand
+from core.dialogue import commands as texts
+from core.dialogue.candidates import Candidates
+from core.dialogue.commands import Command, ParsedCommand
+from core.dialogue.prompt import STOP_STRINGS
+from core.dialogue.sentiment import SentimentScorer
+from core.dialogue.trimming import token_budget
 from core.generation.base import (
     FinishReason,
     GenerationError,
@@ -33,13 +37,10 @@ from core.generation.base import (
     SamplingParams,
 )
 from core.messages import ConversationKey, IncomingMessage, Reply, ReplyKind, Role, Turn
-from core.prompt import STOP_STRINGS
-from core.sentiment import SentimentScorer
 from core.text import remove_control_characters, to_single_line
-from core.trimming import token_budget
 
 if TYPE_CHECKING:
-    from core.dialogue import DialogueManager
+    from core.dialogue.manager import DialogueManager
 
 MODEL_COMMANDS = frozenset({Command.COMPLETE, Command.STORY, Command.SENTIMENT, Command.RETRY})
 RETRY_TEMPERATURE = 0.8

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
+from core.dialogue.trimming import PromptParts, TrimmedPrompt, trim_prompt
 from core.generation.base import TokenCounter
 from core.messages import Role, Turn
 from core.text import to_single_line
-from core.trimming import PromptParts, TrimmedPrompt, trim_prompt
 
 ROLE_PREFIX = {Role.USER: "User:", Role.AI: "AI:"}
 STOP_STRINGS = ("User:", "AI:")

@@ -1,4 +1,4 @@
-"""The built-in word lists of the reply filter (`core.reply_filter`), written for kobot.
+"""The built-in word lists of the reply filter (`core.moderation.reply_filter`), written for kobot.
 
 `BLOCKED`: Korean and English profanity and slurs. A Korean word of two or more syllables also
 matches with any syllable written as its initial consonant (시발 → ㅅ발, 시ㅂ, ㅅㅂ), so jamo

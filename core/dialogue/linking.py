@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from core import commands as texts
-from core.commands import Command
+from core.dialogue import commands as texts
+from core.dialogue.commands import Command
+from core.dialogue.ratelimit import RateLimiter
 from core.messages import PERSON, ContextScope, IncomingMessage, Reply, ReplyKind, utc_now
 from core.ops.logs import UserIds
-from core.ratelimit import RateLimiter
 from storage.base import Account, LinkCode, Storage, UserExport
 
 log = logging.getLogger(__name__)
