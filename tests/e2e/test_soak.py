@@ -6,7 +6,8 @@ Bot API, which keeps unconfirmed updates and hands them out again as Telegram do
 sends their next message once the previous one was answered. The bot is SIGKILLed while replies
 are being generated and restarted at once; later its Redis database is flushed. Then: every
 message got exactly one reply, every exchange was stored once, the inbox is empty, every reply
-is marked sent, the worst wait after the restart is bounded, and no log line holds an id.
+is marked sent, nobody waits more than one lock lease (plus a little) once the restarted bot is
+ready, and no log line holds an id.
 
 The webhook variant does the same with Telegram pushing updates (retrying until a 200).
 """
@@ -42,7 +43,7 @@ pytestmark = [
 ]
 POLLING_STARTED = "long polling as"
 WEBHOOK_STARTED = "telegram: webhook as"
-MAX_WAIT_AFTER_RESTART_S = 20.0
+MAX_WAIT_AFTER_READY_S = 20.0  # the killed process's 15 s lease, plus a few seconds
 REPLY_TIMEOUT_S = 90.0
 BAD_REPLIES = {texts.BUSY_TEXT, texts.STORAGE_FAILED, *texts.GENERATION_FAILED.values()}
 SECRET = "soak-webhook-secret"
@@ -69,6 +70,7 @@ class Figures:
     lost: int
     duplicated: int
     worst_wait_after_restart_s: float
+    restart_took_s: float
     in_flight_at_kill: int
     sends_cut_by_the_kill: int
 
@@ -139,7 +141,7 @@ def replied(fake: FakeTelegram, people: list[Person]) -> int:
 
 
 def figures(
-    fake: FakeTelegram, people: list[Person], restarted_at: float, in_flight: int
+    fake: FakeTelegram, people: list[Person], restarted_at: float, ready_at: float, in_flight: int
 ) -> Figures:
     waits = [0.0]
     for person in people:
@@ -154,6 +156,7 @@ def figures(
         lost=sum(max(p.messages - c, 0) for c, p in zip(counts, people, strict=True)),
         duplicated=sum(max(c - p.messages, 0) for c, p in zip(counts, people, strict=True)),
         worst_wait_after_restart_s=max(waits),
+        restart_took_s=ready_at - restarted_at,
         in_flight_at_kill=in_flight,
         sends_cut_by_the_kill=fake.dropped_sends,
     )
@@ -199,7 +202,8 @@ def report(mode: str, result: Figures) -> None:
         f"\nsoak ({mode}): sent {result.sent}, replied {result.replied}, lost {result.lost}, "
         f"duplicated {result.duplicated}, waiting at the kill {result.in_flight_at_kill} "
         f"({result.sends_cut_by_the_kill} of them mid-send), "
-        f"worst wait after the restart {result.worst_wait_after_restart_s:.1f}s"
+        f"worst wait after the restart {result.worst_wait_after_restart_s:.1f}s "
+        f"(the restart took {result.restart_took_s:.1f}s)"
     )
 
 
@@ -265,6 +269,7 @@ async def run_soak(
         in_flight = await soak.kill_between_sends(bot, people)
         restarted_at = time.monotonic()
         bot = await soak.start()
+        ready_at = time.monotonic()
         await until(lambda: replied(fake, people) >= 2 * total // 3, fake, REPLY_TIMEOUT_S)
         await flush_redis(redis_url)
         await asyncio.gather(*chatting)
@@ -274,7 +279,7 @@ async def run_soak(
             task.cancel()
         if bot.process.returncode is None:
             await soak.stop(bot)
-    return figures(fake, people, restarted_at, in_flight)
+    return figures(fake, people, restarted_at, ready_at, in_flight)
 
 
 def soak_env(
@@ -317,7 +322,7 @@ async def test_polling_soak_sigkill_restart_and_redis_flush(
     assert (result.lost, result.duplicated) == (0, 0)
     assert result.replied == result.sent == 320
     assert result.in_flight_at_kill > 0
-    assert result.worst_wait_after_restart_s < MAX_WAIT_AFTER_RESTART_S
+    assert result.worst_wait_after_restart_s < result.restart_took_s + MAX_WAIT_AFTER_READY_S
     assert not BAD_REPLIES & {text for p in people for text in fake.replies_to(p.id)}
     await check_storage(database_url, fake, people)
     check_logs("".join(soak.logs), people)
@@ -376,6 +381,6 @@ async def test_webhook_soak_sigkill_and_restart(
     report("webhook", result)
     assert (result.lost, result.duplicated) == (0, 0)
     assert result.replied == result.sent == 100
-    assert result.worst_wait_after_restart_s < MAX_WAIT_AFTER_RESTART_S
+    assert result.worst_wait_after_restart_s < result.restart_took_s + MAX_WAIT_AFTER_READY_S
     await check_storage(database_url, fake, people)
     check_logs("".join(soak.logs), people)
