@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bots.console_adapter import ConsoleAdapter
-from tests.core.dialogue_helpers import make_manager, make_settings
+from tests.support.dialogue import make_manager, make_settings
 
 SCRIPT = "안녕하세요\n오늘 날씨 어때?\n/reset\n오늘 날씨 어때?\n"
 

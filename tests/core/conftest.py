@@ -1,9 +1,9 @@
-"""Fixtures for the model's uses: the factory's local backend on the tiny model, optionally
-scripted."""
+"""Fixtures for the dialogue and moderation tests: managers over the factory's local backend on
+the tiny model, optionally scripted."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +11,9 @@ import pytest
 
 from bots.app import build_dialogue_manager
 from core.dialogue.manager import DialogueManager
-from tests.core.dialogue_helpers import RecordingBackend, make_settings
-from tests.generation.backends import close_now, engine_backend
-from tests.uses.helpers import RowScripts, Unclosed
-
-ManagerFactory = Callable[..., Any]
+from tests.support.backends import close_now, engine_backend
+from tests.support.dialogue import ManagerFactory, RecordingBackend, make_settings
+from tests.support.scripts import RowScripts, Unclosed
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ from core.generation.base import (
 from core.messages import ConversationKey, Role
 from core.settings import Settings
 from storage.base import StorageError
-from tests.e2e.fake_discord import JSON, FakeDiscord
+from tests.support.discord import JSON, FakeDiscord
 
 WAIT_S = 30.0
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,7 @@ NO_PING: JSON = {"parse": []}
 @pytest.fixture(scope="session")
 def tiny_backend(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
     """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
-    from tests.generation.backends import close_now, engine_backend
+    from tests.support.backends import close_now, engine_backend
 
     backend = engine_backend(tiny_model_dir)
     yield backend

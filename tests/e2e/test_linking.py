@@ -17,8 +17,6 @@ from bots.discord_adapter import displayable
 from core.dialogue import commands as texts
 from core.generation.base import GenerationBackend
 from core.settings import Settings
-from tests.e2e.fake_discord import FakeDiscord
-from tests.e2e.fake_telegram import TOKEN, FakeTelegram, group_chat, private_chat, user
 from tests.e2e.test_discord import (
     TestBackend,
     bot_settings,
@@ -27,6 +25,8 @@ from tests.e2e.test_discord import (
     tiny_backend,  # noqa: F401 - the session's tiny model (a fixture)
 )
 from tests.e2e.test_telegram import OPTIONS, running
+from tests.support.discord import FakeDiscord
+from tests.support.telegram import TOKEN, FakeTelegram, group_chat, private_chat, user
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 CODE = re.compile(r"[0-9A-Z]{5}-[0-9A-Z]{5}")

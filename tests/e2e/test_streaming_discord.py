@@ -25,9 +25,9 @@ from core.generation.base import (
     StreamChunk,
 )
 from core.messages import Reply, Role
-from tests.e2e.fake_discord import JSON, Call, FakeDiscord
 from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
-from tests.generation.backends import close_now, engine_backend
+from tests.support.backends import close_now, engine_backend
+from tests.support.discord import JSON, Call, FakeDiscord
 
 PARTIALS = ["오늘은", "오늘은 날씨가", "오늘은 날씨가 정말"]
 FINAL = "오늘은 날씨가 정말 좋네요"

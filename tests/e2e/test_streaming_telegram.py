@@ -29,10 +29,10 @@ from core.generation.base import (
 from core.messages import ConversationKey, IncomingMessage, Role
 from core.moderation.reply_filter import MASK_CHAR, build_filter
 from core.settings import Settings
-from tests.e2e.fake_telegram import TOKEN, Call, FakeTelegram, private_chat, user
 from tests.e2e.test_telegram import OPTIONS, running
-from tests.generation.backends import close_now, engine_backend
-from tests.uses.helpers import Unclosed
+from tests.support.backends import close_now, engine_backend
+from tests.support.scripts import Unclosed
+from tests.support.telegram import TOKEN, Call, FakeTelegram, private_chat, user
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 PARTIALS = ["오늘은", "오늘은 날씨가", "오늘은 날씨가 정말"]

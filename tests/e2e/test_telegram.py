@@ -50,7 +50,7 @@ from core.generation.factory import build_backend
 from core.messages import ConversationKey, Role, Turn
 from core.settings import Settings
 from storage.base import StorageError
-from tests.e2e.fake_telegram import (
+from tests.support.telegram import (
     BOT_ID,
     BOT_USERNAME,
     JSON,

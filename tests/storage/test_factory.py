@@ -13,8 +13,8 @@ from storage.base import StorageError
 from storage.factory import StorageOptions, build_storage
 from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder
 from storage.sql import SqlStorage
-from tests.services import REDIS_URL, closed_port
-from tests.storage.helpers import sqlite_url, texts, user
+from tests.support.services import REDIS_URL, closed_port
+from tests.support.storage import sqlite_url, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,9 @@ from core.generation.base import (
 )
 from core.messages import IncomingMessage
 from core.settings import Settings
+
+ManagerFactory = Callable[..., Any]
+"""The `make_manager` fixture (tests/core/conftest.py): `await make_manager(**settings)`."""
 
 
 class RecordingBackend(GenerationBackend):

@@ -18,9 +18,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.generation.fake_openai import Answer, completion_json
+from tests.support.openai import Answer, completion_json
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 REPLY = "안녕하세요! 반가워요."
 START_TIMEOUT_S = 120.0
 

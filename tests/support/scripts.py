@@ -15,7 +15,7 @@ from core.generation.base import (
 )
 from core.generation.policy import ReplyBackend
 from core.generation.tokenizer import KoGPT2Tokenizer
-from tests.generation.backends import script_rows
+from tests.support.backends import script_rows
 
 
 class RowScripts:

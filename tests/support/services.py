@@ -6,7 +6,7 @@ makes the test skip, naming the server, unless `REQUIRE_TEST_SERVICES=1` (CI): t
 
 Use from any test folder:
 
-    from tests.services import pg_schema, redis_prefix  # noqa: F401  (fixtures)
+    from tests.support.services import pg_schema, redis_prefix  # noqa: F401  (fixtures)
 
     async def test_x(pg_schema: PostgresSchema, redis_prefix: str) -> None:
         storage = await SqlStorage.create(pg_schema.url, connect_args=pg_schema.connect_args)

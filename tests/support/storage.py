@@ -26,7 +26,7 @@ from storage.base import (
 from storage.memory import MemoryStorage
 from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
 from storage.sql import SqlStorage
-from tests.services import REDIS_URL, postgres_schema, redis_key_prefix, require_redis
+from tests.support.services import REDIS_URL, postgres_schema, redis_key_prefix, require_redis
 
 ROOT = Path(__file__).resolve().parents[2]
 

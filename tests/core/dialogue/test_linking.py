@@ -17,7 +17,7 @@ from core.dialogue.linking import WRONG_CODES_ALLOWED, code_digest, new_code
 from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, IncomingMessage, ReplyKind, utc_now
 from storage.base import Account, Delivery
-from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings
+from tests.support.dialogue import RecordingBackend, make_manager, make_settings
 
 CODE = re.compile(r"[0-9A-Z]{5}-[0-9A-Z]{5}")
 TELEGRAM_USER, DISCORD_USER = "tg-user-777", "dc-user-888"

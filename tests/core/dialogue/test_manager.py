@@ -13,7 +13,7 @@ import pytest
 from core.dialogue import commands as texts
 from core.dialogue.manager import ContextStarts, DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn
-from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings, message
+from tests.support.dialogue import RecordingBackend, make_manager, make_settings, message
 
 SPECIAL_IDS = set(range(0, 109)) - {5}  # KoGPT2's control/unused ids; 5 (<unk>) can be genuine
 

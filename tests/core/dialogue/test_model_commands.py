@@ -15,9 +15,8 @@ from core.dialogue.manager import DialogueManager
 from core.dialogue.sentiment import LABELS
 from core.generation.base import GenerationError, GenerationErrorKind
 from core.messages import ConversationKey, ReplyKind, Role
-from tests.core.dialogue_helpers import message
-from tests.uses.conftest import ManagerFactory
-from tests.uses.helpers import RowScripts
+from tests.support.dialogue import ManagerFactory, message
+from tests.support.scripts import RowScripts
 
 KEY = ConversationKey("test", "c1", "u1")
 

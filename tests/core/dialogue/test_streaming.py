@@ -33,9 +33,8 @@ from core.generation.engine.decoder import EngineDecoder
 from core.generation.engine.sampling import LogitsHook
 from core.generation.policy import ReplyBackend
 from core.generation.reply_text import partial_reply
-from tests.core.dialogue_helpers import message
-from tests.generation.backends import close_now, engine_backend, force_hook
-from tests.uses.conftest import ManagerFactory
+from tests.support.backends import close_now, engine_backend, force_hook
+from tests.support.dialogue import ManagerFactory, message
 
 # The backend
 

@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from tests.conftest import CHATBOT_CSV
-from tests.generation.trained import Vocabulary, held_out, train_tiny
+from tests.support.trained import Vocabulary, held_out, train_tiny
 
 PROMPT = "다음은 친절한 AI 챗봇과 사용자의 대화입니다.\nUser: 안녕하세요\nAI:"
 

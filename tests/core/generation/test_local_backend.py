@@ -29,7 +29,7 @@ from core.generation.errors import ModelLoadError
 from core.generation.factory import build_backend
 from core.generation.hf_decoder import HFGenerateDecoder
 from core.generation.policy import FALLBACK_REPLY, ReplyBackend
-from tests.generation.backends import close_now, engine_backend, local_settings, script, unscript
+from tests.support.backends import close_now, engine_backend, local_settings, script, unscript
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 SAMPLED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)

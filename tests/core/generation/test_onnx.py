@@ -48,7 +48,7 @@ from core.generation.onnx.export import METADATA_FILE, MODEL_FILE, ExportReport,
 from core.generation.policy import ReplyBackend
 from core.generation.stopping import RunControl
 from core.messages import ConversationKey, ReplyKind, Role
-from tests.core.dialogue_helpers import make_settings, message
+from tests.support.dialogue import make_settings, message
 
 pytest.importorskip("onnxruntime")
 

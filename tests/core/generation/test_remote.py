@@ -37,8 +37,8 @@ from core.generation.remote import (
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, ReplyKind, Role
 from core.settings import ConfigError, load_settings
-from tests.core.dialogue_helpers import make_settings, message
-from tests.generation.fake_openai import Answer, FakeOpenAI, Hang, Status
+from tests.support.dialogue import make_settings, message
+from tests.support.openai import Answer, FakeOpenAI, Hang, Status
 
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, do_sample=False)
 LOOPING = "안녕 " * 20

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from core.messages import ConversationKey, Role
 from core.moderation.reply_filter import MASK_CHAR, REPLY_BLOCKED
-from tests.core.dialogue_helpers import message
-from tests.uses.conftest import ManagerFactory
-from tests.uses.helpers import RowScripts
+from tests.support.dialogue import ManagerFactory, message
+from tests.support.scripts import RowScripts
 
 KEY = ConversationKey("test", "c1", "u1")
 MASKED = MASK_CHAR * 2

@@ -24,8 +24,8 @@ from core.ops.logs import (
     settings_secrets,
 )
 from core.settings import Settings
-from tests.core.ops.helpers import REPLY, GatedOpenAI, Kobot, kobot_env, run_kobot
-from tests.services import closed_port
+from tests.support.kobot import REPLY, GatedOpenAI, Kobot, kobot_env, run_kobot
+from tests.support.services import closed_port
 
 CANARY = f"canary{uuid.uuid4().hex[:12]}"
 

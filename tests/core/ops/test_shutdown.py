@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.ops.helpers import (
+from tests.support.kobot import (
     REPLY,
     START_TIMEOUT_S,
     GatedOpenAI,
@@ -27,8 +27,8 @@ from tests.core.ops.helpers import (
     stored_turns,
     wait_until,
 )
-from tests.e2e.fake_telegram import FakeTelegram, private_chat, user
-from tests.services import closed_port
+from tests.support.services import closed_port
+from tests.support.telegram import FakeTelegram, private_chat, user
 
 STOPPING = "SIGTERM: stopping"
 

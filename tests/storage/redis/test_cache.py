@@ -20,8 +20,8 @@ from core.messages import ConversationKey
 from storage.base import Account
 from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, proves_recent, redis_client
 from storage.sql import SqlStorage
-from tests.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
-from tests.storage.helpers import SpyStorage, TcpProxy, ai, texts, user
+from tests.support.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
+from tests.support.storage import SpyStorage, TcpProxy, ai, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 WINDOW = 6

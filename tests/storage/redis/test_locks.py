@@ -24,16 +24,16 @@ from storage.memory import MemoryStorage
 from storage.redis.cache import RedisKeyBuilder, redis_client
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
-from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
-from tests.services import (
+from tests.storage._worker import KEY as WORKER_KEY
+from tests.support.dialogue import RecordingBackend, make_settings, message
+from tests.support.services import (
     REDIS_URL,
     PostgresSchema,
     closed_port,
     delete_redis_keys,
     redis_key_prefix,
 )
-from tests.storage._worker import KEY as WORKER_KEY
-from tests.storage.helpers import ai, finish, start_together, start_worker, user
+from tests.support.storage import ai, finish, start_together, start_worker, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 OTHER = ConversationKey("telegram", "c2", "u1")

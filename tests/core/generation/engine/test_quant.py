@@ -15,7 +15,7 @@ from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.linear import choose_kind, prepare_head, prepare_linear
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
-from tests.generation.test_engine_dtype import every_position, in_dtype
+from tests.core.generation.engine.test_dtype import every_position, in_dtype
 
 INT8_LOGIT_ATOL = 0.3
 TOP1_AGREEMENT = 0.95
