@@ -11,9 +11,9 @@ import pytest
 
 from bots.app import build_dialogue_manager
 from core.dialogue.manager import DialogueManager
-from tests.support.backends import close_now, engine_backend
-from tests.support.dialogue import ManagerFactory, RecordingBackend, make_settings
-from tests.support.scripts import RowScripts, Unclosed
+from tests.support.backends import RecordingBackend, Unclosed, close_now, engine_backend
+from tests.support.dialogue import ManagerFactory, make_settings
+from tests.support.scripts import RowScripts
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,8 @@ from core.messages import ConversationKey
 from core.settings import Settings
 from storage.base import StorageError
 from storage.factory import StorageOptions, build_storage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.services import REDIS_URL, closed_port
 from tests.support.storage import sqlite_url, texts, user

@@ -1,22 +1,25 @@
-"""Backends for the tests, built as users get them, with the model scripted through the public
-`logits_hook` seam of the local decoders."""
+"""Backends for the tests, built as users get them (the factory's, on the tiny model), and
+wrappers that share one real backend between tests (scripting the model: tests/support/scripts)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from core.generation.base import Attempt
+from core.generation.base import (
+    BackendInfo,
+    GenerationBackend,
+    GenerationRequest,
+    GenerationResult,
+    Health,
+    StreamChunk,
+    TokenCounter,
+)
 from core.generation.engine.decoder import EngineDecoder
-from core.generation.engine.sampling import LogitsHook
 from core.generation.factory import build_backend
-from core.generation.hf_decoder import HFGenerateDecoder
 from core.generation.policy import ReplyBackend
-from core.generation.tokenizer import KoGPT2Tokenizer
 from core.settings import Settings
 
 
@@ -40,61 +43,73 @@ def engine_backend(model_dir: Path, **overrides: Any) -> ReplyBackend:
     return backend
 
 
-def force_hook(script: Sequence[int]) -> LogitsHook:
-    """A hook that makes the model say `script` token by token (then repeat its last token)."""
-    start: list[int] = []
-
-    def hook(ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
-        if not start:
-            start.append(len(ids))
-        token = script[min(len(ids) - start[0], len(script) - 1)]
-        forced = torch.full_like(scores, float("-inf"))
-        forced[token] = 0.0
-        return forced
-
-    return hook
-
-
-class Script:
-    """An `AttemptHook`: one scripted text per attempt (the last one again for later attempts),
-    the same for every candidate row; a text ending in `</s>` ends with the real EOS id.
-    `attempts` lists the attempts seen."""
-
-    def __init__(self, tokenizer: KoGPT2Tokenizer, *texts: str) -> None:
-        self.tokenizer = tokenizer
-        self.texts = list(texts)
-        self.attempts: list[Attempt] = []
-
-    def __call__(self, attempt: Attempt, row: int) -> LogitsHook:
-        if row == 0:
-            self.attempts.append(attempt)
-        text = self.texts[min(len(self.attempts) - 1, len(self.texts) - 1)]
-        body = text.removesuffix("</s>")
-        eos = [self.tokenizer.eos_id] if body != text else []
-        return force_hook(self.tokenizer.encode_text(body) + eos)
-
-
-def script(backend: ReplyBackend, *texts: str) -> Script:
-    """Make `backend`'s local model say `texts`, one per attempt (see `Script`)."""
-    decoder = backend.decoder
-    assert isinstance(decoder, EngineDecoder | HFGenerateDecoder)
-    scripted = Script(decoder.tokenizer, *texts)
-    decoder.logits_hook = scripted
-    return scripted
-
-
-def script_rows(backend: ReplyBackend, *rows: Sequence[int]) -> None:
-    """Candidate row i of every attempt says `rows[i % len(rows)]` (no rows: the model)."""
-    scripts = [list(row) for row in rows]
-    decoder = backend.decoder
-    assert isinstance(decoder, EngineDecoder | HFGenerateDecoder)
-    decoder.logits_hook = (lambda _, row: force_hook(scripts[row % len(scripts)])) if rows else None
-
-
-def unscript(backend: ReplyBackend) -> None:
-    script_rows(backend)
-
-
 def close_now(backend: ReplyBackend) -> None:
     """Close a backend from synchronous fixture code."""
     asyncio.run(backend.close())
+
+
+class Wrapping(GenerationBackend):
+    """A real backend (`inner`) behind the three required methods; streaming, scoring, health
+    and stats are GenerationBackend's defaults (a subclass's `generate` streams as one chunk), and
+    `close` leaves `inner` open, so one model serves many tests."""
+
+    def __init__(self, inner: GenerationBackend) -> None:
+        self.inner = inner
+
+    @property
+    def tokenizer(self) -> TokenCounter:
+        return self.inner.tokenizer
+
+    def info(self) -> BackendInfo:
+        return self.inner.info()
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        return await self.inner.generate(request)
+
+
+class Unclosed(Wrapping):
+    """Every method passed through to `inner` but `close`, which leaves it open (a backend shared
+    by several managers)."""
+
+    def health(self) -> Health:
+        return self.inner.health()
+
+    def stats(self) -> dict[str, float]:
+        return self.inner.stats()
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        async for chunk in self.inner.generate_stream(request):
+            yield chunk
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        return await self.inner.score(prompts, continuations)
+
+
+class RecordingBackend(Unclosed):
+    """Wraps a real backend and keeps every request it was given (a spy, not a fake); `close`
+    closes it."""
+
+    def __init__(self, inner: GenerationBackend) -> None:
+        super().__init__(inner)
+        self.requests: list[GenerationRequest] = []
+        self.scored: list[tuple[list[Sequence[int]], list[Sequence[int]]]] = []
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        self.requests.append(request)
+        return await self.inner.generate(request)
+
+    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
+        self.requests.append(request)
+        async for chunk in self.inner.generate_stream(request):
+            yield chunk
+
+    async def score(
+        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
+    ) -> list[float]:
+        self.scored.append((list(prompts), list(continuations)))
+        return await self.inner.score(prompts, continuations)
+
+    async def close(self) -> None:
+        await self.inner.close()

@@ -390,6 +390,12 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", payload)
         return payload
 
+    async def mention_bot(self, author: JSON, text: str, guild: FakeGuild) -> JSON:
+        """MESSAGE_CREATE in `guild`'s general channel: `@bot text`, mentioning the bot."""
+        content = f"<@{self.bot_user['id']}> {text}"
+        options: dict[str, Any] = {"guild_id": guild.id, "mentions": (self.bot_user,)}
+        return await self.send_message(author, content, guild.general_id, **options)
+
     async def send_command(
         self,
         user: JSON,

@@ -1,12 +1,10 @@
-"""Running `kobot` as an admin would (a real subprocess), a gated generation server, and a strict
-reader of the Prometheus text format."""
+"""Running `kobot` as an admin would (a real subprocess), and waiting for what it does."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import re
 import sqlite3
 import sys
 import time
@@ -16,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
-
-from tests.support.openai import Answer, completion_json
 
 REPO = Path(__file__).resolve().parents[2]
 REPLY = "안녕하세요! 반가워요."
@@ -60,6 +55,14 @@ class Kobot:
         kobot = cls(process)
         kobot._reader = asyncio.create_task(kobot._read_stderr())
         return kobot
+
+    async def __aenter__(self) -> Kobot:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """Kills the process if it still runs (a check failed before it exited)."""
+        if self.process.returncode is None:
+            self.process.kill()
 
     async def _read_stderr(self) -> None:
         assert self.process.stderr is not None
@@ -146,98 +149,3 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 10.0) -> 
             if condition():
                 return
             await asyncio.sleep(0.01)
-
-
-class GatedOpenAI:
-    """An OpenAI-compatible `/v1/completions` whose answers wait until the test opens the gate."""
-
-    def __init__(self, text: str = REPLY) -> None:
-        self.text = text
-        self.arrived = asyncio.Event()
-        self.gate = asyncio.Event()
-        self.received: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    async def start(self) -> str:
-        app = web.Application()
-        app.router.add_post("/v1/completions", self._complete)
-        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = self._runner.addresses[0][:2]
-        self.url = f"http://{host}:{port}/v1"
-        return self.url
-
-    async def stop(self) -> None:
-        self.gate.set()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def _complete(self, request: web.Request) -> web.Response:
-        self.received.append(await request.json())
-        self.headers.append(dict(request.headers))
-        self.arrived.set()
-        await self.gate.wait()
-        return web.json_response(completion_json(Answer(self.text)))
-
-
-# --- the Prometheus text format ---------------------------------------------------------------
-
-_SAMPLE = re.compile(
-    r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)"
-    r'(?:\{(?P<labels>(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\.)*",?)*)\})?'
-    r" (?P<value>[-+]?(?:\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|NaN|Inf|\+Inf|-Inf))$"
-)
-_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\.)*)"')
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse_exposition(text: str) -> tuple[Samples, dict[str, str]]:
-    """Every sample and every metric's type; AssertionError on anything out of format."""
-    assert text.endswith("\n"), "the exposition ends with a newline"
-    samples: Samples = {}
-    types: dict[str, str] = {}
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or not line:
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ", 3)
-            assert name not in types, f"{name} typed twice"
-            assert kind in {"counter", "gauge", "histogram", "summary", "untyped"}
-            types[name] = kind
-            continue
-        match = _SAMPLE.match(line)
-        assert match, f"not a sample line: {line!r}"
-        name = match["name"]
-        family = re.sub(r"_(bucket|sum|count)$", "", name)
-        assert name in types or family in types, f"{name} has no # TYPE line before it"
-        labels = frozenset(_LABEL.findall(match["labels"] or ""))
-        assert (name, labels) not in samples, f"duplicate sample {line!r}"
-        samples[(name, labels)] = float(match["value"])
-    return samples, types
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
-
-
-def check_histograms(samples: Samples, types: dict[str, str]) -> None:
-    """Buckets are cumulative and end with +Inf equal to _count."""
-    for name, kind in types.items():
-        if kind != "histogram":
-            continue
-        series: dict[frozenset[tuple[str, str]], list[tuple[float, float]]] = {}
-        for (sample_name, labels), value in samples.items():
-            if sample_name == f"{name}_bucket":
-                rest = frozenset(kv for kv in labels if kv[0] != "le")
-                le = float(dict(labels)["le"].replace("+Inf", "inf"))
-                series.setdefault(rest, []).append((le, value))
-        for rest, buckets in series.items():
-            counts = [count for _, count in sorted(buckets)]
-            assert counts == sorted(counts), f"{name} buckets are not cumulative"
-            assert sorted(buckets)[-1][0] == float("inf")
-            assert counts[-1] == samples[(f"{name}_count", rest)]

@@ -45,12 +45,19 @@ class Received:
 
 
 class FakeOpenAI:
-    """Answers `POST /v1/completions` with the scripted actions in order, then `default`."""
+    """Answers `POST /v1/completions` with the scripted actions in order, then `default`.
 
-    def __init__(self, default: Action | None = None) -> None:
+    `arrived` is set by the first request; `gated`: every request waits until the test sets
+    `gate` (or the server stops)."""
+
+    def __init__(self, default: Action | None = None, *, gated: bool = False) -> None:
         self.default: Action = default or Answer("안녕하세요! 반가워요.")
         self.script: deque[Action] = deque()
         self.received: list[Received] = []
+        self.arrived = asyncio.Event()
+        self.gate = asyncio.Event()
+        if not gated:
+            self.gate.set()
         self._release = asyncio.Event()
         self._runner: web.AppRunner | None = None
         self.url = ""
@@ -71,6 +78,7 @@ class FakeOpenAI:
         return self.url
 
     async def stop(self) -> None:
+        self.gate.set()
         self._release.set()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -78,6 +86,8 @@ class FakeOpenAI:
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
         self.received.append(Received(await request.json(), dict(request.headers), request.path))
+        self.arrived.set()
+        await self.gate.wait()
         action = self.script.popleft() if self.script else self.default
         if isinstance(action, Hang):
             await self._release.wait()

@@ -1,21 +1,73 @@
-"""Backends for the uses tests: the engine backend as shipped, each candidate row scripted."""
+"""Making a local backend's model say scripted text, through the public `logits_hook` seam of
+the local decoders: per token, per attempt, or per candidate row."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
-from core.generation.base import (
-    BackendInfo,
-    GenerationBackend,
-    GenerationRequest,
-    GenerationResult,
-    Health,
-    StreamChunk,
-    TokenCounter,
-)
+import torch
+
+from core.generation.base import Attempt
+from core.generation.engine.decoder import EngineDecoder
+from core.generation.engine.sampling import LogitsHook
+from core.generation.hf_decoder import HFGenerateDecoder
 from core.generation.policy import ReplyBackend
 from core.generation.tokenizer import KoGPT2Tokenizer
-from tests.support.backends import script_rows
+
+
+def force_hook(script: Sequence[int]) -> LogitsHook:
+    """A hook that makes the model say `script` token by token (then repeat its last token)."""
+    start: list[int] = []
+
+    def hook(ids: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+        if not start:
+            start.append(len(ids))
+        token = script[min(len(ids) - start[0], len(script) - 1)]
+        forced = torch.full_like(scores, float("-inf"))
+        forced[token] = 0.0
+        return forced
+
+    return hook
+
+
+class Script:
+    """An `AttemptHook`: one scripted text per attempt (the last one again for later attempts),
+    the same for every candidate row; a text ending in `</s>` ends with the real EOS id.
+    `attempts` lists the attempts seen."""
+
+    def __init__(self, tokenizer: KoGPT2Tokenizer, *texts: str) -> None:
+        self.tokenizer = tokenizer
+        self.texts = list(texts)
+        self.attempts: list[Attempt] = []
+
+    def __call__(self, attempt: Attempt, row: int) -> LogitsHook:
+        if row == 0:
+            self.attempts.append(attempt)
+        text = self.texts[min(len(self.attempts) - 1, len(self.texts) - 1)]
+        body = text.removesuffix("</s>")
+        eos = [self.tokenizer.eos_id] if body != text else []
+        return force_hook(self.tokenizer.encode_text(body) + eos)
+
+
+def script(backend: ReplyBackend, *texts: str) -> Script:
+    """Make `backend`'s local model say `texts`, one per attempt (see `Script`)."""
+    decoder = backend.decoder
+    assert isinstance(decoder, EngineDecoder | HFGenerateDecoder)
+    scripted = Script(decoder.tokenizer, *texts)
+    decoder.logits_hook = scripted
+    return scripted
+
+
+def script_rows(backend: ReplyBackend, *rows: Sequence[int]) -> None:
+    """Candidate row i of every attempt says `rows[i % len(rows)]` (no rows: the model)."""
+    scripts = [list(row) for row in rows]
+    decoder = backend.decoder
+    assert isinstance(decoder, EngineDecoder | HFGenerateDecoder)
+    decoder.logits_hook = (lambda _, row: force_hook(scripts[row % len(scripts)])) if rows else None
+
+
+def unscript(backend: ReplyBackend) -> None:
+    script_rows(backend)
 
 
 class RowScripts:
@@ -38,35 +90,3 @@ class RowScripts:
         """Each text's ids then `</s>` (KoGPT2 prepends ▁: the first token starts a word)."""
         eos = self.tokenizer.eos_id
         self.script(*[[*self.tokenizer.encode_text(text), eos] for text in texts])
-
-
-class Unclosed(GenerationBackend):
-    """A backend shared by several managers: `close` leaves it open."""
-
-    def __init__(self, inner: GenerationBackend) -> None:
-        self.inner = inner
-
-    @property
-    def tokenizer(self) -> TokenCounter:
-        return self.inner.tokenizer
-
-    def info(self) -> BackendInfo:
-        return self.inner.info()
-
-    def health(self) -> Health:
-        return self.inner.health()
-
-    def stats(self) -> dict[str, float]:
-        return self.inner.stats()
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self.inner.generate(request)
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        async for chunk in self.inner.generate_stream(request):
-            yield chunk
-
-    async def score(
-        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
-    ) -> list[float]:
-        return await self.inner.score(prompts, continuations)

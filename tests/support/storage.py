@@ -6,25 +6,16 @@ import asyncio
 import json
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from core.messages import ConversationKey, Role, Turn
-from storage.base import (
-    Account,
-    Delivery,
-    DeliveryRecord,
-    InboxItem,
-    LinkCode,
-    Storage,
-    StoredReply,
-    UserExport,
-)
+from core.messages import Role, Turn
+from storage.base import Storage, StorageWrapper
 from storage.memory import MemoryStorage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.services import REDIS_URL, postgres_schema, redis_key_prefix, require_redis
 
@@ -129,11 +120,38 @@ async def open_storage(
                 await cached.close()
 
 
-class SpyStorage(Storage):
-    """Delegates to a real storage, counting calls; can pause right after chosen calls."""
+COUNTED = (
+    "append", "recent", "find_reply", "reply_to", "set_delivery", "replace_last_reply", "clear",
+    "delete_user", "export_user", "get_persona", "set_persona", "person_of", "purge_before",
+)  # fmt: skip
+"""The `Storage` calls a `SpyStorage` counts (the others only pass through)."""
+
+
+def _counted(name: str) -> Callable[..., Awaitable[Any]]:
+    """A `Storage` method that passes the call through, then counts it (and may pause)."""
+
+    async def call(self: SpyStorage, *args: Any, **kwargs: Any) -> Any:
+        result = await getattr(self.inner, name)(*args, **kwargs)
+        await self._done(name)
+        return result
+
+    call.__name__ = name
+    return call
+
+
+def _counting(cls: type[SpyStorage]) -> type[SpyStorage]:
+    for name in COUNTED:
+        setattr(cls, name, _counted(name))
+    return cls
+
+
+@_counting
+class SpyStorage(StorageWrapper):
+    """Delegates to a real storage, counting the calls the tests watch; can pause right after
+    chosen calls (`pause_after`: `paused` is set, the call returns once `resume` is)."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.calls: Counter[str] = Counter()
         self.pause_after: set[str] = set()
         self.paused = asyncio.Event()
@@ -145,111 +163,6 @@ class SpyStorage(Storage):
             self.pause_after.discard(name)
             self.paused.set()
             await self.resume.wait()
-
-    async def append(
-        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
-    ) -> None:
-        await self.inner.append(key, turns, delivery)
-        await self._done("append")
-
-    async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
-        result = await self.inner.recent(key, limit)
-        await self._done("recent")
-        return result
-
-    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
-        result = await self.inner.find_reply(key, message_id)
-        await self._done("find_reply")
-        return result
-
-    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
-        result = await self.inner.reply_to(key, message_id)
-        await self._done("reply_to")
-        return result
-
-    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
-        result = await self.inner.set_delivery(key, record)
-        await self._done("set_delivery")
-        return result
-
-    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
-        return await self.inner.inbox_add(items)
-
-    async def inbox_pending(self, platform: str) -> list[InboxItem]:
-        return await self.inner.inbox_pending(platform)
-
-    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
-        await self.inner.inbox_note(platform, item_id, note)
-
-    async def inbox_done(self, platform: str, item_id: str) -> None:
-        await self.inner.inbox_done(platform, item_id)
-
-    async def inbox_prune(self, before: datetime) -> int:
-        return await self.inner.inbox_prune(before)
-
-    async def replace_last_reply(
-        self, key: ConversationKey, text: str, message_id: str = ""
-    ) -> bool:
-        result = await self.inner.replace_last_reply(key, text, message_id)
-        await self._done("replace_last_reply")
-        return result
-
-    async def clear(self, key: ConversationKey) -> None:
-        await self.inner.clear(key)
-        await self._done("clear")
-
-    async def delete_user(self, platform: str, user_id: str) -> int:
-        result = await self.inner.delete_user(platform, user_id)
-        await self._done("delete_user")
-        return result
-
-    async def export_user(self, platform: str, user_id: str) -> UserExport:
-        result = await self.inner.export_user(platform, user_id)
-        await self._done("export_user")
-        return result
-
-    async def get_persona(self, key: ConversationKey) -> str | None:
-        result = await self.inner.get_persona(key)
-        await self._done("get_persona")
-        return result
-
-    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
-        await self.inner.set_persona(key, persona)
-        await self._done("set_persona")
-
-    async def link_code_put(self, code: LinkCode) -> None:
-        await self.inner.link_code_put(code)
-
-    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
-        return await self.inner.link_code_take(digest, now)
-
-    async def person_of(self, account: Account) -> str | None:
-        result = await self.inner.person_of(account)
-        await self._done("person_of")
-        return result
-
-    async def accounts_of(self, person_id: str) -> list[Account]:
-        return await self.inner.accounts_of(person_id)
-
-    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
-        await self.inner.link(person_id, accounts)
-
-    async def unlink(self, account: Account) -> bool:
-        return await self.inner.unlink(account)
-
-    async def purge_before(self, cutoff: datetime) -> int:
-        result = await self.inner.purge_before(cutoff)
-        await self._done("purge_before")
-        return result
-
-    async def stats(self) -> dict[str, int]:
-        return await self.inner.stats()
-
-    async def ping(self) -> str:
-        return await self.inner.ping()
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 class TcpProxy:

@@ -17,7 +17,8 @@ from core.dialogue.linking import WRONG_CODES_ALLOWED, code_digest, new_code
 from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, IncomingMessage, ReplyKind, utc_now
 from storage.base import Account, Delivery
-from tests.support.dialogue import RecordingBackend, make_manager, make_settings
+from tests.support.backends import RecordingBackend
+from tests.support.dialogue import managed
 
 CODE = re.compile(r"[0-9A-Z]{5}-[0-9A-Z]{5}")
 TELEGRAM_USER, DISCORD_USER = "tg-user-777", "dc-user-888"
@@ -27,10 +28,10 @@ TELEGRAM_USER, DISCORD_USER = "tg-user-777", "dc-user-888"
 async def chat(
     tiny_model_dir: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[DialogueManager, RecordingBackend]]:
-    settings = make_settings(tiny_model_dir, tmp_path, context_scope="user", link_code_ttl_s=120)
-    manager, backend = await make_manager(settings)
-    yield manager, backend
-    await manager.close()
+    async with managed(
+        tiny_model_dir, tmp_path, context_scope="user", link_code_ttl_s=120
+    ) as opened:
+        yield opened
 
 
 def on_telegram(text: str, chat: str = TELEGRAM_USER, **fields: Any) -> IncomingMessage:
@@ -209,9 +210,8 @@ async def test_help_lists_the_link_commands() -> None:
 async def test_in_other_scopes_linking_covers_export_and_forget_only(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(tiny_model_dir, tmp_path, context_scope="user-in-chat")
-    manager, backend = await make_manager(settings)
-    try:
+    scope = "user-in-chat"
+    async with managed(tiny_model_dir, tmp_path, context_scope=scope) as (manager, backend):
         code = await code_from(manager, on_telegram("/link"))
         linked = await manager.handle(on_discord(f"/link {code}"))
         assert linked.text.endswith(texts.LINK_NEEDS_USER_SCOPE)
@@ -222,5 +222,3 @@ async def test_in_other_scopes_linking_covers_export_and_forget_only(
         exported = await manager.handle(on_discord("/export"))
         assert exported.attachment is not None
         assert "텔레그램에서 한 말" in exported.attachment.data.decode()
-    finally:
-        await manager.close()

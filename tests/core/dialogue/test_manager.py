@@ -13,7 +13,8 @@ import pytest
 from core.dialogue import commands as texts
 from core.dialogue.manager import ContextStarts, DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn
-from tests.support.dialogue import RecordingBackend, make_manager, make_settings, message
+from tests.support.backends import RecordingBackend
+from tests.support.dialogue import managed, message
 
 SPECIAL_IDS = set(range(0, 109)) - {5}  # KoGPT2's control/unused ids; 5 (<unk>) can be genuine
 
@@ -22,9 +23,8 @@ SPECIAL_IDS = set(range(0, 109)) - {5}  # KoGPT2's control/unused ids; 5 (<unk>)
 async def chat(
     tiny_model_dir: Path, tmp_path: Path
 ) -> AsyncIterator[tuple[DialogueManager, RecordingBackend]]:
-    manager, backend = await make_manager(make_settings(tiny_model_dir, tmp_path))
-    yield manager, backend
-    await manager.close()
+    async with managed(tiny_model_dir, tmp_path) as opened:
+        yield opened
 
 
 def decoded_prompts(backend: RecordingBackend) -> list[str]:
@@ -67,14 +67,10 @@ async def test_each_user_has_their_own_context_in_a_group(chat) -> None:
 async def test_chat_scope_shares_one_context_in_a_group(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(tiny_model_dir, tmp_path, context_scope="chat")
-    manager, backend = await make_manager(settings)
-    try:
+    async with managed(tiny_model_dir, tmp_path, context_scope="chat") as (manager, backend):
         await manager.handle(message("나는 철수야", user="a", chat="g", is_private=False))
         await manager.handle(message("나는 영희야", user="b", chat="g", is_private=False))
         assert "User: 나는 철수야" in decoded_prompts(backend)[1]
-    finally:
-        await manager.close()
 
 
 @pytest.mark.parametrize(
@@ -132,10 +128,9 @@ async def test_a_huge_message_keeps_its_end_and_the_reply_says_so(chat) -> None:
 async def test_a_long_conversation_fills_the_window_but_never_overflows_it(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(tiny_model_dir, tmp_path, history_turns=1000, max_new_tokens=4)
-    manager, backend = await make_manager(settings)
+    settings = {"history_turns": 1000, "max_new_tokens": 4}
     long_text = "오늘 기분은 어때요? 😀 걔는 쫌 삔 듯해요. 날씨가 정말 좋네요. " * 6
-    try:
+    async with managed(tiny_model_dir, tmp_path, **settings) as (manager, backend):
         for index in range(30):
             await manager.handle(message(f"{index}번째 메시지예요. {long_text}"))
         sizes = [len(r.prompt_ids) for r in backend.requests]
@@ -153,8 +148,6 @@ async def test_a_long_conversation_fills_the_window_but_never_overflows_it(
         # Trimming to the low-water mark keeps prompts growing for ~2 turns between re-reads here;
         # trimming exactly would re-read the whole prompt on each of the ~22 turns after it filled.
         assert 1 <= restarts <= 10
-    finally:
-        await manager.close()
 
 
 async def test_persona_show_set_clear(chat) -> None:
@@ -234,31 +227,21 @@ async def test_one_turn_at_a_time_per_conversation(chat) -> None:
 
 
 async def test_rate_limit_is_answered_politely(tiny_model_dir: Path, tmp_path: Path) -> None:
-    manager, backend = await make_manager(
-        make_settings(tiny_model_dir, tmp_path, rate_limit_per_minute=2)
-    )
-    try:
+    async with managed(tiny_model_dir, tmp_path, rate_limit_per_minute=2) as (manager, backend):
         kinds = [(await manager.handle(message(f"{i}"))).kind for i in range(3)]
         assert kinds == [ReplyKind.CHAT, ReplyKind.CHAT, ReplyKind.NOTICE]
         assert len(backend.requests) == 2
-    finally:
-        await manager.close()
 
 
 async def test_a_generation_timeout_is_a_polite_error_and_stores_nothing(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    settings = make_settings(
-        tiny_model_dir, tmp_path, generation_timeout_s=0.001, max_new_tokens=512
-    )
-    manager, _ = await make_manager(settings)
-    try:
+    settings = {"generation_timeout_s": 0.001, "max_new_tokens": 512}
+    async with managed(tiny_model_dir, tmp_path, **settings) as (manager, _):
         reply = await manager.handle(message("길게 말해 줘"))
         assert reply.kind is ReplyKind.ERROR
         assert reply.text == texts.GENERATION_FAILED["timeout"]
         assert await manager.storage.recent(ConversationKey("test", "c1", "u1"), 10) == []
-    finally:
-        await manager.close()
 
 
 def test_the_turn_limit_also_drops_old_turns_in_chunks() -> None:

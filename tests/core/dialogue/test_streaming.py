@@ -20,21 +20,20 @@ from bots.streaming import EditFailed, FloodWait, LiveMessage
 from core.dialogue import commands as texts
 from core.generation.base import (
     Attempt,
-    BackendInfo,
     FinishReason,
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
     SamplingParams,
     StreamChunk,
-    TokenCounter,
 )
 from core.generation.engine.decoder import EngineDecoder
 from core.generation.engine.sampling import LogitsHook
 from core.generation.policy import ReplyBackend
 from core.generation.reply_text import partial_reply
-from tests.support.backends import close_now, engine_backend, force_hook
+from tests.support.backends import Wrapping, close_now, engine_backend
 from tests.support.dialogue import ManagerFactory, message
+from tests.support.scripts import force_hook
 
 # The backend
 
@@ -114,20 +113,13 @@ async def test_a_sampled_stream_ends_exactly_like_the_same_seeded_generate(
 # The dialogue manager
 
 
-class ScriptedStream(GenerationBackend):
+class ScriptedStream(Wrapping):
     """Streams fixed partials, then the final text."""
 
     def __init__(self, inner: GenerationBackend, partials: list[str], final: str) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.partials = partials
         self.final = final
-
-    @property
-    def tokenizer(self) -> TokenCounter:
-        return self.inner.tokenizer
-
-    def info(self) -> BackendInfo:
-        return self.inner.info()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         return GenerationResult(self.final, 3, FinishReason.STOP)

@@ -29,7 +29,10 @@ from core.generation.errors import ModelLoadError
 from core.generation.factory import build_backend
 from core.generation.hf_decoder import HFGenerateDecoder
 from core.generation.policy import FALLBACK_REPLY, ReplyBackend
-from tests.support.backends import close_now, engine_backend, local_settings, script, unscript
+from tests.support.backends import close_now, engine_backend, local_settings
+from tests.support.event_loop import ticking
+from tests.support.failures import DECODER_FAILURES
+from tests.support.scripts import script, unscript
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 SAMPLED = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=12)
@@ -58,7 +61,7 @@ def backend(tiny_model_dir: Path) -> Iterator[ReplyBackend]:
 @pytest.fixture(scope="module")
 def hf_backend(tiny_model_dir: Path) -> Iterator[ReplyBackend]:
     """Hugging Face `generate` on the same model, in fp32: the reference the engine must match
-    (bf16 against fp32 is `test_engine_dtype`'s)."""
+    (bf16 against fp32 is `engine/test_dtype.py`'s)."""
     from core.generation.device import load_local_model
 
     made = ReplyBackend(HFGenerateDecoder(load_local_model(str(tiny_model_dir), "cpu", "fp32")))
@@ -280,14 +283,7 @@ async def test_too_long_or_bad_prompts_are_refused(backend: ReplyBackend) -> Non
     assert (await backend.generate(fits)).new_tokens <= 10
 
 
-@pytest.mark.parametrize(
-    ("failure", "kind"),
-    [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out_of_memory"),
-        (RuntimeError("CUDA error: device-side assert triggered"), "device"),
-        (ZeroDivisionError("division by zero"), "internal"),
-    ],
-)
+@pytest.mark.parametrize(("failure", "kind"), DECODER_FAILURES)
 async def test_error_boundary(
     backend: ReplyBackend,
     prompt_ids: tuple[int, ...],
@@ -344,19 +340,10 @@ async def test_cancelling_the_caller_stops_the_engine_request(
 async def test_the_event_loop_keeps_running(
     backend: ReplyBackend, prompt_ids: tuple[int, ...]
 ) -> None:
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
     params = SamplingParams(temperature=0, max_new_tokens=80)
-    await asyncio.gather(*(backend.generate(request(prompt_ids, params)) for _ in range(4)))
-    task.cancel()
-    assert ticks >= 5
+    async with ticking(0.005) as ticks:
+        await asyncio.gather(*(backend.generate(request(prompt_ids, params)) for _ in range(4)))
+    assert ticks.count >= 5
 
 
 def _wait_until(condition: Any, timeout: float = 10.0) -> None:

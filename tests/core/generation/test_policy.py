@@ -9,7 +9,6 @@ import time
 from collections.abc import Callable
 
 import pytest
-import torch
 
 import core.generation.errors as errors
 from core.generation.base import (
@@ -25,6 +24,7 @@ from core.generation.base import (
 )
 from core.generation.policy import FALLBACK_REPLY, ReplyBackend
 from core.generation.tokenizer import KoGPT2Tokenizer
+from tests.support.failures import DECODER_FAILURES
 
 GREEDY = SamplingParams(temperature=0.0, max_new_tokens=12)
 Behaviour = Callable[[Attempt], list[Candidate]]
@@ -121,14 +121,7 @@ async def test_the_deadline_stops_a_slow_decoder(fake: FakeDecoder) -> None:
     assert fake.attempts[0].control.expired()  # the decoder's thread would see it too
 
 
-@pytest.mark.parametrize(
-    ("failure", "kind"),
-    [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), "out_of_memory"),
-        (RuntimeError("CUDA error: device-side assert triggered"), "device"),
-        (ZeroDivisionError("division by zero"), "internal"),
-    ],
-)
+@pytest.mark.parametrize(("failure", "kind"), DECODER_FAILURES)
 async def test_the_error_boundary_classifies_what_a_decoder_raises(
     fake: FakeDecoder, monkeypatch: pytest.MonkeyPatch, failure: Exception, kind: str
 ) -> None:

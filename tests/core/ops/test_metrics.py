@@ -17,7 +17,7 @@ from core.ops.metrics import (
 )
 from core.ops.turns import TurnObserver
 from tests.support.dialogue import message
-from tests.support.kobot import check_histograms, parse_exposition, sample
+from tests.support.prometheus import check_histograms, parse_exposition, sample
 
 
 def test_a_metric_set_renders_in_the_text_format_without_created_series() -> None:

@@ -17,10 +17,12 @@ from core.ops.lifecycle import BotServices
 from core.ops.metrics import total
 from core.ops.retention import RetentionPurge
 from storage.base import Storage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.dialogue import make_settings
-from tests.support.kobot import eventually, parse_exposition, sample
+from tests.support.kobot import eventually
+from tests.support.prometheus import parse_exposition, sample
 from tests.support.services import REDIS_URL
 from tests.support.storage import database, sqlite_url
 

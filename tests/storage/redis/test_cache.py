@@ -12,13 +12,15 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
 
 from core.messages import ConversationKey
 from storage.base import Account
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, proves_recent, redis_client
+from storage.redis.cache import RedisCachedStorage, proves_recent, redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
 from tests.support.storage import SpyStorage, TcpProxy, ai, texts, user
@@ -56,6 +58,24 @@ def make_cache(inner: SpyStorage | SqlStorage, client: Redis, prefix: str) -> Re
 @pytest.fixture
 def cache(spy: SpyStorage, redis: Redis, redis_prefix: str) -> RedisCachedStorage:
     return make_cache(spy, redis, redis_prefix)
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[TcpProxy]:
+    """A port forwarded to the test Redis: `stop()` is an outage, `start()` heals it."""
+    proxy = TcpProxy("127.0.0.1", 6379)
+    await proxy.start()
+    yield proxy
+    await proxy.stop()
+
+
+def cache_through(
+    proxy: TcpProxy, spy: SpyStorage, prefix: str, **options: Any
+) -> RedisCachedStorage:
+    """A cache whose own client reaches Redis through `proxy`."""
+    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
+    keys = RedisKeyBuilder(prefix)
+    return RedisCachedStorage(spy, client, keys=keys, owns_redis=True, **options)
 
 
 async def fill(cache: RedisCachedStorage, pairs: int, key: ConversationKey = KEY) -> list[str]:
@@ -195,14 +215,9 @@ async def test_linked_accounts_are_cached_and_written_through(
 
 
 async def test_an_unlink_during_an_outage_is_not_hidden_after_it(
-    spy: SpyStorage, redis_prefix: str
+    spy: SpyStorage, redis_prefix: str, proxy: TcpProxy
 ) -> None:
-    proxy = TcpProxy("127.0.0.1", 6379)
-    await proxy.start()
-    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
-    cache = RedisCachedStorage(
-        spy, client, keys=RedisKeyBuilder(redis_prefix), retry_after_s=0.0, owns_redis=True
-    )
+    cache = cache_through(proxy, spy, redis_prefix, retry_after_s=0.0)
     telegram = Account("telegram", "t1")
     await cache.link("p1", [telegram])
     assert await cache.person_of(telegram) == "p1"
@@ -213,7 +228,6 @@ async def test_an_unlink_during_an_outage_is_not_hidden_after_it(
 
     assert await cache.person_of(telegram) is None
     await cache.close()
-    await proxy.stop()
 
 
 async def test_delete_user_drops_cached_windows_holding_their_turns(
@@ -306,20 +320,10 @@ async def test_redis_down_serves_from_sql(
 
 
 async def test_turns_written_during_an_outage_are_not_hidden_after_it(
-    spy: SpyStorage, redis_prefix: str
+    spy: SpyStorage, redis_prefix: str, proxy: TcpProxy
 ) -> None:
     """Redis stays up but unreachable while we write; once back it still holds the old window."""
-    proxy = TcpProxy("127.0.0.1", 6379)
-    await proxy.start()
-    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
-    cache = RedisCachedStorage(
-        spy,
-        client,
-        keys=RedisKeyBuilder(redis_prefix),
-        window_turns=WINDOW,
-        retry_after_s=0.0,
-        owns_redis=True,
-    )
+    cache = cache_through(proxy, spy, redis_prefix, window_turns=WINDOW, retry_after_s=0.0)
     expected = await fill(cache, 1)
     await cache.get_persona(KEY)
     await cache.recent(KEY, 10)  # the window is cached and complete
@@ -336,7 +340,6 @@ async def test_turns_written_during_an_outage_are_not_hidden_after_it(
     assert texts(await cache.recent(KEY, 10)) == [*expected, "during", "outage"]
     assert spy.calls["recent"] == reads  # and the cache is in use again
     await cache.close()
-    await proxy.stop()
 
 
 async def test_clear_is_served_from_the_cache(cache: RedisCachedStorage, spy: SpyStorage) -> None:
@@ -352,21 +355,17 @@ async def test_clear_is_served_from_the_cache(cache: RedisCachedStorage, spy: Sp
 
 
 async def test_a_failing_redis_is_left_alone_for_a_while(
-    spy: SpyStorage, redis_prefix: str
+    spy: SpyStorage, redis_prefix: str, proxy: TcpProxy
 ) -> None:
-    proxy = TcpProxy("127.0.0.1", 6379)
-    await proxy.start()
     proxy.broken = True
-    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
-    cache = RedisCachedStorage(spy, client, keys=RedisKeyBuilder(redis_prefix), retry_after_s=60)
+    cache = cache_through(proxy, spy, redis_prefix, retry_after_s=60)
 
     expected = await fill(cache, 3)
     for _ in range(5):
         assert texts(await cache.recent(KEY, 10)) == expected
 
     assert 1 <= proxy.connections <= 2  # the first failure (and its one retry), then nothing
-    await client.aclose()
-    await proxy.stop()
+    await cache.close()
 
 
 async def test_delete_user_reaches_windows_written_while_it_ran(

@@ -21,11 +21,13 @@ from core.settings import Settings
 from storage.factory import build_locks
 from storage.locks import ConversationLocks, InProcessLocks, LeaseLost, LockTimeout
 from storage.memory import MemoryStorage
-from storage.redis.cache import RedisKeyBuilder, redis_client
+from storage.redis.cache import redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
 from tests.storage._worker import KEY as WORKER_KEY
-from tests.support.dialogue import RecordingBackend, make_settings, message
+from tests.support.backends import RecordingBackend
+from tests.support.dialogue import make_settings, message
 from tests.support.services import (
     REDIS_URL,
     PostgresSchema,

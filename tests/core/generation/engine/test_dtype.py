@@ -23,28 +23,15 @@ from core.generation.cpu_features import (
     fast_bf16_cpu,
 )
 from core.generation.device import resolve_dtype
-from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
+from tests.support.logits import agreement, in_dtype
 
 BF16_LOGIT_ATOL = 0.25
 TOP1_AGREEMENT = 0.95
 GREEDY = SamplingParams(
     max_new_tokens=16, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0
 )
-
-
-def in_dtype(model: GPT2LMHeadModel, dtype: torch.dtype) -> GPT2LMHeadModel:
-    copy = GPT2LMHeadModel(model.config)
-    copy.load_state_dict(model.state_dict())
-    torch.nn.Module.to(copy, dtype=dtype)
-    return copy.eval()
-
-
-def every_position(forward: GPT2Forward, ids: list[int]) -> torch.Tensor:
-    """Float32 logits after each prefix of `ids` (one token at a time, through the KV)."""
-    d = forward.dims
-    kv = torch.zeros(d.n_layer, 2, d.n_head, len(ids), d.head_dim, dtype=forward.dtype)
-    return torch.cat([forward.logits([SeqChunk(kv, i, ids[i : i + 1])]) for i in range(len(ids))])
 
 
 # --- choosing the dtype -----------------------------------------------------------------------
@@ -93,14 +80,9 @@ def test_bf16_logits_agree_with_fp32_on_a_trained_model(
     trained_model: GPT2LMHeadModel, held_out_prompts: list[list[int]]
 ) -> None:
     fp32, bf16 = GPT2Forward(trained_model), GPT2Forward(in_dtype(trained_model, torch.bfloat16))
-    errors, agree, total = [], 0, 0
-    for ids in held_out_prompts:
-        ours, reference = every_position(bf16, ids), every_position(fp32, ids)
-        errors.append(float((ours - reference).abs().max()))
-        agree += int((ours.argmax(-1) == reference.argmax(-1)).sum())
-        total += len(ids)
-    assert max(errors) <= BF16_LOGIT_ATOL
-    assert agree / total >= TOP1_AGREEMENT
+    compared = agreement(bf16, fp32, held_out_prompts)
+    assert compared.max_error <= BF16_LOGIT_ATOL
+    assert compared.top1 >= TOP1_AGREEMENT
 
 
 async def test_bf16_greedy_replies_agree_with_fp32(

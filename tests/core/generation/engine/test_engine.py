@@ -15,6 +15,8 @@ from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, FinishKind
+from tests.support.event_loop import ticking
+from tests.support.failures import DECODER_FAILURES
 
 EOS = 1
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0)
@@ -254,25 +256,12 @@ async def test_idle_conversations_are_dropped(model: GPT2LMHeadModel) -> None:
 
 
 async def test_the_event_loop_runs_while_the_engine_works(engine: Engine) -> None:
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    task = asyncio.create_task(ticker())
-    started = time.monotonic()
-    await asyncio.gather(
-        *(
-            engine.generate(request(ids(200, s), dataclasses.replace(GREEDY, max_new_tokens=60)))
-            for s in range(4)
-        )
-    )
-    elapsed = time.monotonic() - started
-    task.cancel()
-    assert ticks >= min(10, elapsed / 0.005 / 4)
+    params = dataclasses.replace(GREEDY, max_new_tokens=60)
+    async with ticking(0.005) as ticks:
+        started = time.monotonic()
+        await asyncio.gather(*(engine.generate(request(ids(200, s), params)) for s in range(4)))
+        elapsed = time.monotonic() - started
+    assert ticks.count >= min(10, elapsed / 0.005 / 4)
 
 
 async def test_cancelling_the_caller_stops_the_request(engine: Engine) -> None:
@@ -324,14 +313,7 @@ def _prefer(scores: torch.Tensor, token: int) -> torch.Tensor:
     return scores
 
 
-@pytest.mark.parametrize(
-    ("failure", "kind"),
-    [
-        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), "out_of_memory"),
-        (RuntimeError("CUDA error: device-side assert triggered"), "device"),
-        (ZeroDivisionError("division by zero"), "internal"),
-    ],
-)
+@pytest.mark.parametrize(("failure", "kind"), DECODER_FAILURES)
 async def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(
     model: GPT2LMHeadModel, monkeypatch: pytest.MonkeyPatch, failure: Exception, kind: str
 ) -> None:

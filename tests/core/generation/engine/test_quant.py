@@ -15,7 +15,7 @@ from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.linear import choose_kind, prepare_head, prepare_linear
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
-from tests.core.generation.engine.test_dtype import every_position, in_dtype
+from tests.support.logits import agreement, in_dtype
 
 INT8_LOGIT_ATOL = 0.3
 TOP1_AGREEMENT = 0.95
@@ -32,14 +32,9 @@ def test_int8_logits_agree_with_fp32_on_a_trained_model(
     fp32 = GPT2Forward(trained_model)
     int8 = GPT2Forward(in_dtype(trained_model, dtype), quant="int8")
     assert int8.linear_kind == "int8"
-    errors, agree, total = [], 0, 0
-    for ids in held_out_prompts:
-        ours, reference = every_position(int8, ids), every_position(fp32, ids)
-        errors.append(float((ours - reference).abs().max()))
-        agree += int((ours.argmax(-1) == reference.argmax(-1)).sum())
-        total += len(ids)
-    assert 0 < max(errors) <= INT8_LOGIT_ATOL  # quantized: close, yet not the fp32 pass
-    assert agree / total >= TOP1_AGREEMENT
+    compared = agreement(int8, fp32, held_out_prompts)
+    assert 0 < compared.max_error <= INT8_LOGIT_ATOL  # quantized: close, yet not the fp32 pass
+    assert compared.top1 >= TOP1_AGREEMENT
 
 
 async def test_the_engine_decodes_on_int8_weights(
