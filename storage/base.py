@@ -239,3 +239,97 @@ class Storage(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+
+class StorageWrapper(Storage):
+    """A storage in front of another (`inner`): every call passes through unchanged; a wrapper
+    (the Redis cache, a test's spy) overrides only what it adds to."""
+
+    def __init__(self, inner: Storage) -> None:
+        self._inner = inner
+
+    @property
+    def inner(self) -> Storage:
+        return self._inner
+
+    async def append(
+        self, key: ConversationKey, turns: Sequence[Turn], delivery: Delivery | None = None
+    ) -> None:
+        await self._inner.append(key, turns, delivery)
+
+    async def recent(self, key: ConversationKey, limit: int) -> list[Turn]:
+        return await self._inner.recent(key, limit)
+
+    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
+        return await self._inner.find_reply(key, message_id)
+
+    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
+        return await self._inner.reply_to(key, message_id)
+
+    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
+        return await self._inner.set_delivery(key, record)
+
+    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
+        return await self._inner.inbox_add(items)
+
+    async def inbox_pending(self, platform: str) -> list[InboxItem]:
+        return await self._inner.inbox_pending(platform)
+
+    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
+        await self._inner.inbox_note(platform, item_id, note)
+
+    async def inbox_done(self, platform: str, item_id: str) -> None:
+        await self._inner.inbox_done(platform, item_id)
+
+    async def inbox_prune(self, before: datetime) -> int:
+        return await self._inner.inbox_prune(before)
+
+    async def replace_last_reply(
+        self, key: ConversationKey, text: str, message_id: str = ""
+    ) -> bool:
+        return await self._inner.replace_last_reply(key, text, message_id)
+
+    async def clear(self, key: ConversationKey) -> None:
+        await self._inner.clear(key)
+
+    async def delete_user(self, platform: str, user_id: str) -> int:
+        return await self._inner.delete_user(platform, user_id)
+
+    async def export_user(self, platform: str, user_id: str) -> UserExport:
+        return await self._inner.export_user(platform, user_id)
+
+    async def get_persona(self, key: ConversationKey) -> str | None:
+        return await self._inner.get_persona(key)
+
+    async def set_persona(self, key: ConversationKey, persona: str | None) -> None:
+        await self._inner.set_persona(key, persona)
+
+    async def link_code_put(self, code: LinkCode) -> None:
+        await self._inner.link_code_put(code)
+
+    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
+        return await self._inner.link_code_take(digest, now)
+
+    async def person_of(self, account: Account) -> str | None:
+        return await self._inner.person_of(account)
+
+    async def accounts_of(self, person_id: str) -> list[Account]:
+        return await self._inner.accounts_of(person_id)
+
+    async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
+        await self._inner.link(person_id, accounts)
+
+    async def unlink(self, account: Account) -> bool:
+        return await self._inner.unlink(account)
+
+    async def purge_before(self, cutoff: datetime) -> int:
+        return await self._inner.purge_before(cutoff)
+
+    async def stats(self) -> dict[str, int]:
+        return await self._inner.stats()
+
+    async def ping(self) -> str:
+        return await self._inner.ping()
+
+    async def close(self) -> None:
+        await self._inner.close()

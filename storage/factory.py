@@ -12,11 +12,11 @@ from storage.locks import ConversationLocks, InProcessLocks
 from storage.redis.cache import (
     REDIS_ERRORS,
     RedisCachedStorage,
-    RedisKeyBuilder,
     describe_client,
     describe_redis_error,
     redis_client,
 )
+from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
 

@@ -518,29 +518,26 @@ class SqlStorage(Storage):
     def _reply_id(key: ConversationKey, message_id: str) -> Any:
         """The id of the AI turn a `/retry` with `message_id` made, else of the first turn
         after the newest user turn with `message_id`."""
-        retried = (
+        retried = SqlStorage._newest_id(key, Role.AI, message_id)
+        return func.coalesce(retried, SqlStorage._answer_id(key, message_id))
+
+    @staticmethod
+    def _newest_id(key: ConversationKey, role: Role, message_id: str) -> Any:
+        """The id of the conversation's newest `role` turn with `message_id`."""
+        return (
             select(func.max(TurnRow.id))
             .where(
                 TurnRow.conversation_id == key.as_id(),
-                TurnRow.role == str(Role.AI),
+                TurnRow.role == str(role),
                 TurnRow.message_id == message_id,
             )
             .scalar_subquery()
         )
-        return func.coalesce(retried, SqlStorage._answer_id(key, message_id))
 
     @staticmethod
     def _answer_id(key: ConversationKey, message_id: str) -> Any:
         """The id of the first turn after the newest user turn with `message_id`."""
-        asked = (
-            select(func.max(TurnRow.id))
-            .where(
-                TurnRow.conversation_id == key.as_id(),
-                TurnRow.role == str(Role.USER),
-                TurnRow.message_id == message_id,
-            )
-            .scalar_subquery()
-        )
+        asked = SqlStorage._newest_id(key, Role.USER, message_id)
         return (
             select(func.min(TurnRow.id))
             .where(TurnRow.conversation_id == key.as_id(), TurnRow.id > asked)

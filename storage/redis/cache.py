@@ -1,14 +1,7 @@
 """A write-through Redis cache in front of a durable `Storage` (SQL, the source of truth).
 
-Layout (owned by `RedisKeyBuilder`, prefix `kobot` by default), all values JSON, all with a TTL
-that every use refreshes:
-
-    {prefix}:window:{conversation}   list   the newest turns since the last clear (bounded)
-    {prefix}:meta:{conversation}     hash   v: version token, n: turns since the last clear,
-                                            p: the persona as JSON (absent: not cached)
-    {prefix}:user:{platform}:{user}  set    conversations whose cached window holds their turns
-    {prefix}:lock:{conversation}     string the cross-process conversation lock (locks.py)
-    {prefix}:person:{platform}:{user} string the person a linked account belongs to ("" none)
+The keys (window, meta, user index, person) and their layout: `keys.py`. All values are JSON,
+all keys have a TTL that every use refreshes.
 
 Correctness rules:
 
@@ -33,11 +26,9 @@ from __future__ import annotations
 import enum
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -51,52 +42,17 @@ from core.messages import ConversationKey, Role, Turn
 from storage.base import (
     Account,
     Delivery,
-    DeliveryRecord,
-    InboxItem,
-    LinkCode,
     Storage,
-    StoredReply,
-    UserExport,
+    StorageWrapper,
     mask_url_password,
 )
+from storage.redis.keys import RedisKeyBuilder
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 MAX_REMEMBERED_STALE = 100_000
-_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
-
-
-@dataclass(frozen=True, slots=True)
-class RedisKeyBuilder:
-    """Owns every Redis key kobot uses; several bots can share one Redis with distinct prefixes."""
-
-    prefix: str = "kobot"
-    separator: str = ":"
-
-    def build(self, *parts: str) -> str:
-        return self.separator.join((self.prefix, *parts))
-
-    def window(self, key: ConversationKey) -> str:
-        return self.build("window", key.as_id())
-
-    def meta(self, key: ConversationKey) -> str:
-        return self.build("meta", key.as_id())
-
-    def user(self, platform: str, user_id: str) -> str:
-        return self.build("user", platform, user_id)
-
-    def lock(self, key: ConversationKey) -> str:
-        return self.build("lock", key.as_id())
-
-    def person(self, account: Account) -> str:
-        return self.build("person", account.platform, account.user_id)
-
-    def pattern(self, kind: str = "") -> str:
-        """A SCAN pattern for every key of one kind (`window`, `meta`...) or of this prefix."""
-        escaped = _GLOB_SPECIAL.sub(r"\\\1", self.build(kind) if kind else self.prefix)
-        return f"{escaped}{self.separator}*"
 
 
 def redis_client(url: str, *, timeout_s: float = 2.0) -> Redis:
@@ -161,7 +117,7 @@ Version = str | None | _Unavailable
 Apply = Callable[[Pipeline, dict[str, str]], None]
 
 
-class RedisCachedStorage(Storage):
+class RedisCachedStorage(StorageWrapper):
     """Write-through cache: a hot window per conversation and personas in Redis, SQL behind it."""
 
     def __init__(
@@ -175,7 +131,7 @@ class RedisCachedStorage(Storage):
         retry_after_s: float = 5.0,
         owns_redis: bool = False,
     ) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._redis = redis
         self._keys = keys or RedisKeyBuilder()
         self._ttl_s = ttl_s
@@ -192,10 +148,6 @@ class RedisCachedStorage(Storage):
     @classmethod
     def from_url(cls, inner: Storage, url: str, **options: Any) -> RedisCachedStorage:
         return cls(inner, redis_client(url), owns_redis=True, **options)
-
-    @property
-    def inner(self) -> Storage:
-        return self._inner
 
     @property
     def keys(self) -> RedisKeyBuilder:
@@ -426,30 +378,6 @@ class RedisCachedStorage(Storage):
         except WatchError:
             return
 
-    async def find_reply(self, key: ConversationKey, message_id: str) -> Turn | None:
-        return await self._inner.find_reply(key, message_id)
-
-    async def reply_to(self, key: ConversationKey, message_id: str) -> StoredReply | None:
-        return await self._inner.reply_to(key, message_id)
-
-    async def set_delivery(self, key: ConversationKey, record: DeliveryRecord) -> bool:
-        return await self._inner.set_delivery(key, record)
-
-    async def inbox_add(self, items: Sequence[InboxItem]) -> list[InboxItem]:
-        return await self._inner.inbox_add(items)
-
-    async def inbox_pending(self, platform: str) -> list[InboxItem]:
-        return await self._inner.inbox_pending(platform)
-
-    async def inbox_note(self, platform: str, item_id: str, note: str) -> None:
-        await self._inner.inbox_note(platform, item_id, note)
-
-    async def inbox_done(self, platform: str, item_id: str) -> None:
-        await self._inner.inbox_done(platform, item_id)
-
-    async def inbox_prune(self, before: datetime) -> int:
-        return await self._inner.inbox_prune(before)
-
     async def replace_last_reply(
         self, key: ConversationKey, text: str, message_id: str = ""
     ) -> bool:
@@ -488,9 +416,6 @@ class RedisCachedStorage(Storage):
     async def _forget_user(self, index: str, conversation_ids: Collection[str]) -> None:
         await self._invalidate(conversation_ids)
         await self._redis.delete(index)
-
-    async def export_user(self, platform: str, user_id: str) -> UserExport:
-        return await self._inner.export_user(platform, user_id)
 
     async def get_persona(self, key: ConversationKey) -> str | None:
         cached = await self._run("reading a persona", lambda: self._read_persona(key))
@@ -542,12 +467,6 @@ class RedisCachedStorage(Storage):
 
         await self._after_write("storing a persona", key, before, store)
 
-    async def link_code_put(self, code: LinkCode) -> None:
-        await self._inner.link_code_put(code)
-
-    async def link_code_take(self, digest: str, now: datetime) -> Account | None:
-        return await self._inner.link_code_take(digest, now)
-
     async def person_of(self, account: Account) -> str | None:
         name = self._keys.person(account)
         cached = await self._run("reading a linked account", lambda: self._redis.get(name))
@@ -561,9 +480,6 @@ class RedisCachedStorage(Storage):
     async def _fill_person(self, name: str, person: str | None) -> None:
         """Only where no write got there first (NX): a link or unlink always wins."""
         await self._redis.set(name, person or "", ex=self._ttl_s, nx=True)
-
-    async def accounts_of(self, person_id: str) -> list[Account]:
-        return await self._inner.accounts_of(person_id)
 
     async def link(self, person_id: str, accounts: Sequence[Account]) -> None:
         await self._inner.link(person_id, accounts)
@@ -593,9 +509,6 @@ class RedisCachedStorage(Storage):
             self._stale_everything = True  # cached windows may hold purged turns
             await self._run("invalidating after a purge", _nothing)
         return deleted
-
-    async def stats(self) -> dict[str, int]:
-        return await self._inner.stats()
 
     async def ping(self) -> str:
         """The store of record's answer (Redis has a health check of its own)."""

@@ -28,11 +28,11 @@ from storage.locks import (
 )
 from storage.redis.cache import (
     REDIS_ERRORS,
-    RedisKeyBuilder,
     describe_client,
     describe_redis_error,
     redis_client,
 )
+from storage.redis.keys import RedisKeyBuilder
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from bots.console_adapter import ConsoleAdapter
-from tests.core.dialogue_helpers import make_manager, make_settings
+from tests.support.dialogue import managed
 
 SCRIPT = "안녕하세요\n오늘 날씨 어때?\n/reset\n오늘 날씨 어때?\n"
 
@@ -93,12 +93,9 @@ async def lines_of(text: str) -> AsyncIterator[str]:
 async def test_prompts_hold_the_first_turn_until_reset(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    manager, backend = await make_manager(make_settings(tiny_model_dir, tmp_path))
     out = io.StringIO()
-    try:
+    async with managed(tiny_model_dir, tmp_path) as (manager, backend):
         await ConsoleAdapter(manager, "bob", out).run_lines(lines_of(SCRIPT))
-    finally:
-        await manager.close()
     tokenizer = backend.inner.tokenizer
     prompts = [
         tokenizer.decode(list(r.prompt_ids)).replace("\n ", "\n")  # type: ignore[attr-defined]

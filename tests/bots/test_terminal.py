@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.spawn:
+    """`kobot chat` in a 24x100 terminal, everything it shows kept for `screen`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOBOT_")}
     env.update(
         KOBOT_MODEL=str(model_dir),
@@ -38,7 +39,7 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
         PROMPT_TOOLKIT_NO_CPR="1",  # pexpect does not answer cursor position requests
         PYTHONPATH=str(ROOT),
     )
-    return pexpect.spawn(
+    child = pexpect.spawn(
         sys.executable,
         ["-m", "bots.cli", "chat"],
         env=env,
@@ -47,23 +48,24 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
         timeout=90,
         dimensions=(24, 100),
     )
+    child.logfile_read = io.StringIO()
+    return child
 
 
 def log_lines(shown: str) -> list[str]:
     return [line for line in shown.splitlines() if LOG_LINE.search(line)]
 
 
-def screen(child: pexpect.spawn, transcript: io.StringIO) -> str:
+def screen(child: pexpect.spawn) -> str:
+    """Everything the chat showed, without terminal escapes (closes it)."""
     child.close()
-    return ANSI.sub("", transcript.getvalue())
+    return ANSI.sub("", child.logfile_read.getvalue())
 
 
 def test_the_reply_streams_ctrl_c_stops_it_and_two_at_the_prompt_quit(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     child = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=512)
-    transcript = io.StringIO()
-    child.logfile_read = transcript
     dtype = "bf16" if fast_bf16_cpu() else "fp32"  # KOBOT_DTYPE=auto
     child.expect_exact(f"{tiny_model_dir} · cpu · {dtype} · local")  # the status line
     child.expect_exact("console>")
@@ -80,7 +82,7 @@ def test_the_reply_streams_ctrl_c_stops_it_and_two_at_the_prompt_quit(
     child.expect_exact("console>")
     child.sendintr()  # a second time: quit
     child.expect(pexpect.EOF)
-    shown = screen(child, transcript)
+    shown = screen(child)
     assert child.exitstatus == 0, shown
     reply = shown.split("안녕하세요", 1)[1].split(STOPPED_NOTE.strip())[0]
     assert reply.strip(" …\r\n^C")  # some of the reply was shown before it was stopped
@@ -91,8 +93,6 @@ def test_a_whole_reply_comes_back_to_the_prompt_and_ctrl_d_quits(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     child = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=16)
-    transcript = io.StringIO()
-    child.logfile_read = transcript
     child.expect_exact("console>")
     child.sendline("오늘 날씨 어때?")
     child.expect_exact(PROMPT_DONE)
@@ -100,7 +100,7 @@ def test_a_whole_reply_comes_back_to_the_prompt_and_ctrl_d_quits(
     reply = ANSI.sub("", child.before).strip()
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
-    shown = screen(child, transcript)
+    shown = screen(child)
     assert reply and STOPPED_NOTE.strip() not in shown
     assert child.exitstatus == 0
     assert log_lines(shown) == []

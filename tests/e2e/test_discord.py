@@ -16,7 +16,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,17 +42,17 @@ from core.dialogue import commands as texts
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
 from core.generation.base import (
-    BackendInfo,
     FinishReason,
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
-    TokenCounter,
 )
 from core.messages import ConversationKey, Role
 from core.settings import Settings
 from storage.base import StorageError
-from tests.e2e.fake_discord import JSON, FakeDiscord
+from tests.support.backends import Wrapping
+from tests.support.discord import JSON, FakeDiscord
+from tests.support.platforms import discord_settings
 
 WAIT_S = 30.0
 REPO = Path(__file__).resolve().parents[2]
@@ -63,34 +63,17 @@ NO_PING: JSON = {"parse": []}
 # The model: one tiny GPT-2 per session; a script or a gate where a test needs control
 
 
-@pytest.fixture(scope="session")
-def tiny_backend(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
-    from tests.generation.backends import close_now, engine_backend
-
-    backend = engine_backend(tiny_model_dir)
-    yield backend
-    close_now(backend)
-
-
-class TestBackend(GenerationBackend):
+class TestBackend(Wrapping):
     """The shared tiny model, optionally scripted or held at a gate; `close` leaves it open."""
 
     __test__ = False
 
     def __init__(self, inner: GenerationBackend, script: str | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.script = script
         self.gate: asyncio.Event | None = None
         self.started = 0
         self.requests: list[GenerationRequest] = []
-
-    @property
-    def tokenizer(self) -> TokenCounter:
-        return self.inner.tokenizer
-
-    def info(self) -> BackendInfo:
-        return self.inner.info()
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         self.started += 1
@@ -104,23 +87,6 @@ class TestBackend(GenerationBackend):
 
 # ---------------------------------------------------------------------------------------------
 # Running the bot against the fake
-
-
-def bot_settings(fake: FakeDiscord, tmp_path: Path, model_dir: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "model": str(model_dir),
-        "device": "cpu",
-        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'kobot.db'}",
-        "max_new_tokens": 8,
-        "rate_limit_per_minute": 0,
-        "discord_token": fake.token,
-        "discord_api_url": fake.api_url,
-        "discord_gateway_url": fake.gateway_url,
-        "discord_channels": [fake.guild.listed_id],
-        "stream_replies": False,  # streamed replies: tests/e2e/test_streaming_discord.py
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
 
 
 @dataclass
@@ -187,22 +153,17 @@ async def running_bot(
 
 
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as server:
-        yield server
+def fake(fake_discord: FakeDiscord) -> FakeDiscord:
+    return fake_discord
 
 
 @pytest.fixture
 async def harness(
     fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> AsyncIterator[Harness]:
-    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    settings = discord_settings(fake, tmp_path, tiny_model_dir)
     async with running_bot(fake, settings, TestBackend(tiny_backend)) as running:
         yield running
-
-
-def mention(user: JSON) -> str:
-    return f"<@{user['id']}>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,13 +217,7 @@ async def test_server_messages_need_a_mention_a_reply_or_a_listed_channel(harnes
             user, "웹훅", guild.listed_id, webhook_id=str(fake.ids.next()), **in_guild
         ),
     ]
-    mentioned = await fake.send_message(
-        user,
-        f"{mention(fake.bot_user)} 안녕",
-        guild.general_id,
-        mentions=(fake.bot_user,),
-        **in_guild,
-    )
+    mentioned = await fake.mention_bot(user, "안녕", guild)
     by_role = await fake.send_message(
         user,
         f"<@&{guild.bot_role_id}> 역할로 불러요",
@@ -305,13 +260,7 @@ async def test_media_without_text_and_typed_export_in_a_server(harness: Harness)
         user, "", guild.listed_id, guild_id=guild.id, attachments=[attachment]
     )
     assert await harness.reply_text(photo) == discord_text(NO_TEXT)
-    export = await fake.send_message(
-        user,
-        f"{mention(fake.bot_user)} /export",
-        guild.general_id,
-        guild_id=guild.id,
-        mentions=(fake.bot_user,),
-    )
+    export = await fake.mention_bot(user, "/export", guild)
     await harness.replies(export)
     sent = fake.find(rf"POST /channels/{guild.general_id}/messages")[-1]
     assert sent.files == {} and discord_text(FILE_IN_PRIVATE) in sent.body["content"]
@@ -340,7 +289,7 @@ async def test_slash_commands_reset_persona_stats_and_help(harness: Harness) -> 
 async def test_slow_export_is_deferred_then_sent_as_a_private_file(
     fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
-    settings = bot_settings(fake, tmp_path, tiny_model_dir, discord_guilds=[fake.guild.id])
+    settings = discord_settings(fake, tmp_path, tiny_model_dir, discord_guilds=[fake.guild.id])
     async with running_bot(fake, settings, TestBackend(tiny_backend), defer_after_s=0.0) as h:
         assert fake.find(rf"PUT /applications/{fake.app_id}/guilds/{fake.guild.id}/commands")
         user = h.person("서연")
@@ -361,7 +310,7 @@ async def test_a_5000_character_reply_is_split_in_order(
     sentences = [f"{i}번째 문장은 정말 길고 자세한 설명을 담고 있어요." for i in range(200)]
     long_text = " ".join(sentences)[:5000]
     backend = TestBackend(tiny_backend, script=long_text)
-    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    settings = discord_settings(fake, tmp_path, tiny_model_dir)
     async with running_bot(fake, settings, backend) as h:
         message = await fake.send_message(h.person("예준"), "길게 말해 줘")
         parts = await h.replies(message, count=3)
@@ -378,7 +327,7 @@ async def test_mentions_and_markdown_in_model_output_never_ping(
 ) -> None:
     role = fake.guild.member_role_id
     output = f"@everyone @here <@{fake.owner['id']}> <@&{role}> **굵게**"
-    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    settings = discord_settings(fake, tmp_path, tiny_model_dir)
     async with running_bot(fake, settings, TestBackend(tiny_backend, script=output)) as h:
         message = await fake.send_message(
             h.person("은우"), "모두 불러 줘", fake.guild.listed_id, guild_id=fake.guild.id
@@ -462,7 +411,7 @@ async def test_allowlists_roles_admins_and_the_user_rate_limit(
 ) -> None:
     guild = fake.guild
     admin = fake.user("관리자")
-    settings = bot_settings(
+    settings = discord_settings(
         fake,
         tmp_path,
         tiny_model_dir,
@@ -498,18 +447,12 @@ async def test_auto_sharding_connects_every_shard(
     tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     async with FakeDiscord(recommended_shards=2, guild_shards=2) as fake:
-        settings = bot_settings(fake, tmp_path, tiny_model_dir, discord_shards="auto")
+        settings = discord_settings(fake, tmp_path, tiny_model_dir, discord_shards="auto")
         async with running_bot(fake, settings, TestBackend(tiny_backend)) as h:
             assert sorted(i["shard"] for i in fake.identifies) == [[0, 2], [1, 2]]
             user = h.person("샤드")
             far = fake.guilds[1]
-            in_far_guild = await fake.send_message(
-                user,
-                f"{mention(fake.bot_user)} 안녕",
-                far.general_id,
-                guild_id=far.id,
-                mentions=(fake.bot_user,),
-            )
+            in_far_guild = await fake.mention_bot(user, "안녕", far)
             await h.replies(in_far_guild)
             await h.replies(await fake.send_message(user, "DM은 0번 샤드"))
             assert fake.find(r"GET /gateway/bot")
@@ -518,7 +461,7 @@ async def test_auto_sharding_connects_every_shard(
 async def test_a_bad_token_stops_start_up_with_a_clear_message(
     fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    settings = bot_settings(fake, tmp_path, tiny_model_dir, discord_token="not-the-token")
+    settings = discord_settings(fake, tmp_path, tiny_model_dir, discord_token="not-the-token")
     with pytest.raises(StartupError) as caught:
         await asyncio.wait_for(DiscordBot(settings).run(), WAIT_S)
     assert str(caught.value) == TOKEN_REJECTED and "not-the-token" not in str(caught.value)
@@ -529,11 +472,11 @@ async def test_a_missing_message_content_intent_stops_start_up(
     tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     async with FakeDiscord(app_flags=0) as fake:
-        settings = bot_settings(fake, tmp_path, tiny_model_dir)
+        settings = discord_settings(fake, tmp_path, tiny_model_dir)
         with pytest.raises(StartupError, match="Message Content Intent"):
             await asyncio.wait_for(DiscordBot(settings).run(), WAIT_S)
     async with FakeDiscord(allow_message_content=False) as fake:  # the gateway says 4014
-        settings = bot_settings(fake, tmp_path, tiny_model_dir)
+        settings = discord_settings(fake, tmp_path, tiny_model_dir)
         manager = await build_dialogue_manager(settings, TestBackend(tiny_backend))
         try:
             with pytest.raises(StartupError) as caught:
@@ -642,7 +585,7 @@ async def test_a_restart_answers_what_died_mid_generation_once(
 ) -> None:
     """Discord never sends a message again after a restart: the inbox has it, and the next
     run answers it; a replay of it afterwards is a no-op."""
-    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    settings = discord_settings(fake, tmp_path, tiny_model_dir)
     first_life = CrashingBackend(tiny_backend, "첫 생에서는 못 보낸 답")
     first_life.gate = asyncio.Event()
     user = fake.user("재시작")
@@ -698,7 +641,7 @@ async def test_a_retry_taken_up_again_after_a_restart_is_not_retried_twice(
 ) -> None:
     """A typed /retry was answered, then the process died before the inbox finished it: the
     next run takes it up again and neither answers it again nor replaces the reply again."""
-    settings = bot_settings(fake, tmp_path, tiny_model_dir)
+    settings = discord_settings(fake, tmp_path, tiny_model_dir)
     first_life = TestBackend(tiny_backend, "처음 답")
     user = fake.user("다시")
     async with running_bot(fake, settings, first_life) as harness:

@@ -8,7 +8,6 @@ Telegram is redeemed on Discord, and the Discord prompt then carries the Telegra
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,40 +16,26 @@ from bots.discord_adapter import displayable
 from core.dialogue import commands as texts
 from core.generation.base import GenerationBackend
 from core.settings import Settings
-from tests.e2e.fake_discord import FakeDiscord
-from tests.e2e.fake_telegram import TOKEN, FakeTelegram, group_chat, private_chat, user
 from tests.e2e.test_discord import (
     TestBackend,
-    bot_settings,
     contains_run,
     running_bot,
-    tiny_backend,  # noqa: F401 - the session's tiny model (a fixture)
 )
 from tests.e2e.test_telegram import OPTIONS, running
+from tests.support.discord import FakeDiscord
+from tests.support.platforms import discord_settings
+from tests.support.telegram import TOKEN, FakeTelegram, group_chat, private_chat, user
 
 pytestmark = pytest.mark.filterwarnings("ignore::telegram.warnings.PTBDeprecationWarning")
 CODE = re.compile(r"[0-9A-Z]{5}-[0-9A-Z]{5}")
 EPHEMERAL = 64
 
 
-@pytest.fixture
-async def fake_telegram() -> AsyncIterator[FakeTelegram]:
-    server = await FakeTelegram().start()
-    yield server
-    await server.stop()
-
-
-@pytest.fixture
-async def fake_discord() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as server:
-        yield server
-
-
 def shared_settings(
     fake_discord: FakeDiscord, fake_telegram: FakeTelegram, tmp_path: Path, model_dir: Path
 ) -> Settings:
     """Both platforms' settings over one database, the context following the person."""
-    return bot_settings(
+    return discord_settings(
         fake_discord,
         tmp_path,
         model_dir,
@@ -65,7 +50,7 @@ async def test_a_telegram_and_a_discord_user_become_one_person(
     fake_discord: FakeDiscord,
     tmp_path: Path,
     tiny_model_dir: Path,
-    tiny_backend: GenerationBackend,  # noqa: F811 - the fixture imported above
+    tiny_backend: GenerationBackend,
 ) -> None:
     settings = shared_settings(fake_discord, fake_telegram, tmp_path, tiny_model_dir)
     telegram_backend, discord_backend = TestBackend(tiny_backend), TestBackend(tiny_backend)

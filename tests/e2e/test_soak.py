@@ -33,9 +33,15 @@ from core.dialogue import commands as texts
 from core.messages import ConversationKey, Role
 from storage.base import Delivery
 from storage.sql import SqlStorage
-from tests.core.ops.helpers import Kobot, kobot_env
-from tests.e2e.fake_telegram import JSON, TOKEN, FakeTelegram, private_chat, user
-from tests.services import POSTGRES_URL, asyncpg_dsn, closed_port, require_postgres, require_redis
+from tests.support.kobot import Kobot, kobot_env
+from tests.support.services import (
+    POSTGRES_URL,
+    asyncpg_dsn,
+    closed_port,
+    require_postgres,
+    require_redis,
+)
+from tests.support.telegram import JSON, TOKEN, FakeTelegram, private_chat, user
 
 pytestmark = [
     pytest.mark.slow,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,29 +25,21 @@ from core.generation.base import (
     StreamChunk,
 )
 from core.messages import Reply, Role
-from tests.e2e.fake_discord import JSON, Call, FakeDiscord
-from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, bot_settings, running_bot
-from tests.generation.backends import close_now, engine_backend
+from tests.e2e.test_discord import WAIT_S, Harness, TestBackend, running_bot
+from tests.support.backends import Unclosed
+from tests.support.discord import JSON, Call, FakeDiscord
+from tests.support.platforms import discord_settings
 
 PARTIALS = ["오늘은", "오늘은 날씨가", "오늘은 날씨가 정말"]
 FINAL = "오늘은 날씨가 정말 좋네요"
 EDITS = r"PATCH /channels/\d+/messages/\d+"
 
 
-class Forwarding(TestBackend):
-    """The shared tiny model with streaming and scoring passed through."""
+class Forwarding(TestBackend, Unclosed):
+    """The shared tiny model: `generate` as TestBackend's, streaming and scoring passed through
+    (Unclosed's)."""
 
     __test__ = False
-
-    async def generate_stream(self, request: GenerationRequest) -> AsyncIterator[StreamChunk]:
-        self.requests.append(request)
-        async for chunk in self.inner.generate_stream(request):
-            yield chunk
-
-    async def score(
-        self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
-    ) -> list[float]:
-        return await self.inner.score(prompts, continuations)
 
 
 class PacedStream(TestBackend):
@@ -73,22 +65,13 @@ class PacedStream(TestBackend):
         return lambda: text in self.fake.shown_in(self.channel_id)
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    """What the factory ships for KOBOT_BACKEND=local (the engine), on the tiny model."""
-    backend = engine_backend(tiny_model_dir)
-    yield backend
-    close_now(backend)
-
-
 @pytest.fixture
-async def fake() -> AsyncIterator[FakeDiscord]:
-    async with FakeDiscord() as server:
-        yield server
+def fake(fake_discord: FakeDiscord) -> FakeDiscord:
+    return fake_discord
 
 
 def streaming_settings(fake: FakeDiscord, tmp_path: Path, model: Path, **overrides: Any) -> Any:
-    return bot_settings(fake, tmp_path, model, stream_replies=True, **overrides)
+    return discord_settings(fake, tmp_path, model, stream_replies=True, **overrides)
 
 
 def operations(fake: FakeDiscord, channel_id: int) -> list[Call]:
@@ -143,11 +126,11 @@ class PacedAnywhere(PacedStream):
 
 
 async def test_slash_commands_stream_into_their_original_response(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     """/story and /retry: deferred, then the original response grows by edits at most once a
     second, the last edit exactly the reply (for /retry, the reply stored)."""
-    backend = PacedAnywhere(tiny, fake)
+    backend = PacedAnywhere(tiny_backend, fake)
     settings = streaming_settings(fake, tmp_path, tiny_model_dir)
     async with running_bot(fake, settings, backend, stream_first_after_s=0.0) as harness:
         user = harness.person("지우")
@@ -176,9 +159,9 @@ async def test_slash_commands_stream_into_their_original_response(
 
 
 async def test_a_reply_grows_in_place_at_most_once_a_second(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
-    backend = PacedStream(tiny, fake)
+    backend = PacedStream(tiny_backend, fake)
     settings = streaming_settings(fake, tmp_path, tiny_model_dir)
     async with running_bot(fake, settings, backend, stream_first_after_s=0.0) as harness:
         user = harness.person("하준")
@@ -197,10 +180,10 @@ async def test_a_reply_grows_in_place_at_most_once_a_second(
 
 
 async def test_a_429_on_an_edit_is_waited_out(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     fake.rate_limit(EDITS, times=1)
-    backend = PacedStream(tiny, fake)
+    backend = PacedStream(tiny_backend, fake)
     settings = streaming_settings(fake, tmp_path, tiny_model_dir)
     options = {"stream_interval_s": 0.2, "stream_first_after_s": 0.0}
     async with running_bot(fake, settings, backend, **options) as harness:
@@ -216,10 +199,10 @@ async def test_a_429_on_an_edit_is_waited_out(
 
 
 async def test_the_model_commands_as_messages_and_slash_commands(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     settings = streaming_settings(fake, tmp_path, tiny_model_dir, story_max_new_tokens=16)
-    async with running_bot(fake, settings, Forwarding(tiny)) as harness:
+    async with running_bot(fake, settings, Forwarding(tiny_backend)) as harness:
         synced = {command["name"]: command for command in fake.calls[2].body}
         user = harness.person("민준")
         channel = fake.dm_channel_id(user)
@@ -260,19 +243,19 @@ class DiesMidStream(PacedStream):
 
 
 async def test_a_restart_finishes_the_half_streamed_message(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     settings = streaming_settings(fake, tmp_path, tiny_model_dir)
     options = {"stream_interval_s": 0.05, "stream_first_after_s": 0.0}
     user = fake.user("재시작")
     channel = fake.dm_channel_id(user)
-    dying = DiesMidStream(tiny, fake)
+    dying = DiesMidStream(tiny_backend, fake)
     dying.channel_id = channel
     async with running_bot(fake, settings, dying, **options):
         asked = await fake.send_message(user, "날씨 어때?")
         await fake.wait_for(lambda: fake.shown_in(channel) == [PARTIALS[0]], WAIT_S)
         await asyncio.sleep(0.1)
-    again = PacedStream(tiny, fake)
+    again = PacedStream(tiny_backend, fake)
     again.channel_id = channel
     async with running_bot(fake, settings, again, **options) as harness:
         await fake.wait_for(lambda: fake.shown_in(channel) == [FINAL], WAIT_S)
@@ -284,12 +267,12 @@ async def test_a_restart_finishes_the_half_streamed_message(
 
 
 async def test_a_long_streamed_slash_answer_continues_in_follow_ups(
-    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny: GenerationBackend
+    fake: FakeDiscord, tmp_path: Path, tiny_model_dir: Path, tiny_backend: GenerationBackend
 ) -> None:
     """Past 2,000 characters the original response ends with the first chunk and the rest of
     the reply follows as follow-ups, in order."""
     long_story = " ".join(f"{i}번째 문장은 길게 이어지는 이야기예요." for i in range(120))
-    backend = PacedAnywhere(tiny, fake, final=long_story)
+    backend = PacedAnywhere(tiny_backend, fake, final=long_story)
     settings = streaming_settings(fake, tmp_path, tiny_model_dir)
     options = {"stream_interval_s": 0.2, "stream_first_after_s": 0.0}
     async with running_bot(fake, settings, backend, **options) as harness:

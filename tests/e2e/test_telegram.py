@@ -14,9 +14,10 @@ import json
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +40,17 @@ from bots.telegram_updates import PollingConfig
 from core.dialogue import commands as texts
 from core.errors import StartupError
 from core.generation.base import (
-    BackendInfo,
     FinishReason,
     GenerationBackend,
     GenerationRequest,
     GenerationResult,
-    TokenCounter,
 )
-from core.generation.factory import build_backend
 from core.messages import ConversationKey, Role, Turn
 from core.settings import Settings
 from storage.base import StorageError
-from tests.e2e.fake_telegram import (
+from tests.support.backends import Wrapping
+from tests.support.platforms import telegram_settings
+from tests.support.telegram import (
     BOT_ID,
     BOT_USERNAME,
     JSON,
@@ -87,24 +87,7 @@ VOICE = {"file_id": "voice-1", "file_unique_id": "v1", "duration": 2}
 # Fixtures and helpers
 
 
-class SharedBackend(GenerationBackend):
-    """The session's tiny model, shared by every test: `close` leaves it open."""
-
-    def __init__(self, inner: GenerationBackend) -> None:
-        self.inner = inner
-
-    @property
-    def tokenizer(self) -> TokenCounter:
-        return self.inner.tokenizer
-
-    def info(self) -> BackendInfo:
-        return self.inner.info()
-
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        return await self.inner.generate(request)
-
-
-class ScriptedBackend(SharedBackend):
+class ScriptedBackend(Wrapping):
     """Replies with a fixed text, or the model's; can hold a generation until released."""
 
     def __init__(self, inner: GenerationBackend, reply: str | None = None) -> None:
@@ -123,55 +106,24 @@ class ScriptedBackend(SharedBackend):
         return GenerationResult(self.reply, 1, FinishReason.STOP)
 
 
-@pytest.fixture(scope="module")
-def local_backend(tiny_model_dir: Path) -> Iterator[GenerationBackend]:
-    """The tiny model, loaded once for this module, on one torch thread.
-
-    On a busy 2-core machine, torch's default of one OpenMP thread per core makes each
-    generation spin-wait for the other thread: about 3 s instead of 0.06 s.
-    """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    settings = Settings(_env_file=None, model=str(tiny_model_dir), device="cpu")  # type: ignore[call-arg]
-    backend = build_backend(settings)
-    yield backend
-    asyncio.run(backend.close())
-    torch.set_num_threads(threads)
+@pytest.fixture
+def backend(tiny_backend: GenerationBackend) -> Wrapping:
+    return Wrapping(tiny_backend)
 
 
 @pytest.fixture
-def backend(local_backend: GenerationBackend) -> SharedBackend:
-    return SharedBackend(local_backend)
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeTelegram]:
-    server = await FakeTelegram().start()
-    yield server
-    await server.stop()
+def fake(fake_telegram: FakeTelegram) -> FakeTelegram:
+    return fake_telegram
 
 
 @pytest.fixture
 def make_settings(
     tmp_path: Path, fake: FakeTelegram, tiny_model_dir: Path
 ) -> Callable[..., Settings]:
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "model": str(tiny_model_dir),
-            "device": "cpu",
-            "database_url": f"sqlite+aiosqlite:///{tmp_path / 'kobot.db'}",
-            "max_new_tokens": 8,
-            "telegram_token": TOKEN,
-            "telegram_base_url": fake.base_url,
-            "telegram_admin_ids": [ADMIN_ID],
-            "stream_replies": False,  # streamed replies: tests/e2e/test_streaming_telegram.py
-        }
-        values.update(overrides)
-        return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-    return make
+    return partial(
+        telegram_settings, fake, tmp_path, tiny_model_dir, telegram_admin_ids=[ADMIN_ID],
+        stream_replies=False,  # streamed replies: tests/e2e/test_streaming_telegram.py
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -225,7 +177,7 @@ def quoted(call: Call) -> int | None:
 
 
 async def test_private_chat_round_trip(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     alice, chat = user(101, "앨리스"), private_chat(101)
     async with running(settings, backend) as adapter:
@@ -257,7 +209,7 @@ async def test_private_chat_round_trip(
 
 
 async def test_non_text_captions_bots_and_edits(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     dave, chat = user(111), private_chat(111)
     robot = user(112, is_bot=True)
@@ -285,7 +237,7 @@ async def test_non_text_captions_bots_and_edits(
 
 
 async def test_group_mentions_replies_commands_and_ignores(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     group, bob, carol = group_chat(-100500), user(202), user(203)
     robot = user(909, is_bot=True)
@@ -323,13 +275,13 @@ async def test_group_mentions_replies_commands_and_ignores(
 
 
 async def test_long_reply_is_split_at_sentence_ends(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     sentence = "오늘은 정말 좋은 날이에요 😀 같이 산책하러 갈까요? 바람이 시원하네요. "
     long_reply = (sentence * 240).strip()
     assert utf16_len(long_reply) > 2 * 4096
     group, erin = group_chat(-100600), user(301)
-    async with running(settings, ScriptedBackend(local_backend, long_reply)):
+    async with running(settings, ScriptedBackend(tiny_backend, long_reply)):
         update = fake.send(group, erin, f"@{BOT_USERNAME} 길게 말해 줘")
         await fake.wait_handled(update)
 
@@ -343,7 +295,7 @@ async def test_long_reply_is_split_at_sentence_ends(
 
 
 async def test_export_sends_a_json_document(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     frank, chat, group = user(401), private_chat(401), group_chat(-100700)
     async with running(settings, backend):
@@ -371,7 +323,7 @@ async def test_export_sends_a_json_document(
 
 
 async def test_webhook_mode_checks_the_secret(
-    fake: FakeTelegram, make_settings: Callable[..., Settings], backend: SharedBackend
+    fake: FakeTelegram, make_settings: Callable[..., Settings], backend: Wrapping
 ) -> None:
     url = "https://bot.example.test/kobot/hook"
     secret = "webhook-Secret_42"
@@ -402,7 +354,7 @@ async def test_webhook_mode_checks_the_secret(
 
 
 async def test_retry_after_is_honoured(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     fake.fail_next("sendMessage", status=429, retry_after=1)
     async with running(settings, backend) as adapter:
@@ -417,7 +369,7 @@ async def test_retry_after_is_honoured(
 
 
 async def test_sends_to_a_busy_group_are_paced(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     options = replace(OPTIONS, pacing=Pacing(group=Rate(per_second=5.0, burst=1.0)))
     group = group_chat(-100800)
@@ -440,12 +392,12 @@ def test_token_bucket_reserves_in_order() -> None:
 
 
 async def test_a_stuck_chat_blocks_nobody_else(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     """The offset never waits for a slow conversation: updates are stored, then confirmed at
     once, even while one chat's generation hangs and 150 more updates (over the 100 a
     `getUpdates` returns) arrive behind it."""
-    slow = ScriptedBackend(local_backend, "빠른 답")
+    slow = ScriptedBackend(tiny_backend, "빠른 답")
     slow.hold = True
     async with running(settings, slow):
         stuck = fake.send(private_chat(1701), user(1701), "오래 걸리는 질문")
@@ -478,7 +430,7 @@ def test_mentions_are_stripped_with_utf16_offsets() -> None:
 
 
 async def test_allowlists_admin_stats_and_rate_limit(
-    fake: FakeTelegram, make_settings: Callable[..., Settings], backend: SharedBackend
+    fake: FakeTelegram, make_settings: Callable[..., Settings], backend: Wrapping
 ) -> None:
     group = group_chat(-100900)
     settings = make_settings(
@@ -505,9 +457,9 @@ async def test_allowlists_admin_stats_and_rate_limit(
 
 
 async def test_typing_is_refreshed_while_generating(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
-    slow = ScriptedBackend(local_backend)
+    slow = ScriptedBackend(tiny_backend)
     slow.hold = True
     options = replace(OPTIONS, typing_interval_s=0.05)
     async with running(settings, slow, options):
@@ -558,7 +510,7 @@ async def test_bad_token_stops_start_up_in_one_line(
 async def test_token_never_reaches_the_logs(
     fake: FakeTelegram,
     settings: Settings,
-    backend: SharedBackend,
+    backend: Wrapping,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -574,7 +526,7 @@ async def test_token_never_reaches_the_logs(
 
 
 async def test_run_telegram_serves_until_stopped(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     """The `kobot telegram` entry point: token check, model load, polling, clean stop."""
     stop = asyncio.Event()
@@ -591,7 +543,7 @@ async def test_run_telegram_serves_until_stopped(
 
 
 async def test_twenty_users_at_once_each_get_their_replies_in_order(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     people = [user(1000 + i) for i in range(20)]
     firsts = {p["id"]: f"안녕하세요, 저는 {i}번 사용자예요" for i, p in enumerate(people)}
@@ -621,10 +573,10 @@ async def test_twenty_users_at_once_each_get_their_replies_in_order(
 
 
 async def test_restart_neither_loses_nor_repeats_an_answer(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     erin, chat = user(1501), private_chat(1501)
-    first_life = ScriptedBackend(local_backend)
+    first_life = ScriptedBackend(tiny_backend)
     options = replace(OPTIONS, drain_timeout_s=0.2)
     async with running(settings, first_life, options):
         answered = fake.send(chat, erin, "첫 번째 메시지예요")
@@ -640,7 +592,7 @@ async def test_restart_neither_loses_nor_repeats_an_answer(
     fake.rewind(answered["update_id"])
     while_down = fake.send(chat, erin, "세 번째 메시지예요")
 
-    async with running(settings, SharedBackend(local_backend)) as adapter:
+    async with running(settings, Wrapping(tiny_backend)) as adapter:
         await fake.wait_handled(while_down)
         await fake.wait_handled(interrupted)
         turns = await turns_of(adapter, 1501, 1501)
@@ -657,13 +609,13 @@ async def test_restart_neither_loses_nor_repeats_an_answer(
 
 
 async def test_a_reply_stored_but_not_sent_is_sent_from_storage(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     """The outbox: the reply was stored, then every send failed (the bot died, in effect):
     the next start sends the stored reply without generating again, then marks it sent."""
     chat, ivy = private_chat(1901), user(1901)
     fake.fail_next("sendMessage", status=502, retry_after=None, times=4)  # all 4 attempts
-    first_life = ScriptedBackend(local_backend, "저장된 답")
+    first_life = ScriptedBackend(tiny_backend, "저장된 답")
     options = replace(OPTIONS, send_attempts=4)
     async with running(settings, first_life, options) as adapter:
         update = fake.send(chat, ivy, "답을 기다려요")
@@ -676,7 +628,7 @@ async def test_a_reply_stored_but_not_sent_is_sent_from_storage(
     assert stored is not None and stored.delivery == "pending"
     assert [item.item_id for item in pending] == [str(update["update_id"])]
 
-    second_life = ScriptedBackend(local_backend, "새로 만든 답 (보내지면 안 됨)")
+    second_life = ScriptedBackend(tiny_backend, "새로 만든 답 (보내지면 안 됨)")
     async with running(settings, second_life) as adapter:
         await fake.wait_for(lambda: len(fake.replies_to(1901)) == 1)
         await fake.wait_handled(update)
@@ -692,12 +644,12 @@ async def test_a_reply_stored_but_not_sent_is_sent_from_storage(
 
 
 async def test_a_retry_redelivered_after_a_restart_is_sent_from_storage(
-    fake: FakeTelegram, settings: Settings, local_backend: GenerationBackend
+    fake: FakeTelegram, settings: Settings, tiny_backend: GenerationBackend
 ) -> None:
     """/retry stored its new answer, then every send failed: the next start answers the
     redelivered /retry with that stored answer; nothing is generated or replaced again."""
     chat, kim = private_chat(1971), user(1971)
-    first_life = ScriptedBackend(local_backend, "처음 답")
+    first_life = ScriptedBackend(tiny_backend, "처음 답")
     async with running(settings, first_life, replace(OPTIONS, send_attempts=4)):
         await fake.wait_handled(fake.send(chat, kim, "안녕하세요"))
         first_life.reply = "다시 한 답"
@@ -706,7 +658,7 @@ async def test_a_retry_redelivered_after_a_restart_is_sent_from_storage(
         await fake.wait_handled(retry, timeout_s=30)
     assert fake.replies_to(1971) == ["처음 답"]
 
-    second_life = ScriptedBackend(local_backend, "세 번째 답 (만들면 안 됨)")
+    second_life = ScriptedBackend(tiny_backend, "세 번째 답 (만들면 안 됨)")
     async with running(settings, second_life) as adapter:
         await fake.wait_for(lambda: len(fake.replies_to(1971)) == 2)
         await fake.wait_handled(retry)
@@ -724,13 +676,13 @@ async def test_a_retry_redelivered_after_a_restart_is_sent_from_storage(
 async def test_a_retry_sent_but_not_finished_is_not_answered_again(
     fake: FakeTelegram,
     settings: Settings,
-    local_backend: GenerationBackend,
+    tiny_backend: GenerationBackend,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """/retry was answered, then the process died before its update was finished: after the
     restart the update is handled again, and neither answers nor changes the reply again."""
     chat, lee = private_chat(1981), user(1981)
-    first_life = ScriptedBackend(local_backend, "처음 답")
+    first_life = ScriptedBackend(tiny_backend, "처음 답")
     async with running(settings, first_life) as adapter:
         await fake.wait_handled(fake.send(chat, lee, "안녕하세요"))
         first_life.reply = "다시 한 답"
@@ -743,7 +695,7 @@ async def test_a_retry_sent_but_not_finished_is_not_answered_again(
         await fake.wait_for(lambda: len(fake.replies_to(1981)) == 2)
         await fake.wait_handled(retry)
 
-    second_life = ScriptedBackend(local_backend, "세 번째 답 (만들면 안 됨)")
+    second_life = ScriptedBackend(tiny_backend, "세 번째 답 (만들면 안 됨)")
     async with running(settings, second_life) as adapter:
         async with asyncio.timeout(20):
             while await adapter.manager.storage.inbox_pending("telegram"):  # noqa: ASYNC110
@@ -754,7 +706,7 @@ async def test_a_retry_sent_but_not_finished_is_not_answered_again(
 
 
 async def test_a_blocked_bot_marks_the_reply_failed_for_good(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     chat, jay = private_chat(1951), user(1951)
     fake.fail_next("sendMessage", status=403, retry_after=None)
@@ -771,7 +723,7 @@ async def test_a_blocked_bot_marks_the_reply_failed_for_good(
 
 
 async def test_commands_followed_by_a_line_break(
-    fake: FakeTelegram, settings: Settings, backend: SharedBackend
+    fake: FakeTelegram, settings: Settings, backend: Wrapping
 ) -> None:
     """`/help\\n…` is /help (Telegram's entity says so) in a private chat and in a group."""
     hana, group = user(1601), group_chat(-101600)
@@ -793,7 +745,7 @@ async def test_commands_followed_by_a_line_break(
 async def test_no_plain_id_in_any_log_line(
     fake: FakeTelegram,
     make_settings: Callable[..., Settings],
-    backend: SharedBackend,
+    backend: Wrapping,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Ignored users, refused and failing sends, duplicates: every line hashes the ids (the
@@ -827,7 +779,7 @@ async def test_no_plain_id_in_any_log_line(
 async def test_an_update_that_cannot_be_stored_is_not_confirmed(
     fake: FakeTelegram,
     make_settings: Callable[..., Settings],
-    backend: SharedBackend,
+    backend: Wrapping,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Polling: the batch is fetched again (not confirmed) until the inbox takes it; webhook:

@@ -15,7 +15,8 @@ from typing import Any
 
 from core.messages import ConversationKey, Role, Turn
 from storage.base import Storage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage, upgrade_database
 

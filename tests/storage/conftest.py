@@ -1,4 +1,4 @@
-"""Fixtures for the storage tests: every backend, and the shared servers (see tests/services.py)."""
+"""Fixtures for the storage tests: every backend, and the shared servers (tests/support/)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from storage.base import Storage
-from tests.services import pg_schema, redis_prefix  # noqa: F401 - fixtures
-from tests.storage.helpers import BACKENDS, open_storage
+from tests.support.services import pg_schema, redis_prefix  # noqa: F401 - fixtures
+from tests.support.storage import BACKENDS, open_storage
 
 
 @pytest.fixture(params=BACKENDS)

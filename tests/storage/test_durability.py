@@ -9,7 +9,7 @@ import pytest
 
 from storage.sql import SqlStorage, upgrade_database
 from tests.storage._worker import KEY
-from tests.storage.helpers import database, finish, start_together, start_worker, texts
+from tests.support.storage import database, finish, start_together, start_worker, texts
 
 ACKS_BEFORE_KILL = 30
 

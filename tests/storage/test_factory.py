@@ -11,10 +11,11 @@ from core.messages import ConversationKey
 from core.settings import Settings
 from storage.base import StorageError
 from storage.factory import StorageOptions, build_storage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
-from tests.services import REDIS_URL, closed_port
-from tests.storage.helpers import sqlite_url, texts, user
+from tests.support.services import REDIS_URL, closed_port
+from tests.support.storage import sqlite_url, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 

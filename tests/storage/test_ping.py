@@ -6,7 +6,7 @@ import pytest
 
 from storage.base import Storage, StorageError
 from storage.sql import SqlStorage
-from tests.services import closed_port
+from tests.support.services import closed_port
 
 ANSWERS = {
     "memory": "MemoryStorage",

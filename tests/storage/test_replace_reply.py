@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from core.messages import ConversationKey, Role
 from storage.base import Delivery, DeliveryRecord, Storage, StoredReply
-from tests.storage.helpers import ai, texts, user
+from tests.support.storage import ai, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 OTHER = ConversationKey("telegram", "c2", "u1")

@@ -16,8 +16,8 @@ from sqlalchemy import Connection, inspect, text
 from core.messages import ConversationKey
 from storage.base import Delivery, StorageError, StoredReply
 from storage.sql import Base, SqlStorage, alembic_config, create_engine_for, upgrade_database
-from tests.services import PostgresSchema, asyncpg_dsn, closed_port
-from tests.storage.helpers import ai, database, sqlite_url, texts, user
+from tests.support.services import PostgresSchema, asyncpg_dsn, closed_port
+from tests.support.storage import ai, database, sqlite_url, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 HEAD = "0003_linked_accounts"

@@ -20,7 +20,7 @@ from storage.base import (
     StoredReply,
 )
 from storage.memory import MemoryStorage
-from tests.storage.helpers import ai, texts, user
+from tests.support.storage import ai, texts, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 KST = timezone(timedelta(hours=9))

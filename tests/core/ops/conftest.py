@@ -1,5 +1,5 @@
-"""Fixtures for the operations tests: the shared PostgreSQL and Redis (tests/services.py)."""
+"""Fixtures for the operations tests: the shared PostgreSQL and Redis (tests/support/services)."""
 
 from __future__ import annotations
 
-from tests.services import pg_schema, redis_prefix  # noqa: F401 - fixtures
+from tests.support.services import pg_schema, redis_prefix  # noqa: F401 - fixtures

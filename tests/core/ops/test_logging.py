@@ -24,8 +24,9 @@ from core.ops.logs import (
     settings_secrets,
 )
 from core.settings import Settings
-from tests.core.ops.helpers import REPLY, GatedOpenAI, Kobot, kobot_env, run_kobot
-from tests.services import closed_port
+from tests.support.kobot import REPLY, Kobot, kobot_env, run_kobot
+from tests.support.openai import Answer, FakeOpenAI
+from tests.support.services import closed_port
 
 CANARY = f"canary{uuid.uuid4().hex[:12]}"
 
@@ -106,8 +107,7 @@ def test_an_unreachable_database_names_it_without_its_password(
 async def test_a_debug_chat_with_a_keyed_backend_leaks_nothing(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    server = GatedOpenAI()
-    server.gate.set()
+    server = FakeOpenAI(Answer(REPLY))
     url = await server.start()
     try:
         settings = canary_settings() | {"backend": "openai", "backend_url": url}
@@ -120,7 +120,8 @@ async def test_a_debug_chat_with_a_keyed_backend_leaks_nothing(
         await server.stop()
     assert code == 0, err[-3000:]
     assert out.splitlines()[0] == REPLY
-    assert server.headers[0]["Authorization"] == f"Bearer {CANARY}KEY"  # the key was in use
+    headers = server.received[0].headers
+    assert headers["Authorization"] == f"Bearer {CANARY}KEY"  # the key was in use
     assert_clean(out, err)
     events = json_lines(err)
     assert any(e["level"] == "DEBUG" for e in events)

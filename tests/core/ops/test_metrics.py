@@ -16,8 +16,8 @@ from core.ops.metrics import (
     total,
 )
 from core.ops.turns import TurnObserver
-from tests.core.dialogue_helpers import message
-from tests.core.ops.helpers import check_histograms, parse_exposition, sample
+from tests.support.dialogue import message
+from tests.support.prometheus import check_histograms, parse_exposition, sample
 
 
 def test_a_metric_set_renders_in_the_text_format_without_created_series() -> None:

@@ -17,9 +17,11 @@ from core.generation.factory import build_backend
 from core.ops.logs import JsonFormatter
 from core.ops.server import OpsServer
 from core.settings import Settings
-from tests.core.dialogue_helpers import RecordingBackend, make_settings, message
-from tests.core.ops.helpers import check_histograms, http_get, parse_exposition, sample
-from tests.services import REDIS_URL, closed_port, require_redis
+from tests.support.backends import RecordingBackend
+from tests.support.dialogue import make_settings, message
+from tests.support.kobot import http_get
+from tests.support.prometheus import check_histograms, parse_exposition, sample
+from tests.support.services import REDIS_URL, closed_port, require_redis
 
 CANARY = "canary-redis-password-7d1f"
 

@@ -17,12 +17,14 @@ from core.ops.lifecycle import BotServices
 from core.ops.metrics import total
 from core.ops.retention import RetentionPurge
 from storage.base import Storage
-from storage.redis.cache import RedisCachedStorage, RedisKeyBuilder, redis_client
+from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
-from tests.core.dialogue_helpers import make_settings
-from tests.core.ops.helpers import eventually, parse_exposition, sample
-from tests.services import REDIS_URL
-from tests.storage.helpers import database, sqlite_url
+from tests.support.dialogue import make_settings
+from tests.support.kobot import eventually
+from tests.support.prometheus import parse_exposition, sample
+from tests.support.services import REDIS_URL
+from tests.support.storage import database, sqlite_url
 
 NOW = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
 KEY = ConversationKey("telegram", "100", "7")
@@ -49,7 +51,7 @@ async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             yield sql
             await sql.close()
             return
-        from tests.services import redis_key_prefix
+        from tests.support.services import redis_key_prefix
 
         async with redis_key_prefix() as prefix:
             cached = RedisCachedStorage(

@@ -14,38 +14,55 @@ from pathlib import Path
 
 import pytest
 
-from tests.core.ops.helpers import (
+from tests.support.kobot import (
     REPLY,
     START_TIMEOUT_S,
-    GatedOpenAI,
     Kobot,
     http_get,
     kobot_env,
-    parse_exposition,
     run_kobot,
-    sample,
     stored_turns,
     wait_until,
 )
-from tests.e2e.fake_telegram import FakeTelegram, private_chat, user
-from tests.services import closed_port
+from tests.support.openai import Answer, FakeOpenAI
+from tests.support.prometheus import parse_exposition, sample
+from tests.support.services import closed_port
+from tests.support.telegram import FakeTelegram, private_chat, user
 
 STOPPING = "SIGTERM: stopping"
 
 
 @pytest.fixture
-async def server() -> AsyncIterator[GatedOpenAI]:
-    gated = GatedOpenAI()
+async def server() -> AsyncIterator[FakeOpenAI]:
+    gated = FakeOpenAI(Answer(REPLY), gated=True)
     await gated.start()
     yield gated
     await gated.stop()
 
 
 async def start_chat(
-    server: GatedOpenAI, model_dir: Path, workdir: Path, **settings: str
+    server: FakeOpenAI, model_dir: Path, workdir: Path, **settings: str
 ) -> tuple[Kobot, dict[str, str]]:
     env = kobot_env(model_dir, workdir, backend="openai", backend_url=server.url, **settings)
     return await Kobot.start(["chat"], env, workdir), env
+
+
+async def asking(
+    server: FakeOpenAI, model_dir: Path, workdir: Path, shutdown_timeout_s: str
+) -> Kobot:
+    """A `kobot chat` whose question the server holds: a reply in flight."""
+    kobot, _ = await start_chat(server, model_dir, workdir, shutdown_timeout_s=shutdown_timeout_s)
+    await kobot.send("오래 걸리는 질문")
+    await asyncio.wait_for(server.arrived.wait(), 120)
+    return kobot
+
+
+async def ends_unanswered(kobot: Kobot, workdir: Path, code: int, note: str) -> None:
+    """`kobot` exits with `code` and `note` on stderr, having shown and stored no reply."""
+    out, err, returned = await kobot.finish(timeout_s=30)
+    assert returned == code, err[-3000:]
+    assert out == "" and note in err
+    assert stored_turns(workdir / "kobot.db") == []
 
 
 async def healthy(base: str) -> bool:
@@ -54,12 +71,12 @@ async def healthy(base: str) -> bool:
 
 
 async def test_sigterm_lets_the_reply_in_flight_finish_then_takes_nothing_more(
-    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+    server: FakeOpenAI, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     port = closed_port()
     base = f"http://127.0.0.1:{port}"
     kobot, env = await start_chat(server, tiny_model_dir, tmp_path, metrics_port=str(port))
-    try:
+    async with kobot:
         await wait_until(lambda: healthy(base))
         out, err, code = await asyncio.to_thread(run_kobot, ["health"], env, tmp_path)
         assert code == 0 and json.loads(out)["status"] == "ok", err
@@ -76,9 +93,6 @@ async def test_sigterm_lets_the_reply_in_flight_finish_then_takes_nothing_more(
         await asyncio.sleep(0.3)
         server.gate.set()
         out, err, code = await kobot.finish()
-    finally:
-        if kobot.process.returncode is None:
-            kobot.process.kill()
     assert code == 0, err[-3000:]
     assert out.splitlines() == [REPLY]
     assert stored_turns(tmp_path / "kobot.db") == [("user", "안녕하세요"), ("ai", REPLY)]
@@ -86,39 +100,29 @@ async def test_sigterm_lets_the_reply_in_flight_finish_then_takes_nothing_more(
 
 
 async def test_a_reply_past_the_bound_is_cancelled_and_not_stored(
-    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+    server: FakeOpenAI, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    kobot, _ = await start_chat(server, tiny_model_dir, tmp_path, shutdown_timeout_s="1")
-    await kobot.send("오래 걸리는 질문")
-    await asyncio.wait_for(server.arrived.wait(), 120)
+    kobot = await asking(server, tiny_model_dir, tmp_path, shutdown_timeout_s="1")
     started = time.monotonic()
     kobot.process.send_signal(signal.SIGTERM)
-    out, err, code = await kobot.finish(timeout_s=30)
-    assert code == 0, err[-3000:]
+    await ends_unanswered(kobot, tmp_path, 0, "did not finish within 1 s")
     assert time.monotonic() - started < 15
-    assert out == "" and "did not finish within 1 s" in err
-    assert stored_turns(tmp_path / "kobot.db") == []
 
 
 async def test_a_second_signal_exits_at_once(
-    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+    server: FakeOpenAI, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    kobot, _ = await start_chat(server, tiny_model_dir, tmp_path, shutdown_timeout_s="600")
-    await kobot.send("오래 걸리는 질문")
-    await asyncio.wait_for(server.arrived.wait(), 120)
+    kobot = await asking(server, tiny_model_dir, tmp_path, shutdown_timeout_s="600")
     kobot.process.send_signal(signal.SIGTERM)
     await kobot.wait_for_stderr(STOPPING, 30)
     started = time.monotonic()
     kobot.process.send_signal(signal.SIGINT)
-    out, err, code = await kobot.finish(timeout_s=30)
-    assert code == 128 + signal.SIGINT, err[-3000:]
+    await ends_unanswered(kobot, tmp_path, 128 + signal.SIGINT, "exiting now")
     assert time.monotonic() - started < 5
-    assert out == "" and "exiting now" in err
-    assert stored_turns(tmp_path / "kobot.db") == []
 
 
 async def test_kobot_telegram_sends_the_reply_in_flight_after_sigterm(
-    server: GatedOpenAI, tiny_model_dir: Path, tmp_path: Path
+    server: FakeOpenAI, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     """At DEBUG, where PTB logs Bot API URLs (token included) and the token must not show."""
     token = "4242:CanaryTelegramTokenForShutdown"
@@ -128,8 +132,7 @@ async def test_kobot_telegram_sends_the_reply_in_flight_after_sigterm(
             tiny_model_dir, tmp_path, backend="openai", backend_url=server.url,
             telegram_token=token, telegram_base_url=fake.base_url, log_level="DEBUG",
         )  # fmt: skip
-        kobot = await Kobot.start(["telegram"], env, tmp_path)
-        try:
+        async with await Kobot.start(["telegram"], env, tmp_path) as kobot:
             update = fake.send(private_chat(77), user(77), "종료 직전의 질문")
             await asyncio.wait_for(server.arrived.wait(), START_TIMEOUT_S)
             kobot.process.send_signal(signal.SIGTERM)
@@ -137,9 +140,6 @@ async def test_kobot_telegram_sends_the_reply_in_flight_after_sigterm(
             later = fake.send(private_chat(78), user(78), "종료 신호 뒤의 질문")
             server.gate.set()
             out, err, code = await kobot.finish()
-        finally:
-            if kobot.process.returncode is None:
-                kobot.process.kill()
         assert code == 0, err[-3000:]
         assert fake.replies_to(77) == [REPLY] and fake.replies_to(78) == []
         assert fake.confirmed > update["update_id"] and fake.confirmed <= later["update_id"]

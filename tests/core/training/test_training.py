@@ -25,8 +25,8 @@ from core.training.data import (
 )
 from core.training.trainer import CHECKPOINT, TRAINER_STATE, TrainConfig, Trainer, train
 from tests.conftest import CHATBOT_CSV
-from tests.core.dialogue_helpers import make_settings, message
-from tests.generation.backends import engine_backend
+from tests.support.backends import engine_backend
+from tests.support.dialogue import make_settings, message
 
 PERSONA = "다음은 친절한 AI 챗봇과 사용자의 대화입니다."
 
