@@ -34,31 +34,44 @@ __all__ = [
 ]
 
 QuantMode = Literal["off", "int8"]
-LinearKind = Literal["addmm", "packed", "int8"]
+LinearKind = Literal["addmm", "packed", "rows", "int8"]
 Linear = Callable[[torch.Tensor], torch.Tensor]
+Dense = Callable[..., torch.Tensor]
 Residual = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`(x, residual) -> residual + linear(x)`."""
 TANH_GELU = "gelu_tanh"
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+PACKED_MIN_ROWS = 4
+"""`rows` kernels: calls with at least this many rows run packed (measured on a 2-core AVX2
+CPU: `addmm` is faster at 1 row, equal at 2, packed faster from 4 on)."""
 
 
 def choose_kind(device: torch.device, dtype: torch.dtype, quant: str) -> LinearKind:
-    """int8 when asked (CPU only), packed bf16 on a CPU where oneDNN has it, else addmm."""
+    """int8 when asked (CPU only); on a CPU where oneDNN has it, packed bf16 or `rows` fp32;
+    else addmm."""
     if quant == "int8":
         if device.type != "cpu":
             raise ValueError("KOBOT_ENGINE_QUANT=int8 runs on the CPU only")
         return "int8"
     if quant != "off":
         raise ValueError(f"KOBOT_ENGINE_QUANT: must be off or int8 (got {quant!r})")
-    if device.type == "cpu" and dtype == torch.bfloat16 and _packed_available():
-        return "packed"
-    return "addmm"
+    if device.type != "cpu" or not _packed_available():
+        return "addmm"
+    if dtype == torch.float32:
+        return "rows"
+    return "packed" if dtype == torch.bfloat16 and _packed_bf16_available() else "addmm"
 
 
 def _packed_available() -> bool:
     return bool(torch.backends.mkldnn.is_available()) and hasattr(
         torch.ops.mkldnn, "_reorder_linear_weight"
     )
+
+
+def _packed_bf16_available() -> bool:
+    """oneDNN packs bf16 weights only on a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return supported is None or bool(supported())
 
 
 def prepare_linear(
@@ -70,6 +83,9 @@ def prepare_linear(
 ) -> Linear:
     """`activation(x @ weight_in_out + bias)` (a Conv1D's weight layout) as `kind` runs it;
     `activation_name` `gelu_tanh` lets the packed kernel apply it itself."""
+    if kind == "rows":
+        args = (weight_in_out, bias, activation, activation_name)
+        return by_rows(prepare_linear("addmm", *args), prepare_linear("packed", *args))
     if kind == "packed" and activation_name == TANH_GELU:
         packed = _pack(weight_in_out.t())
         linear = torch.ops.mkldnn._linear_pointwise
@@ -85,6 +101,9 @@ def prepare_linear(
 
 def prepare_residual(kind: LinearKind, weight_in_out: torch.Tensor, bias: torch.Tensor) -> Residual:
     """`residual + x @ weight_in_out + bias`; the packed kernel adds the residual itself."""
+    if kind == "rows":
+        small = prepare_residual("addmm", weight_in_out, bias)
+        return by_rows(small, prepare_residual("packed", weight_in_out, bias))
     if kind == "packed":
         packed = _pack(weight_in_out.t())
         binary = torch.ops.mkldnn._linear_pointwise.binary
@@ -95,9 +114,20 @@ def prepare_residual(kind: LinearKind, weight_in_out: torch.Tensor, bias: torch.
 
 def prepare_head(kind: LinearKind, weight_out_in: torch.Tensor) -> Linear:
     """`x @ weight_out_in.T` (the tied LM head: the embedding, `[vocab, n_embd]`)."""
+    if kind == "rows":
+        return by_rows(prepare_head("addmm", weight_out_in), prepare_head("packed", weight_out_in))
     if kind == "addmm":
         return lambda x: F.linear(x, weight_out_in)
     return _prepared(kind, weight_out_in, None)
+
+
+def by_rows(small: Dense, large: Dense) -> Dense:
+    """`small` for calls of fewer than `PACKED_MIN_ROWS` rows, else `large`."""
+
+    def run(x: torch.Tensor, *residual: torch.Tensor) -> torch.Tensor:
+        return (large if x.shape[0] >= PACKED_MIN_ROWS else small)(x, *residual)
+
+    return run
 
 
 def _prepared(kind: LinearKind, weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:

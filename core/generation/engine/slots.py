@@ -30,6 +30,10 @@ import torch.nn.functional as F
 __all__ = ["LENGTH_BUCKET", "DecodeSlots"]
 
 LENGTH_BUCKET = 64
+ATTEND_BUCKET_CPU = 16
+"""On a CPU each step attends over the pool's first `max length` positions rounded up to this
+(not to `LENGTH_BUCKET`, the static shapes a CUDA graph needs): decode attention reads every key
+it spans, so padding is time (a burst's step at 70–90 keys reads 128 with `LENGTH_BUCKET`)."""
 BlockKey = tuple[int, int]
 
 
@@ -156,7 +160,8 @@ class DecodePlan:
         _, heads, head_dim = owner.shape
         device = self.pool.device
         self.used = max(slots) + 1
-        self.bucket = min(round_up(max(starts) + 1, LENGTH_BUCKET), owner.length)
+        granule = LENGTH_BUCKET if device.type == "cuda" else ATTEND_BUCKET_CPU
+        self.bucket = min(round_up(max(starts) + 1, granule), owner.length)
         slot = torch.tensor(slots, device=device)
         start = torch.tensor(starts, device=device)
         self.slot = slot

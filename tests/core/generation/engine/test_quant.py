@@ -19,6 +19,8 @@ from tests.support.logits import agreement, in_dtype
 
 INT8_LOGIT_ATOL = 0.3
 TOP1_AGREEMENT = 0.95
+INT8_PRODUCT_ATOL = 0.04
+"""Products of order 1: 0.02 held with VNNI; 0.026 observed without (7-bit activations)."""
 GREEDY = SamplingParams(
     max_new_tokens=8, temperature=0.0, repetition_penalty=1.0, no_repeat_ngram_size=0
 )
@@ -57,13 +59,16 @@ def test_prepared_linears_compute_the_conv1d_product() -> None:
     x = torch.randn(5, 64, generator=generator)
     exact = x @ weight + bias
     torch.testing.assert_close(prepare_linear("addmm", weight, bias)(x), exact)
-    assert (prepare_linear("int8", weight, bias)(x) - exact).abs().max() < 0.02
+    torch.testing.assert_close(prepare_linear("rows", weight, bias)(x), exact)
+    torch.testing.assert_close(prepare_linear("rows", weight, bias)(x[:1]), exact[:1])
+    assert (prepare_linear("int8", weight, bias)(x) - exact).abs().max() < INT8_PRODUCT_ATOL
     head = torch.randn(300, 64, generator=generator) * 0.05
-    assert (prepare_head("int8", head)(x) - x @ head.T).abs().max() < 0.02
+    assert (prepare_head("int8", head)(x) - x @ head.T).abs().max() < INT8_PRODUCT_ATOL
+    torch.testing.assert_close(prepare_head("rows", head)(x), x @ head.T)
 
 
 def test_the_kernel_choice() -> None:
-    assert choose_kind(CPU, torch.float32, "off") == "addmm"
+    assert choose_kind(CPU, torch.float32, "off") in ("rows", "addmm")
     assert choose_kind(CPU, torch.bfloat16, "off") in ("packed", "addmm")
     assert choose_kind(CPU, torch.bfloat16, "int8") == "int8"
     assert choose_kind(torch.device("cuda", 0), torch.float16, "off") == "addmm"
