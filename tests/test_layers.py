@@ -22,7 +22,6 @@ Graph = dict[str, set[str]]
 KNOWN_STORAGE_TO_CORE: set[tuple[str, str]] = set()
 # Cycles, TYPE_CHECKING and function-level imports included, as sorted member tuples.
 KNOWN_CYCLES = {
-    ("core.dialogue.manager", "core.dialogue.uses"),
     (
         "core.generation.base",
         "core.generation.errors",

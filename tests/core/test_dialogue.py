@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from core.dialogue import commands as texts
-from core.dialogue.manager import ContextStarts, DialogueManager
+from core.dialogue.context import ContextStarts
+from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn
 from tests.core.dialogue_helpers import RecordingBackend, make_manager, make_settings, message
 

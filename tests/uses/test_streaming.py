@@ -143,7 +143,8 @@ async def test_handle_stream_shows_partials_as_the_reply_will_look(
     make_manager: ManagerFactory,
 ) -> None:
     manager, _ = await make_manager(max_message_chars=100)
-    manager.backend = ScriptedStream(manager.backend, ["반가", "반가워요"], "반가워요!")
+    services = manager.services  # what the chat turn generates through
+    services.backend = ScriptedStream(services.backend, ["반가", "반가워요"], "반가워요!")
     seen: list[str] = []
     reply = await manager.handle_stream(message("안녕 " * 60), seen.append)
     assert reply.text == texts.TRIMMED_NOTE + "반가워요!" and reply.trimmed
