@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from core.dialogue import commands as texts
-from core.dialogue.commands import Command, ParsedCommand, parse_command
+from core.dialogue import texts
+from core.dialogue.commands import PERSONA_CLEAR_WORDS, Command, ParsedCommand, parse_command
 from core.dialogue.linking import AccountLinks, merged_export
 from core.dialogue.prompt import STOP_STRINGS
 from core.dialogue.ratelimit import RateLimiter
@@ -312,7 +312,7 @@ class DialogueManager:
         if not persona:
             current = await self.services.persona_for(key)
             return Reply(texts.PERSONA_SHOW.format(persona=current), ReplyKind.COMMAND)
-        if persona.lower() in texts.PERSONA_CLEAR_WORDS:
+        if persona.lower() in PERSONA_CLEAR_WORDS:
             await self.storage.set_persona(key, None)
             return Reply(texts.PERSONA_CLEARED, ReplyKind.COMMAND)
         if len(persona) > PERSONA_MAX_CHARS:

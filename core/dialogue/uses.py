@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.candidates import Candidates
 from core.dialogue.commands import Command, ParsedCommand
 from core.dialogue.prompt import STOP_STRINGS

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.context import ContextStarts
 from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn

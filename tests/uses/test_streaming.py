@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bots.streaming import EditFailed, FloodWait, LiveMessage
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.generation.base import (
     Attempt,
     BackendInfo,
