@@ -21,15 +21,7 @@ Graph = dict[str, set[str]]
 # storage → core beyond core.messages: none left (the factory takes StorageOptions).
 KNOWN_STORAGE_TO_CORE: set[tuple[str, str]] = set()
 # Cycles, TYPE_CHECKING and function-level imports included, as sorted member tuples.
-KNOWN_CYCLES = {
-    (
-        "core.generation.base",
-        "core.generation.errors",
-        "core.generation.reply_text",
-        "core.generation.stopping",
-    ),
-    ("core.generation.onnx.decoder", "core.generation.onnx.export"),
-}
+KNOWN_CYCLES: set[tuple[str, ...]] = set()
 
 
 def module_name(path: Path) -> str:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from core.generation.base import Control
 from core.generation.errors import timeout_error
 from core.generation.reply_text import find_stop, stop_markers, strip_leading_ai
 
@@ -21,8 +22,8 @@ StopReason = Literal["stop", "timeout"]
 
 
 class RunControl:
-    """The deadline and cancel flag of one request, shared by the event loop and whichever
-    thread decodes (the engine's, a worker's)."""
+    """The deadline and cancel flag of one request (the `Control` of its attempts), shared by
+    the event loop and whichever thread decodes (the engine's, a worker's)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -53,7 +54,7 @@ class StopRule:
         self,
         decode: Callable[[Sequence[int]], str],
         stop_strings: Sequence[str],
-        control: RunControl,
+        control: Control,
         on_ids: Callable[[list[int]], None] | None = None,
     ) -> None:
         self._decode = decode

@@ -33,7 +33,7 @@ from core.generation.base import (
 )
 from core.generation.device import parse_device
 from core.generation.errors import ModelLoadError, timeout_error
-from core.generation.onnx.export import (
+from core.generation.onnx.metadata import (
     MODEL_FILE,
     OnnxMetadata,
     input_names,
