@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from core.dialogue import texts
@@ -136,15 +136,7 @@ class DialogueManager:
         earlier = await self.services.earlier_reply(key, message)
         if earlier is not None:
             return earlier
-        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
-            return self._rate_limited(message)
-        self.stats.in_flight += 1
-        try:
-            return await self._chat_leased(key, message, text, cut)
-        except LockTimeout:
-            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
-        finally:
-            self.stats.in_flight -= 1
+        return await self._limited(message, lambda: self._chat_leased(key, message, text, cut))
 
     async def _chat_leased(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
@@ -170,9 +162,22 @@ class DialogueManager:
         limit = self.settings.max_message_chars
         return cleaned[-limit:], len(cleaned) > limit
 
-    def _rate_limited(self, message: IncomingMessage) -> Reply:
-        wait = self.rate_limiter.retry_after(f"{message.platform}:{message.user_id}")
-        return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
+    async def _limited(
+        self, message: IncomingMessage, work: Callable[[], Awaitable[Reply]]
+    ) -> Reply:
+        """`work`, rate-limited per sender and counted in flight; a busy conversation (its lock
+        not had in time, or lost) answered politely."""
+        sender = f"{message.platform}:{message.user_id}"
+        if not self.rate_limiter.allow(sender):
+            wait = self.rate_limiter.retry_after(sender)
+            return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
+        self.stats.in_flight += 1
+        try:
+            return await work()
+        except (LockTimeout, LeaseLost):
+            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
+        finally:
+            self.stats.in_flight -= 1
 
     async def _chat_locked(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool, lease: Lease
@@ -278,17 +283,13 @@ class DialogueManager:
         missing = self.uses.missing_argument(parsed)
         if missing is not None:
             return missing
-        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
-            return self._rate_limited(message)
-        self.stats.in_flight += 1
+        return await self._limited(message, lambda: self._run_use(message, parsed))
+
+    async def _run_use(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
         try:
             return await self.uses.run(message, parsed)
         except GenerationError as error:
             return self._generation_failed(error)
-        except (LockTimeout, LeaseLost):
-            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
-        finally:
-            self.stats.in_flight -= 1
 
     async def _start(self, message: IncomingMessage, argument: str) -> Reply:
         return Reply(texts.START_TEXT, ReplyKind.COMMAND)
