@@ -60,7 +60,8 @@ from transformers import (
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
-from core.dialogue.manager import ContextStarts, sampling_params
+from core.dialogue.context import ContextStarts
+from core.dialogue.manager import sampling_params
 from core.dialogue.prompt import PromptBuilder
 from core.dialogue.trimming import token_budget
 from core.generation.base import SamplingParams

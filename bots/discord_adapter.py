@@ -80,8 +80,9 @@ from bots.app import build_dialogue_manager
 from bots.discord_inbox import DiscordInbox
 from bots.outbox import Outcome, Sent
 from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
-from core.dialogue.commands import DESCRIPTIONS, Command
+from core.dialogue.commands import Command
 from core.dialogue.manager import DialogueManager
+from core.dialogue.texts import DESCRIPTIONS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
 from core.ops.lifecycle import BotServices, InFlight

@@ -67,9 +67,10 @@ from bots.telegram_updates import (
     WebhookServer,
     resume_unfinished,
 )
-from core.dialogue import commands as texts
-from core.dialogue.commands import DESCRIPTIONS, Command, parse_command
+from core.dialogue import texts
+from core.dialogue.commands import Command, parse_command
 from core.dialogue.manager import DialogueManager
+from core.dialogue.texts import DESCRIPTIONS
 from core.dialogue.uses import MODEL_COMMANDS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now

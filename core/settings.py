@@ -22,6 +22,18 @@ ENV_PREFIX = "KOBOT_"
 ENV_FILE_VARIABLE = "KOBOT_ENV_FILE"
 DEFAULT_PERSONA = "다음은 친절하고 예의 바른 AI 챗봇과 사용자의 대화입니다."
 
+HTTP_SCHEMES = ("http://", "https://")
+URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "database_url": ("sqlite+aiosqlite://", "postgresql+asyncpg://"),
+    "redis_url": ("redis://", "rediss://", "unix://"),
+    "telegram_base_url": HTTP_SCHEMES,
+    "telegram_webhook_url": HTTP_SCHEMES,
+    "discord_api_url": HTTP_SCHEMES,
+    "discord_gateway_url": ("ws://", "wss://"),
+}
+"""What each URL setting must start with (`backend_url` too, checked with KOBOT_BACKEND)."""
+URL_NOTES = {"database_url": " (async drivers)"}
+
 IdList = Annotated[list[int], NoDecode]
 TextList = Annotated[list[str], NoDecode]
 
@@ -151,9 +163,7 @@ class Settings(BaseSettings):
             if info.data.get("backend") == "openai":
                 raise ValueError("must be set when KOBOT_BACKEND=openai, e.g. http://vllm:8000/v1")
             return None
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
+        return require_scheme(value, HTTP_SCHEMES, "backend_url")
 
     def storage_options(self) -> StorageOptions:
         """The storage settings, for `storage.factory.build_storage`."""
@@ -169,37 +179,16 @@ class Settings(BaseSettings):
 
         return LockOptions(self.redis_url, self.lock_lease_s, self.lock_timeout_s)
 
-    @field_validator("database_url")
+    @field_validator("redis_url", mode="before")
     @classmethod
-    def _check_database_url(cls, value: str) -> str:
-        if not value.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
-            raise ValueError(
-                "must start with sqlite+aiosqlite:// or postgresql+asyncpg:// (async drivers)"
-            )
-        return value
+    def _blank_redis_url_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("redis_url")
+    @field_validator(*URL_SCHEMES)
     @classmethod
-    def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("must start with redis://, rediss:// or unix://")
-        return value
-
-    @field_validator("discord_api_url", "telegram_base_url", "telegram_webhook_url")
-    @classmethod
-    def _check_http_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://")
-        return value
-
-    @field_validator("discord_gateway_url")
-    @classmethod
-    def _check_ws_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("ws://", "wss://")):
-            raise ValueError("must start with ws:// or wss://")
-        return value
+    def _check_url_scheme(cls, value: str | None, info: ValidationInfo) -> str | None:
+        name = str(info.field_name)
+        return None if value is None else require_scheme(value, URL_SCHEMES[name], name)
 
     @field_validator("discord_shards")
     @classmethod
@@ -242,6 +231,15 @@ class Settings(BaseSettings):
                 text = "" if value is None else str(value)
             shown[f"{ENV_PREFIX}{name.upper()}"] = text
         return shown
+
+
+def require_scheme(value: str, schemes: tuple[str, ...], setting: str) -> str:
+    """`value` when it starts with one of `schemes`, else ValueError saying which ones."""
+    if not value.startswith(schemes):
+        *others, last = schemes
+        note = URL_NOTES.get(setting, "")
+        raise ValueError(f"must start with {', '.join(others)} or {last}{note}")
+    return value
 
 
 def known_variables() -> set[str]:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.commands import Command
 from core.dialogue.ratelimit import RateLimiter
 from core.messages import PERSON, ContextScope, IncomingMessage, Reply, ReplyKind, utc_now

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
-from core.dialogue import commands as texts
-from core.dialogue.commands import Command, ParsedCommand, parse_command
+from core.dialogue import texts
+from core.dialogue.commands import PERSONA_CLEAR_WORDS, Command, ParsedCommand, parse_command
 from core.dialogue.linking import AccountLinks, merged_export
-from core.dialogue.prompt import STOP_STRINGS, PromptBuilder
+from core.dialogue.prompt import STOP_STRINGS
 from core.dialogue.ratelimit import RateLimiter
+from core.dialogue.services import DialogueServices
 from core.dialogue.streaming import PartialCallback, partials_to
 from core.dialogue.trimming import TrimmedPrompt, token_budget
 from core.dialogue.uses import MODEL_COMMANDS, ModelCommands
@@ -34,7 +34,6 @@ from core.messages import (
     Role,
     Turn,
 )
-from core.moderation.reply_filter import ReplyGuard
 from core.ops.turns import TurnObserver
 from core.settings import Settings
 from core.text import remove_control_characters, to_single_line
@@ -66,55 +65,6 @@ def sampling_params(settings: Settings) -> SamplingParams:
     )
 
 
-class ContextStarts:
-    """Per conversation, the oldest turn still in the prompt after the last trim.
-
-    Once old turns are dropped they stay dropped, so consecutive prompts share a prefix and a
-    backend can reuse its KV cache until the next trim (see `trim_prompt`'s `low_water`).
-    """
-
-    def __init__(self, max_conversations: int = 10_000) -> None:
-        self._first: OrderedDict[ConversationKey, Turn] = OrderedDict()
-        self._max = max_conversations
-
-    def since(
-        self, key: ConversationKey, history: list[Turn], limit: int, low_water: float
-    ) -> list[Turn]:
-        """The history from the remembered start. When the turn limit slides past that start,
-        a new start is chosen `low_water` of the limit from the end, so the limit too drops old
-        turns in chunks rather than one exchange per message."""
-        first = self._first.get(key)
-        if first is not None and first in history:
-            return history[history.index(first) :]
-        if len(history) < limit:
-            return history
-        start = _first_user_turn(history, len(history) - int(limit * low_water))
-        self._remember(key, history[start])
-        return history[start:]
-
-    def _remember(self, key: ConversationKey, turn: Turn) -> None:
-        self._first[key] = turn
-        self._first.move_to_end(key)
-
-    def update(self, key: ConversationKey, history: list[Turn], prompt: TrimmedPrompt) -> None:
-        if prompt.dropped_turns and prompt.kept_turns:
-            self._remember(key, history[prompt.dropped_turns])
-        elif prompt.dropped_turns:
-            self._first.pop(key, None)
-        while len(self._first) > self._max:
-            self._first.popitem(last=False)
-
-    def forget(self, key: ConversationKey) -> None:
-        self._first.pop(key, None)
-
-
-def _first_user_turn(history: list[Turn], start: int) -> int:
-    """`start`, moved forward to a user turn so the history never opens with an AI line."""
-    while start < len(history) - 1 and history[start].role is not Role.USER:
-        start += 1
-    return start
-
-
 def speaker_id(key: ConversationKey, message: IncomingMessage) -> str:
     """Whom a stored turn is by (or for): in a person's conversation the person, so that
     `/export` and `/forget` of the person reach it; elsewhere the sender's account."""
@@ -138,16 +88,15 @@ class DialogueManager:
         self.storage = storage
         self.backend = backend
         self.locks = locks
-        self.prompts = PromptBuilder(backend.tokenizer)
-        self.params = sampling_params(settings)
-        self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
+        budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
+        self.services = DialogueServices(
+            settings, storage, backend, locks, params=sampling_params(settings), budget=budget
+        )
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.stats = DialogueStats()
         self.observer = TurnObserver(settings)
-        self.low_water = int(self.budget * settings.trim_low_water)
-        self.context_starts = ContextStarts()
-        self.replies = ReplyGuard.from_settings(settings)
-        self.uses = ModelCommands(self)
+        self.low_water = int(budget * settings.trim_low_water)
+        self.uses = ModelCommands(self.services, settings)
         self.links = AccountLinks(
             storage, settings.link_code_ttl_s, settings.context_scope, self.observer.user_ids
         )
@@ -179,26 +128,15 @@ class DialogueManager:
             self.observer.error("storage")
             return Reply(texts.STORAGE_FAILED, ReplyKind.ERROR)
 
-    def key_for(self, message: IncomingMessage) -> ConversationKey:
-        return ConversationKey.for_message(message, self.settings.context_scope)
-
     async def _chat(self, message: IncomingMessage) -> Reply:
         text, cut = self._clean_input(message.text)
         if not to_single_line(text):
             return Reply(texts.EMPTY_TEXT, ReplyKind.NOTICE)
-        key = self.key_for(message)
-        earlier = await self.earlier_reply(key, message)
+        key = self.services.key_for(message)
+        earlier = await self.services.earlier_reply(key, message)
         if earlier is not None:
             return earlier
-        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
-            return self._rate_limited(message)
-        self.stats.in_flight += 1
-        try:
-            return await self._chat_leased(key, message, text, cut)
-        except LockTimeout:
-            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
-        finally:
-            self.stats.in_flight -= 1
+        return await self._limited(message, lambda: self._chat_leased(key, message, text, cut))
 
     async def _chat_leased(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool
@@ -208,7 +146,7 @@ class DialogueManager:
         top of another worker's turn."""
         for _ in range(LEASE_ATTEMPTS):
             try:
-                async with self.locks.lock(key) as lease:
+                async with self.services.lock(key) as lease:
                     return await self._chat_locked(key, message, text, cut, lease)
             except LeaseLost as lost:
                 log.warning(
@@ -224,21 +162,33 @@ class DialogueManager:
         limit = self.settings.max_message_chars
         return cleaned[-limit:], len(cleaned) > limit
 
-    def _rate_limited(self, message: IncomingMessage) -> Reply:
-        wait = self.rate_limiter.retry_after(f"{message.platform}:{message.user_id}")
-        return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
+    async def _limited(
+        self, message: IncomingMessage, work: Callable[[], Awaitable[Reply]]
+    ) -> Reply:
+        """`work`, rate-limited per sender and counted in flight; a busy conversation (its lock
+        not had in time, or lost) answered politely."""
+        sender = f"{message.platform}:{message.user_id}"
+        if not self.rate_limiter.allow(sender):
+            wait = self.rate_limiter.retry_after(sender)
+            return Reply(texts.RATE_LIMITED.format(seconds=max(1, round(wait))), ReplyKind.NOTICE)
+        self.stats.in_flight += 1
+        try:
+            return await work()
+        except (LockTimeout, LeaseLost):
+            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
+        finally:
+            self.stats.in_flight -= 1
 
     async def _chat_locked(
         self, key: ConversationKey, message: IncomingMessage, text: str, cut: bool, lease: Lease
     ) -> Reply:
-        earlier = await self.earlier_reply(key, message)
+        services = self.services
+        earlier = await services.earlier_reply(key, message)
         if earlier is not None:
             return earlier
-        history = await self.storage.recent(key, self.settings.history_turns)
-        history = self.context_since_start(key, history)
-        persona = await self.persona_for(key)
-        prompt = self.prompts.build(persona, history, text, self.budget, self.low_water)
-        self.context_starts.update(key, history, prompt)
+        history = services.since_start(key, await services.history(key))
+        prompt = await services.prompt(key, history, text, self.low_water)
+        services.context_starts.update(key, history, prompt)
         note = texts.TRIMMED_NOTE if prompt.newest_trimmed or cut else ""
         try:
             result = await self._generate(prompt, key, lambda partial: note + partial)
@@ -250,18 +200,6 @@ class DialogueManager:
         self.uses.candidates.keep(key, text, result.text, result.alternatives)
         reply = self._chat_reply(result.text, prompt, cut)
         return replace(reply, pending_delivery=outbox is not None)
-
-    async def earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
-        """When this very message was handled before (a repeated delivery, a restart): its
-        stored reply, to be sent now if it never was, or marked a duplicate if it was."""
-        if not message.message_id:
-            return None
-        earlier = await self.storage.reply_to(key, message.message_id)
-        if earlier is None:
-            return None
-        if earlier.delivery is Delivery.PENDING:
-            return Reply(earlier.text, pending_delivery=True)
-        return Reply(earlier.text, duplicate=True)
 
     async def delivered(self, message: IncomingMessage, sent_ids: Sequence[str]) -> None:
         """The platform accepted the reply to `message` (its messages got `sent_ids`)."""
@@ -277,7 +215,7 @@ class DialogueManager:
         try:
             message = await self.links.resolved(message)
             record = DeliveryRecord(message.message_id, delivery, tuple(sent_ids))
-            await self.storage.set_delivery(self.key_for(message), record)
+            await self.storage.set_delivery(self.services.key_for(message), record)
         except StorageError as error:
             log.warning("could not record a reply as %s: %s", delivery, error)
 
@@ -287,9 +225,9 @@ class DialogueManager:
         """The reply; streamed (each partial formatted by `shown`) when someone listens."""
         started = time.perf_counter()
         request = GenerationRequest(
-            prompt.prompt_ids, self.params, STOP_STRINGS, cache_key=key.as_id()
+            prompt.prompt_ids, self.services.params, STOP_STRINGS, cache_key=key.as_id()
         )
-        result = await self.replies.generate(self.backend, request, shown)
+        result = await self.services.generate(request, shown)
         self.observer.generated(prompt, result, time.perf_counter() - started)
         log.debug(
             "generated %d tokens from a %d-token prompt in %.3fs (%s)",
@@ -319,13 +257,6 @@ class DialogueManager:
             reply_text = texts.TRIMMED_NOTE + reply_text
         return Reply(reply_text, ReplyKind.CHAT, trimmed=trimmed)
 
-    def context_since_start(self, key: ConversationKey, history: list[Turn]) -> list[Turn]:
-        limit, low_water = self.settings.history_turns, self.settings.trim_low_water
-        return self.context_starts.since(key, history, limit, low_water)
-
-    async def persona_for(self, key: ConversationKey) -> str:
-        return await self.storage.get_persona(key) or self.settings.persona
-
     async def _run_command(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
         handlers = {
             Command.START: self._start,
@@ -352,17 +283,13 @@ class DialogueManager:
         missing = self.uses.missing_argument(parsed)
         if missing is not None:
             return missing
-        if not self.rate_limiter.allow(f"{message.platform}:{message.user_id}"):
-            return self._rate_limited(message)
-        self.stats.in_flight += 1
+        return await self._limited(message, lambda: self._run_use(message, parsed))
+
+    async def _run_use(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
         try:
             return await self.uses.run(message, parsed)
         except GenerationError as error:
             return self._generation_failed(error)
-        except (LockTimeout, LeaseLost):
-            return Reply(texts.BUSY_TEXT, ReplyKind.NOTICE)
-        finally:
-            self.stats.in_flight -= 1
 
     async def _start(self, message: IncomingMessage, argument: str) -> Reply:
         return Reply(texts.START_TEXT, ReplyKind.COMMAND)
@@ -374,19 +301,19 @@ class DialogueManager:
         return Reply(texts.ABOUT_TEXT, ReplyKind.COMMAND)
 
     async def _reset(self, message: IncomingMessage, argument: str) -> Reply:
-        key = self.key_for(message)
-        async with self.locks.lock(key):
+        key = self.services.key_for(message)
+        async with self.services.lock(key):
             await self.storage.clear(key)
-        self.context_starts.forget(key)
+        self.services.context_starts.forget(key)
         return Reply(texts.RESET_TEXT, ReplyKind.COMMAND)
 
     async def _persona(self, message: IncomingMessage, argument: str) -> Reply:
-        key = self.key_for(message)
+        key = self.services.key_for(message)
         persona = to_single_line(argument)
         if not persona:
-            current = await self.persona_for(key)
+            current = await self.services.persona_for(key)
             return Reply(texts.PERSONA_SHOW.format(persona=current), ReplyKind.COMMAND)
-        if persona.lower() in texts.PERSONA_CLEAR_WORDS:
+        if persona.lower() in PERSONA_CLEAR_WORDS:
             await self.storage.set_persona(key, None)
             return Reply(texts.PERSONA_CLEARED, ReplyKind.COMMAND)
         if len(persona) > PERSONA_MAX_CHARS:
@@ -397,13 +324,13 @@ class DialogueManager:
     async def _forget(self, message: IncomingMessage, argument: str) -> Reply:
         """Every account of the person (or the sender's alone), their shared conversation and
         the links themselves."""
-        key = self.key_for(message)
-        async with self.locks.lock(key):
+        key = self.services.key_for(message)
+        async with self.services.lock(key):
             count = 0
             for owner in await self.links.owners(message):
                 count += await self.storage.delete_user(owner.platform, owner.user_id)
             unlinked = await self.links.unlink_all(message)
-        self.context_starts.forget(key)
+        self.services.context_starts.forget(key)
         text = texts.FORGET_TEXT.format(count=count) + (texts.FORGET_UNLINKED if unlinked else "")
         return Reply(text, ReplyKind.COMMAND)
 

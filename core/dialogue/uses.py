@@ -1,8 +1,9 @@
 """The model's other uses, as commands every adapter gets: `/complete`, `/story`, `/sentiment`,
 `/retry`. The DialogueManager routes them here (rate-limited like chat, failures answered
-politely); every generation goes through the manager's `ReplyGuard`
-(`core.moderation.reply_filter`) and `core.dialogue.streaming`, so streaming adapters see them
-grow and the reply filter sees every reply.
+politely). They see only the manager's `DialogueServices` (`core.dialogue.services`): every
+generation goes through its `ReplyGuard` (`core.moderation.reply_filter`) and
+`core.dialogue.streaming`, so streaming adapters see them grow and the reply filter sees every
+reply.
 
 * `/complete <text>`: the prompt is the text itself (no persona, no turns); the reply is the
   text and its continuation (a space between them when the model began a new word).
@@ -20,13 +21,13 @@ grow and the reply filter sees every reply.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.candidates import Candidates
 from core.dialogue.commands import Command, ParsedCommand
 from core.dialogue.prompt import STOP_STRINGS
 from core.dialogue.sentiment import SentimentScorer
+from core.dialogue.services import DialogueServices
 from core.dialogue.trimming import token_budget
 from core.generation.base import (
     FinishReason,
@@ -37,10 +38,8 @@ from core.generation.base import (
     SamplingParams,
 )
 from core.messages import ConversationKey, IncomingMessage, Reply, ReplyKind, Role, Turn
+from core.settings import Settings
 from core.text import remove_control_characters, to_single_line
-
-if TYPE_CHECKING:
-    from core.dialogue.manager import DialogueManager
 
 MODEL_COMMANDS = frozenset({Command.COMPLETE, Command.STORY, Command.SENTIMENT, Command.RETRY})
 RETRY_TEMPERATURE = 0.8
@@ -52,21 +51,22 @@ def story_tokens(requested: int, n_positions: int) -> int:
 
 
 class ModelCommands:
-    """Runs the model commands for one DialogueManager (it holds this; see the module doc)."""
+    """Runs the model commands over the dialogue's services (see the module doc)."""
 
-    def __init__(self, manager: DialogueManager) -> None:
-        self.manager = manager
-        settings = manager.settings
-        n_positions = manager.backend.info().n_positions
+    def __init__(self, services: DialogueServices, settings: Settings) -> None:
+        self.services = services
+        self.max_chars = settings.max_message_chars
+        chat = services.params
+        n_positions = services.backend.info().n_positions
         self.story_params = dataclasses.replace(
-            manager.params,
+            chat,
             max_new_tokens=story_tokens(settings.story_max_new_tokens, n_positions),
             num_return_sequences=1,
         )
-        self.complete_params = dataclasses.replace(manager.params, num_return_sequences=1)
+        self.complete_params = dataclasses.replace(chat, num_return_sequences=1)
         self.story_budget = token_budget(n_positions, self.story_params.max_new_tokens)
-        self.retry_params = retry_params(manager.params, settings.retry_candidates)
-        self.sentiment = SentimentScorer(manager.backend)
+        self.retry_params = retry_params(chat, settings.retry_candidates)
+        self.sentiment = SentimentScorer(services.backend)
         self.candidates = Candidates()
 
     def missing_argument(self, parsed: ParsedCommand) -> Reply | None:
@@ -77,9 +77,9 @@ class ModelCommands:
 
     async def run(self, message: IncomingMessage, parsed: ParsedCommand) -> Reply:
         """Raises GenerationError or LockTimeout; the manager answers those."""
-        argument = clean_text(parsed.argument)[-self.manager.settings.max_message_chars :]
+        argument = clean_text(parsed.argument)[-self.max_chars :]
         if parsed.command is Command.COMPLETE:
-            return await self.continue_text(argument, self.complete_params, self.manager.budget)
+            return await self.continue_text(argument, self.complete_params, self.services.budget)
         if parsed.command is Command.STORY:
             return await self.continue_text(argument, self.story_params, self.story_budget)
         if parsed.command is Command.SENTIMENT:
@@ -89,13 +89,11 @@ class ModelCommands:
     # /complete and /story
 
     async def continue_text(self, text: str, params: SamplingParams, budget: int) -> Reply:
-        ids = self.manager.backend.tokenizer.encode_text(text)
+        ids = self.services.backend.tokenizer.encode_text(text)
         request = GenerationRequest(
             tuple(ids[-budget:]), params, stop_strings=(), continuation=True
         )
-        result = await self.manager.replies.generate(
-            self.manager.backend, request, lambda more: text + more
-        )
+        result = await self.services.generate(request, lambda more: text + more)
         if result.finish_reason is FinishReason.FALLBACK:
             return Reply(texts.NO_CONTINUATION, ReplyKind.NOTICE)
         return Reply(text + result.text, ReplyKind.CHAT)
@@ -120,12 +118,13 @@ class ModelCommands:
     async def retry(self, message: IncomingMessage) -> Reply:
         """The new answer, stored with the retry's message id: a retry delivered again (after
         a restart, a replay) gets that stored answer, sent if it never was, never a third one."""
-        key = self.manager.key_for(message)
-        async with self.manager.locks.lock(key) as lease:
-            earlier = await self.manager.earlier_reply(key, message)
+        services = self.services
+        key = services.key_for(message)
+        async with services.lock(key) as lease:
+            earlier = await services.earlier_reply(key, message)
             if earlier is not None:
                 return earlier
-            history = await self.manager.storage.recent(key, self.manager.settings.history_turns)
+            history = await services.history(key)
             if not is_answered(history):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
             question, shown = history[-2].text, history[-1].text
@@ -133,21 +132,18 @@ class ModelCommands:
             if reply is None:
                 reply = await self._fresh_reply(key, history[:-2], question)
             await lease.confirm()
-            storage = self.manager.storage
-            if not await storage.replace_last_reply(key, reply, message.message_id):
+            if not await services.replace_last_reply(key, reply, message.message_id):
                 return Reply(texts.NOTHING_TO_RETRY, ReplyKind.NOTICE)
         return Reply(reply, ReplyKind.CHAT, pending_delivery=bool(message.message_id))
 
     async def _fresh_reply(self, key: ConversationKey, earlier: list[Turn], question: str) -> str:
         """Sample new candidates for `question`: the first one not shown before is the reply."""
-        manager = self.manager
-        earlier = manager.context_since_start(key, earlier)
-        persona = await manager.persona_for(key)
-        prompt = manager.prompts.build(persona, earlier, question, manager.budget)
+        earlier = self.services.since_start(key, earlier)
+        prompt = await self.services.prompt(key, earlier, question)
         request = GenerationRequest(
             prompt.prompt_ids, self.retry_params, STOP_STRINGS, cache_key=key.as_id()
         )
-        result = await manager.replies.generate(manager.backend, request)
+        result = await self.services.generate(request)
         fresh = [
             text for text in candidates_of(result) if self.candidates.is_new(key, question, text)
         ]

@@ -15,10 +15,7 @@ import abc
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
-
-if TYPE_CHECKING:
-    from core.generation.stopping import RunControl
+from typing import Protocol, runtime_checkable
 
 
 class TokenCounter(Protocol):
@@ -148,6 +145,27 @@ class ModelLimits:
     vocab_size: int | None
 
 
+class Control(Protocol):
+    """A request's deadline and cancel flag, as a decoder sees them; the policy makes one per
+    request (`core.generation.stopping.RunControl`) and shares it with the decoding thread."""
+
+    @property
+    def timeout_s(self) -> float: ...
+
+    @property
+    def deadline(self) -> float:
+        """The `time.monotonic()` time by which the reply must be done."""
+        ...
+
+    def expired(self) -> bool:
+        """The deadline passed or the request was cancelled."""
+        ...
+
+    def check(self) -> None:
+        """Raise GenerationError(TIMEOUT) once `expired`."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Attempt:
     """One try at a reply, as the policy asks a decoder for it."""
@@ -156,7 +174,7 @@ class Attempt:
     params: SamplingParams
     seed: int | None
     stop_strings: tuple[str, ...]
-    control: RunControl
+    control: Control
     """The request's deadline and cancel flag; a decoder stops when it expires."""
     cache_key: str | None = None
     on_ids: Callable[[list[int]], None] | None = None

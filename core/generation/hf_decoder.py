@@ -27,7 +27,6 @@ from core.generation.base import (
     Attempt,
     BackendInfo,
     Candidate,
-    FinishReason,
     ModelLimits,
     SamplingParams,
     candidate_rows,
@@ -36,10 +35,8 @@ from core.generation.base import (
 from core.generation.device import LoadedModel, free_cuda_cache
 from core.generation.engine.decoder import AttemptHook
 from core.generation.engine.sampling import LogitsHook
-from core.generation.errors import timeout_error
-from core.generation.reply_text import candidate_from_ids
 from core.generation.scoring import score_pairs
-from core.generation.stopping import StopRule
+from core.generation.stopping import StopRule, stop_rules, stopped_candidates
 from core.generation.tokenizer import KoGPT2Tokenizer
 
 __all__ = ["HFGenerateDecoder", "RuleCriterion", "generation_config", "seeded"]
@@ -127,16 +124,9 @@ class HFGenerateDecoder:
         hooks = [
             self.logits_hook(attempt, row) if self.logits_hook else None for row in range(rows)
         ]
-        rules = [
-            StopRule(self.tokenizer.decode, attempt.stop_strings, attempt.control, attempt.on_ids)
-            if row == 0
-            else StopRule(self.tokenizer.decode, attempt.stop_strings, attempt.control)
-            for row in range(rows)
-        ]
+        rules = stop_rules(self.tokenizer.decode, attempt, rows)
         sequences = self._generate(attempt, rules, hooks)
-        if any(rule.reason == "timeout" for rule in rules):
-            raise timeout_error(attempt.control.timeout_s)
-        return [candidate_from_ids(self.tokenizer, ids, FinishReason.LENGTH) for ids in sequences]
+        return stopped_candidates(self.tokenizer, sequences, rules, attempt.control)
 
     def _generate(
         self, attempt: Attempt, rules: Sequence[StopRule], hooks: Sequence[LogitsHook | None]

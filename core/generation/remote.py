@@ -38,6 +38,7 @@ from core.generation.base import (
     Attempt,
     BackendInfo,
     Candidate,
+    Control,
     FinishReason,
     GenerationError,
     GenerationErrorKind,
@@ -48,7 +49,6 @@ from core.generation.base import (
 )
 from core.generation.device import model_window
 from core.generation.errors import ModelLoadError, timeout_error
-from core.generation.stopping import RunControl
 
 __all__ = [
     "BreakerState",
@@ -354,7 +354,7 @@ class OpenAICompletionsDecoder:
 
     # --- HTTP with retries and the breaker ---
 
-    async def _complete(self, body: dict[str, Any], control: RunControl) -> Any:
+    async def _complete(self, body: dict[str, Any], control: Control) -> Any:
         """The server's JSON answer, after retries; GenerationError when there is none."""
         deadline = control.deadline
         retry = 0

@@ -12,17 +12,23 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Literal
 
+from core.generation.base import Attempt, Candidate, Control, FinishReason, ReplyTokenizer
 from core.generation.errors import timeout_error
-from core.generation.reply_text import find_stop, stop_markers, strip_leading_ai
+from core.generation.reply_text import (
+    candidate_from_ids,
+    find_stop,
+    stop_markers,
+    strip_leading_ai,
+)
 
-__all__ = ["RunControl", "StopReason", "StopRule"]
+__all__ = ["RunControl", "StopReason", "StopRule", "stop_rules", "stopped_candidates"]
 
 StopReason = Literal["stop", "timeout"]
 
 
 class RunControl:
-    """The deadline and cancel flag of one request, shared by the event loop and whichever
-    thread decodes (the engine's, a worker's)."""
+    """The deadline and cancel flag of one request (the `Control` of its attempts), shared by
+    the event loop and whichever thread decodes (the engine's, a worker's)."""
 
     def __init__(self, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -53,7 +59,7 @@ class StopRule:
         self,
         decode: Callable[[Sequence[int]], str],
         stop_strings: Sequence[str],
-        control: RunControl,
+        control: Control,
         on_ids: Callable[[list[int]], None] | None = None,
     ) -> None:
         self._decode = decode
@@ -79,3 +85,29 @@ class StopRule:
         self._checked = len(new_ids)
         text = self._decode(new_ids[start:])
         return find_stop(strip_leading_ai(text) if start == 0 else text, self._markers) >= 0
+
+
+def stop_rules(
+    decode: Callable[[Sequence[int]], str], attempt: Attempt, rows: int
+) -> list[StopRule]:
+    """A rule for each candidate row of `attempt`; the first row's also hears `on_ids`."""
+    return [
+        StopRule(
+            decode, attempt.stop_strings, attempt.control, attempt.on_ids if row == 0 else None
+        )
+        for row in range(rows)
+    ]
+
+
+def stopped_candidates(
+    tokenizer: ReplyTokenizer,
+    rows: Sequence[Sequence[int]],
+    rules: Sequence[StopRule],
+    control: Control,
+) -> list[Candidate]:
+    """The candidates of rows decoded under `rules` (one each); GenerationError(TIMEOUT) when a
+    rule stopped its row at the deadline. A row ends at EOS or else counts as LENGTH (the policy
+    finds the stop strings in the text)."""
+    if any(rule.reason == "timeout" for rule in rules):
+        raise timeout_error(control.timeout_s)
+    return [candidate_from_ids(tokenizer, ids, FinishReason.LENGTH) for ids in rows]

@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from core.ops.health import PlatformProbe
 from core.ops.retention import RetentionPurge, stop_task
@@ -128,16 +128,22 @@ class InFlight:
         return True
 
 
+async def done_or_stopped(future: asyncio.Future[Any], stop: asyncio.Event) -> None:
+    """Wait until `future` is done or `stop` is set, whichever comes first (`future` is left
+    running when `stop` came first)."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({future, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+
+
 async def finish_or_cancel(task: asyncio.Task[T], stop: asyncio.Event, grace_s: float) -> T:
     """Await `task`; once `stop` is set, give it `grace_s` more, then cancel it.
 
     Raises `Abandoned` when the task had to be cancelled.
     """
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
+    await done_or_stopped(task, stop)
     if not task.done():
         done, _ = await asyncio.wait({task}, timeout=grace_s)
         if not done:

@@ -38,7 +38,7 @@ from bots.discord_adapter import (
     discord_endpoints,
     displayable,
 )
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
 from core.generation.base import (

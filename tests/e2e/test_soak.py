@@ -29,7 +29,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.messages import ConversationKey, Role
 from storage.base import Delivery
 from storage.sql import SqlStorage

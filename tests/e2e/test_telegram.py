@@ -37,7 +37,7 @@ from bots.telegram_adapter import (
 from bots.telegram_delivery import Pacing, Rate, TokenBucket
 from bots.telegram_routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
 from bots.telegram_updates import PollingConfig
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.errors import StartupError
 from core.generation.base import (
     FinishReason,

@@ -26,22 +26,20 @@ from core.generation.base import (
     Attempt,
     BackendInfo,
     Candidate,
-    FinishReason,
     ModelLimits,
     SamplingParams,
     is_greedy,
 )
 from core.generation.device import parse_device
-from core.generation.errors import ModelLoadError, timeout_error
-from core.generation.onnx.export import (
+from core.generation.errors import ModelLoadError
+from core.generation.onnx.metadata import (
     MODEL_FILE,
     OnnxMetadata,
     input_names,
     output_names,
     read_metadata,
 )
-from core.generation.reply_text import candidate_from_ids
-from core.generation.stopping import StopRule
+from core.generation.stopping import StopRule, stop_rules, stopped_candidates
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 
 __all__ = [
@@ -309,12 +307,10 @@ class OnnxDecoder:
     def decode_now(self, attempt: Attempt) -> list[Candidate]:
         """The candidate of `attempt`, on the calling thread."""
         tokenizer = self._tokenizer
-        stopper = StopRule(tokenizer.decode, attempt.stop_strings, attempt.control, attempt.on_ids)
+        [stopper] = stop_rules(tokenizer.decode, attempt, 1)
         prompt, params = list(attempt.prompt_ids), attempt.params
         new_ids = decode_ids(self.session, prompt, params, stopper, tokenizer.eos_id, attempt.seed)
-        if stopper.reason == "timeout":
-            raise timeout_error(attempt.control.timeout_s)
-        return [candidate_from_ids(tokenizer, new_ids, FinishReason.LENGTH)]
+        return stopped_candidates(tokenizer, [new_ids], [stopper], attempt.control)
 
     def stats(self) -> dict[str, float]:
         return {}

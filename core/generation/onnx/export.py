@@ -30,6 +30,14 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from core.generation.onnx.metadata import (
+    METADATA_FILE,
+    MODEL_FILE,
+    OnnxMetadata,
+    cache_names,
+    input_names,
+    output_names,
+)
 from core.generation.tokenizer import (
     KoGPT2Tokenizer,
     ModelLoadError,
@@ -37,39 +45,9 @@ from core.generation.tokenizer import (
     tokenizer_from_source,
 )
 
-__all__ = [
-    "METADATA_FILE",
-    "MODEL_FILE",
-    "ExportReport",
-    "KvStep",
-    "OnnxMetadata",
-    "export_model",
-    "export_onnx",
-    "input_names",
-    "output_names",
-    "read_metadata",
-]
+__all__ = ["ExportReport", "KvStep", "export_model", "export_onnx"]
 
-MODEL_FILE = "model.onnx"
-METADATA_FILE = "kobot-onnx.json"
-FORMAT_VERSION = 1
-OPSET = 17
 VERIFY_TOLERANCE = 1e-3
-
-
-@dataclass(frozen=True, slots=True)
-class OnnxMetadata:
-    """What the backend needs to know about an exported graph (saved as `kobot-onnx.json`)."""
-
-    source_model: str
-    n_layer: int
-    n_head: int
-    head_dim: int
-    n_positions: int
-    vocab_size: int
-    opset: int = OPSET
-    format: int = FORMAT_VERSION
-    torch_version: str = torch.__version__
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,18 +56,6 @@ class ExportReport:
     seconds: float
     max_abs_diff: float | None
     """Largest |logit difference| between ONNX Runtime and torch on a check sequence."""
-
-
-def input_names(n_layer: int) -> list[str]:
-    return ["input_ids", *_cache_names("past", n_layer)]
-
-
-def output_names(n_layer: int) -> list[str]:
-    return ["logits", *_cache_names("present", n_layer)]
-
-
-def _cache_names(prefix: str, n_layer: int) -> list[str]:
-    return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
 
 
 # --- the traced forward ----------------------------------------------------------------------
@@ -213,6 +179,7 @@ def metadata_of(model: PreTrainedModel, source_model: str) -> OnnxMetadata:
         head_dim=int(config.n_embd) // int(config.n_head),
         n_positions=int(config.n_positions),
         vocab_size=int(config.vocab_size),
+        torch_version=torch.__version__,
     )
 
 
@@ -225,9 +192,9 @@ def dummy_inputs(meta: OnnxMetadata, batch: int = 2, seq: int = 3, past: int = 4
 
 def dynamic_axes(meta: OnnxMetadata) -> dict[str, dict[int, str]]:
     axes: dict[str, dict[int, str]] = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch"}}
-    for name in _cache_names("past", meta.n_layer):
+    for name in cache_names("past", meta.n_layer):
         axes[name] = {0: "batch", 2: "past"}
-    for name in _cache_names("present", meta.n_layer):
+    for name in cache_names("present", meta.n_layer):
         axes[name] = {0: "batch", 2: "total"}
     return axes
 
@@ -317,24 +284,3 @@ def export_onnx(model: str, out_dir: str | Path, *, verify: bool = True) -> Expo
             "should not be used"
         )
     return report
-
-
-def read_metadata(folder: str | Path) -> OnnxMetadata:
-    """The export's `kobot-onnx.json`; ModelLoadError naming KOBOT_ONNX_DIR when missing."""
-    path = Path(folder) / METADATA_FILE
-    if not path.is_file() or not (Path(folder) / MODEL_FILE).is_file():
-        raise ModelLoadError(
-            f"KOBOT_ONNX_DIR: {str(folder)!r} holds no ONNX export ({MODEL_FILE} and "
-            f"{METADATA_FILE}); create it with `kobot export-onnx --out {folder}`"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        meta = OnnxMetadata(**data)
-    except (ValueError, TypeError) as error:
-        raise ModelLoadError(f"KOBOT_ONNX_DIR: {str(path)!r} is unreadable ({error})") from error
-    if meta.format != FORMAT_VERSION:
-        raise ModelLoadError(
-            f"KOBOT_ONNX_DIR: {str(folder)!r} has export format {meta.format}, this kobot reads "
-            f"{FORMAT_VERSION}; export again with `kobot export-onnx --out {folder}`"
-        )
-    return meta

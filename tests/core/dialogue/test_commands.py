@@ -1,7 +1,8 @@
 import pytest
 
-from core.dialogue.commands import Command, help_text, parse_command
+from core.dialogue.commands import Command, parse_command
 from core.dialogue.ratelimit import RateLimiter
+from core.dialogue.texts import help_text
 
 
 @pytest.mark.parametrize(

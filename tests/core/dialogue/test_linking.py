@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.dialogue.linking import WRONG_CODES_ALLOWED, code_digest, new_code
 from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, IncomingMessage, ReplyKind, utc_now

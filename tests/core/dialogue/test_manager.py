@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from core.dialogue import commands as texts
-from core.dialogue.manager import ContextStarts, DialogueManager
+from core.dialogue import texts
+from core.dialogue.context import ContextStarts
+from core.dialogue.manager import DialogueManager
 from core.messages import ConversationKey, ReplyKind, Role, Turn
 from tests.support.backends import RecordingBackend
 from tests.support.dialogue import managed, message

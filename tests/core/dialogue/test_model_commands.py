@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from bots.console_adapter import ConsoleAdapter
-from core.dialogue import commands as texts
-from core.dialogue.commands import help_text
+from core.dialogue import texts
 from core.dialogue.manager import DialogueManager
 from core.dialogue.sentiment import LABELS
+from core.dialogue.texts import help_text
 from core.generation.base import GenerationError, GenerationErrorKind
 from core.messages import ConversationKey, ReplyKind, Role
 from tests.support.dialogue import ManagerFactory, message

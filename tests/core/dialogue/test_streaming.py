@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from bots.streaming import EditFailed, FloodWait, LiveMessage
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.generation.base import (
     Attempt,
     FinishReason,
@@ -134,7 +134,8 @@ async def test_handle_stream_shows_partials_as_the_reply_will_look(
     make_manager: ManagerFactory,
 ) -> None:
     manager, _ = await make_manager(max_message_chars=100)
-    manager.backend = ScriptedStream(manager.backend, ["반가", "반가워요"], "반가워요!")
+    services = manager.services  # what the chat turn generates through
+    services.backend = ScriptedStream(services.backend, ["반가", "반가워요"], "반가워요!")
     seen: list[str] = []
     reply = await manager.handle_stream(message("안녕 " * 60), seen.append)
     assert reply.text == texts.TRIMMED_NOTE + "반가워요!" and reply.trimmed

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +46,8 @@ from core.generation.onnx.decoder import (
     processed_scores,
     select_providers,
 )
-from core.generation.onnx.export import METADATA_FILE, MODEL_FILE, ExportReport, export_onnx
+from core.generation.onnx.export import ExportReport, export_onnx
+from core.generation.onnx.metadata import METADATA_FILE, MODEL_FILE
 from core.generation.policy import ReplyBackend
 from core.generation.stopping import RunControl
 from core.messages import ConversationKey, ReplyKind, Role
@@ -244,6 +247,13 @@ def test_cuda_must_exist_when_asked_for() -> None:
     )
     with pytest.raises(ModelLoadError, match="KOBOT_DEVICE"):
         select_providers("cuda", ["CPUExecutionProvider"])
+
+
+def test_the_onnx_decoder_loads_no_torch() -> None:
+    """Serving an export needs onnxruntime and numpy; only exporting needs torch."""
+    code = "import sys, core.generation.onnx.decoder; print('torch' in sys.modules)"
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "False"
 
 
 def test_the_cli_exports_kobot_model_to_the_folder_asked_for(

@@ -16,7 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from bots.app import build_dialogue_manager
-from core.dialogue import commands as texts
+from core.dialogue import texts
 from core.generation.base import (
     FinishReason,
     GenerationError,

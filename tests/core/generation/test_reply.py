@@ -6,14 +6,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.generation.base import GenerationError, GenerationErrorKind, SamplingParams
+from core.generation.base import (
+    Attempt,
+    FinishReason,
+    GenerationError,
+    GenerationErrorKind,
+    SamplingParams,
+)
 from core.generation.device import parse_device, resolve_device, resolve_dtype
 from core.generation.errors import ModelLoadError, classify_error
 from core.generation.hf_decoder import generation_config
 from core.generation.policy import FALLBACK_REPLY, retry_plan
 from core.generation.quality import is_degenerate, is_empty_reply, longest_loop
 from core.generation.reply_text import clean_reply, compat_jamo, find_stop, split_reply
-from core.generation.stopping import RunControl, StopRule
+from core.generation.stopping import RunControl, StopRule, stop_rules, stopped_candidates
 from core.generation.tokenizer import KoGPT2Tokenizer
 
 # --- clean_reply -----------------------------------------------------------------------------
@@ -212,6 +218,29 @@ def test_stops_when_the_deadline_passes_or_on_cancel(tokenizer: KoGPT2Tokenizer)
     with pytest.raises(GenerationError) as error:
         control.check()
     assert error.value.kind is GenerationErrorKind.TIMEOUT
+
+
+def test_an_attempts_rules_give_its_candidates_or_its_timeout(tokenizer: KoGPT2Tokenizer) -> None:
+    """What the HF and ONNX decoders do after decoding: only the first row streams; a row that
+    ended at the EOS ended there, any other by length; a rule stopped at the deadline is a
+    TIMEOUT naming its setting."""
+    heard: list[list[int]] = []
+    control = RunControl(60)
+    attempt = Attempt((1, 2), SamplingParams(), None, ("User:",), control, on_ids=heard.append)
+    rules = stop_rules(tokenizer.decode, attempt, 2)
+    ids = tokenizer.encode_text("안녕하세요")
+    run_steps(rules[0], ids)
+    run_steps(rules[1], ids)
+    assert heard == [ids[:n] for n in range(1, len(ids) + 1)]
+    rows = [[*ids, tokenizer.eos_id], ids]
+    ended = [c.ended for c in stopped_candidates(tokenizer, rows, rules, control)]
+    assert ended == [FinishReason.EOS, FinishReason.LENGTH]
+    control.cancel()
+    run_steps(rules[1], ids)
+    with pytest.raises(GenerationError) as error:
+        stopped_candidates(tokenizer, rows, rules, control)
+    assert error.value.kind is GenerationErrorKind.TIMEOUT
+    assert "KOBOT_GENERATION_TIMEOUT_S" in error.value.detail
 
 
 # --- the error boundary ----------------------------------------------------------------------
