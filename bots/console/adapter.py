@@ -1,5 +1,5 @@
-"""`kobot chat`: talk to the bot in a terminal (`bots.terminal`: streamed replies, Ctrl-C), or
-pipe one message per line through it (exactly one reply line per input line)."""
+"""`kobot chat`: talk to the bot in a terminal (`bots.console.terminal`: streamed replies,
+Ctrl-C), or pipe one message per line through it (exactly one reply line per input line)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from itertools import count
 from pathlib import Path
 from typing import TextIO
 
-from bots import terminal
 from bots.app import build_dialogue_manager
-from bots.terminal import next_or_stop
+from bots.console import terminal
+from bots.console.terminal import next_or_stop
 from core.dialogue.manager import DialogueManager
 from core.dialogue.streaming import PartialCallback
 from core.messages import IncomingMessage, Reply

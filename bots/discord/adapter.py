@@ -33,7 +33,7 @@ Proxies (`KOBOT_DISCORD_API_URL`, `KOBOT_DISCORD_GATEWAY_URL`)
 
 Streaming (`KOBOT_STREAM_REPLIES`, on by default)
     A reply to a message is posted as soon as the model has text and grows by message edits
-    (`PATCH`), at most one per second per message (`bots.streaming`); discord.py waits out 429s
+    (`PATCH`), at most one per second per message (`bots.live`); discord.py waits out 429s
     itself, and one it gives up on pushes the next edit back. The last edit makes the message
     exactly the reply `handle` returns; further chunks follow as messages. The slash commands
     that generate (`/complete`, `/story`, `/retry`) stream the same way into the interaction's
@@ -47,7 +47,7 @@ Reconnects
     reconnect or resume (or a restart) changes nothing about anyone's context; a replayed message
     that was already answered comes back from the core with `duplicate=True` and is not sent again.
 
-Crashes (`bots.discord_inbox`)
+Crashes (`bots.discord.inbox`)
     Each message to answer is stored in the inbox before it is answered; one seen again (a
     replay) is a no-op. After a restart, stored messages not yet finished are answered: their
     replies are generated, or sent from storage when the reply was stored but never sent (the
@@ -77,9 +77,9 @@ from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
 from bots.app import build_dialogue_manager
-from bots.discord_inbox import DiscordInbox
+from bots.discord.inbox import DiscordInbox
+from bots.live import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
 from bots.outbox import Outcome, Sent
-from bots.streaming import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
 from core.dialogue.commands import DESCRIPTIONS, Command
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
@@ -549,7 +549,7 @@ def build_command_tree(client: discord.Client, handle: SlashHandler) -> app_comm
 
 @contextlib.contextmanager
 def streaming_errors() -> Iterator[None]:
-    """discord.py's errors for a streamed message, as `bots.streaming` expects them."""
+    """discord.py's errors for a streamed message, as `bots.live` expects them."""
     try:
         yield
     except discord.RateLimited as error:
@@ -588,7 +588,7 @@ def streamed(
     timing: StreamTiming,
 ) -> LiveMessage[AnyMessage]:
     """A Discord message that grows by edits (`PATCH`), `post` making it; discord.py's errors
-    as `bots.streaming` expects them; each partial cut to the reply's first chunk."""
+    as `bots.live` expects them; each partial cut to the reply's first chunk."""
 
     async def posted(text: str) -> AnyMessage:
         with streaming_errors():

@@ -3,14 +3,14 @@
 The adapter holds a DialogueManager and translates: Telegram update → IncomingMessage →
 `manager.handle` → Reply → paced, split, plain-text Telegram messages. Policies decided here:
 
-* Who is answered: see `bots.telegram_routing` (private chats always; groups on a mention, a
+* Who is answered: see `bots.telegram.routing` (private chats always; groups on a mention, a
   reply to the bot or a command; never bots; allowlists; admins for `/stats`).
 * Edited messages are ignored: the bot does not ask Telegram for them (`allowed_updates`), and
   PTB's handler only takes new messages. The original was answered already; an edit keeps its
   message id, so the core's restart dedup would return the old stored reply anyway, and answering
   every typo fix would double the bot's messages in a group.
 * Nothing lost, nothing answered twice: each update is written to the storage inbox before it
-  is confirmed to Telegram, and confirmed at once (`bots.telegram_updates`); after a crash the
+  is confirmed to Telegram, and confirmed at once (`bots.telegram.updates`); after a crash the
   unfinished ones are taken again. A reply is stored with its AI turn as `pending` (the outbox)
   and marked `sent` (with Telegram's message ids) once sent, so a message handled again finds
   its stored reply (message id `"<chat>:<message>"`) and sends it from storage if it was never
@@ -22,7 +22,7 @@ The adapter holds a DialogueManager and translates: Telegram update → Incoming
 * `/export` in a group is sent to the user's private chat: the history is theirs alone.
 * Streaming (`KOBOT_STREAM_REPLIES`, on by default): a reply being generated is posted as soon
   as it has text and grows by `editMessageText`, at most once a second per message (paced with
-  the chat's other sends; a `RetryAfter` pushes the next edit back, see `bots.streaming`); the
+  the chat's other sends; a `RetryAfter` pushes the next edit back, see `bots.live`); the
   last edit makes it exactly the reply `handle` returns, further chunks follow as messages.
 """
 
@@ -42,11 +42,11 @@ from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
 from bots.app import build_dialogue_manager
+from bots.live import EditFailed, LiveMessage
 from bots.outbox import Outcome, Sent
-from bots.streaming import EditFailed, LiveMessage
-from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
-from bots.telegram_logging import SecretRedactor, telegram_secrets
-from bots.telegram_routing import (
+from bots.telegram.delivery import ChatPacer, Pacing, Sender, Target, typing
+from bots.telegram.redaction import SecretRedactor, telegram_secrets
+from bots.telegram.routing import (
     NON_TEXT_REPLY,
     PLATFORM,
     AccessPolicy,
@@ -57,7 +57,7 @@ from bots.telegram_routing import (
     is_private,
     to_incoming,
 )
-from bots.telegram_updates import (
+from bots.telegram.updates import (
     ALLOWED_UPDATES,
     DeliveryPending,
     Poller,

@@ -24,8 +24,8 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from bots.live import EditFailed, FloodWait
 from bots.outbox import Outcome, Sent
-from bots.streaming import EditFailed, FloodWait
 from core.messages import Attachment
 from core.ops.logs import UserIds
 

@@ -25,8 +25,8 @@ from aiohttp import web
 from telegram import Bot, Update
 from telegram.error import InvalidToken, RetryAfter, TelegramError
 
-from bots.telegram_delivery import retry_seconds
-from bots.telegram_routing import PLATFORM
+from bots.telegram.delivery import retry_seconds
+from bots.telegram.routing import PLATFORM
 from storage.base import InboxItem, Storage, StorageError
 
 log = logging.getLogger(__name__)

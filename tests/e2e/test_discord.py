@@ -27,7 +27,7 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bots.app import build_dialogue_manager
-from bots.discord_adapter import (
+from bots.discord.adapter import (
     FILE_IN_PRIVATE,
     MISSING_INTENT,
     NO_TEXT,
@@ -741,7 +741,7 @@ async def test_a_replayed_slash_retry_is_answered_once(
     started = harness.backend.started
 
     harness.backend.script = "세 번째 답 (만들면 안 됨)"
-    with caplog.at_level(logging.INFO, logger="bots.discord_adapter"):
+    with caplog.at_level(logging.INFO, logger="bots.discord.adapter"):
         await fake.dispatch("INTERACTION_CREATE", retry)
         replayed = f"interaction {retry['id']} was answered before"
         await fake.wait_for(lambda: replayed in caplog.text, WAIT_S)

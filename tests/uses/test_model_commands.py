@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bots.console_adapter import ConsoleAdapter
+from bots.console.adapter import ConsoleAdapter
 from core.dialogue import commands as texts
 from core.dialogue.commands import help_text
 from core.dialogue.manager import DialogueManager
