@@ -64,8 +64,7 @@ import contextlib
 import io
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -76,15 +75,23 @@ from discord.abc import Messageable
 from discord.gateway import DiscordWebSocket
 from discord.http import INTERNAL_API_VERSION, Route
 
-from bots.app import build_dialogue_manager
+from bots.access import AccessPolicy, Place
+from bots.base import InFlight, done_or_stopped, run_adapter, run_platform
 from bots.discord.inbox import DiscordInbox
-from bots.live import DEFAULT_INTERVAL_S, EditFailed, FloodWait, LiveMessage
-from bots.outbox import Outcome, Sent
+from bots.live import (
+    DEFAULT_INTERVAL_S,
+    EditFailed,
+    FloodWait,
+    LiveMessage,
+    finish_reply,
+    streaming,
+)
+from bots.outbox import Outcome, Sent, record
 from core.dialogue.commands import DESCRIPTIONS, Command
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
-from core.ops.lifecycle import BotServices, InFlight
+from core.ops.lifecycle import Shutdown
 from core.settings import Settings
 from core.text import split_message, utf16_length
 from storage.base import mask_url_password
@@ -253,49 +260,28 @@ def create_client(settings: Settings, **options: Any) -> KobotClient | KobotShar
 # Access control and triggers
 
 
-@dataclass(frozen=True, slots=True)
-class AccessPolicy:
-    """Allowlists of guild, channel and role ids (empty = everything), and the admin ids."""
-
-    guilds: frozenset[int] = frozenset()
-    channels: frozenset[int] = frozenset()
-    roles: frozenset[int] = frozenset()
-    admins: frozenset[int] = frozenset()
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> AccessPolicy:
-        return cls(
-            frozenset(settings.discord_allowed_guilds),
-            frozenset(settings.discord_allowed_channels),
-            frozenset(settings.discord_allowed_roles),
-            frozenset(settings.discord_admin_ids),
-        )
-
-    @property
-    def restricted(self) -> bool:
-        return bool(self.guilds or self.channels or self.roles)
-
-    def allows(self, user: discord.abc.User, guild_id: int | None, channel: object) -> bool:
-        if user.id in self.admins:
-            return True
-        if guild_id is None:
-            return not self.restricted
-        return (
-            (not self.guilds or guild_id in self.guilds)
-            and (not self.channels or in_channels(channel, self.channels))
-            and (not self.roles or bool(self.roles & role_ids(user)))
-        )
+def place_of(user: discord.abc.User, guild_id: int | None, channel: object) -> Place:
+    """For the access policy; a DM is tied to no channel, guild or role (no members intent)."""
+    if guild_id is None:
+        return Place()
+    return Place(channel_ids(channel), guild_id, role_ids(user))
 
 
-def role_ids(user: discord.abc.User) -> set[int]:
-    return {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
+def role_ids(user: discord.abc.User) -> frozenset[int]:
+    if not isinstance(user, discord.Member):
+        return frozenset()
+    return frozenset(role.id for role in user.roles)
 
 
-def in_channels(channel: object, listed: Iterable[int]) -> bool:
-    """True for a listed channel, or a thread whose parent channel is listed."""
-    ids = set(listed)
+def channel_ids(channel: object) -> frozenset[int]:
+    """The channel's id, and for a thread its parent channel's too."""
     parent_id = channel.parent_id if isinstance(channel, discord.Thread) else None
-    return getattr(channel, "id", None) in ids or parent_id in ids
+    return frozenset(i for i in (getattr(channel, "id", None), parent_id) if i is not None)
+
+
+def in_channels(channel: object, listed: frozenset[int]) -> bool:
+    """True for a listed channel, or a thread whose parent channel is listed."""
+    return bool(channel_ids(channel) & listed)
 
 
 def is_from_person(message: discord.Message) -> bool:
@@ -630,15 +616,12 @@ SendMore = Callable[[str], Awaitable[str]]  # sends one more chunk of a reply; t
 
 
 async def finish_live(
-    live: LiveMessage[AnyMessage], reply: Reply, send_more: SendMore
+    live: LiveMessage[AnyMessage] | None, reply: Reply, send_more: SendMore
 ) -> list[str] | None:
-    """Edit the streamed message into the reply's first chunk and send the rest with
-    `send_more` (the ids of every message of the reply); None when nothing was streamed (or it
-    broke): the reply is then sent as usual."""
-    if not live.started or reply.attachment is not None or live.handle is None:
-        return None
-    first, *rest = chunks_of(reply)
-    if not await live.finish(first):
+    """Finish the streamed message (`bots.live.finish_reply`) and send the rest with
+    `send_more`: the ids of every message of the reply; None when it was not streamed."""
+    rest = await finish_reply(live, reply, chunks_of(reply))
+    if rest is None or live is None or live.handle is None:
         return None
     return [str(live.handle.id), *[await send_more(chunk) for chunk in rest]]
 
@@ -690,7 +673,7 @@ class InteractionAnswer:
         self, reply: Reply, private: bool, live: LiveMessage[AnyMessage] | None
     ) -> list[str]:
         """The reply, finishing the streamed answer if there is one; the ids of its messages."""
-        streamed_ids = None if live is None else await finish_live(live, reply, self.follow_up)
+        streamed_ids = await finish_live(live, reply, self.follow_up)
         return streamed_ids or await respond(self.interaction, reply, private)
 
 
@@ -698,8 +681,7 @@ async def deliver(message: AnyMessage, reply: Reply, live: LiveMessage[AnyMessag
     """Send the reply (finishing the streamed message, if any); how it went."""
 
     async def sending() -> list[str]:
-        more = more_replies_to(message)
-        streamed_ids = None if live is None else await finish_live(live, reply, more)
+        streamed_ids = await finish_live(live, reply, more_replies_to(message))
         return streamed_ids or await send_reply(message, reply)
 
     return await outcome_of(sending())
@@ -743,12 +725,13 @@ class DiscordAdapter:
         self.settings = settings
         self.manager = manager
         self.client = client
-        self.policy = AccessPolicy.from_settings(settings)
+        self.policy = AccessPolicy.discord(settings)
         self.listed_channels = frozenset(settings.discord_channels)
         self.defer_after_s = defer_after_s
         self.stream_timing = (stream_interval_s, stream_first_after_s)
         self.in_flight = InFlight()
         self.inbox = DiscordInbox(manager.storage)
+        self._gateway: asyncio.Task[None] | None = None
         self._resumed = False
         self.closing = False
         self.tree = build_command_tree(client, self._tracked_command)
@@ -764,14 +747,38 @@ class DiscordAdapter:
         """For `/healthz`: the gateway session is ready and the client not closed."""
         return self.client.is_ready() and not self.client.is_closed()
 
-    async def drain(self, timeout_s: float) -> bool:
-        """Stop taking messages and commands; wait for those in flight (True when all ended)."""
+    async def start(self) -> None:
+        """Register the slash commands, then open the gateway (in the background)."""
+        await self.sync_commands()
+        self._gateway = asyncio.create_task(self._connect(), name="kobot-discord-gateway")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set or the gateway ends (a bad intent or shard setting raises
+        StartupError)."""
+        if self._gateway is not None and await done_or_stopped(self._gateway, stop):
+            self._gateway.result()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking messages and commands; wait for those in flight (at most `timeout_s`,
+        then they are cancelled); close the client."""
         self.closing = True
-        finished = await self.in_flight.wait_idle(timeout_s)
-        if not finished:
-            running = self.in_flight.count
-            log.warning("%d replies still running after %g s; closing", running, timeout_s)
-        return finished
+        await self.in_flight.drain(timeout_s)
+        await self.client.close()
+        if self._gateway is not None:
+            await asyncio.wait([self._gateway])
+
+    async def _connect(self) -> None:
+        if isinstance(self.client, KobotShardedClient) and self.client.shard_count is None:
+            count, _, _ = await self.client.http.get_bot_gateway()
+            self.client.shard_count = count
+            log.info("Discord recommends %d shards", count)
+        try:
+            await self.client.connect(reconnect=True)
+        except discord.PrivilegedIntentsRequired:
+            raise StartupError(MISSING_INTENT) from None
+        except discord.ConnectionClosed as error:
+            reason = GATEWAY_CLOSE_REASONS.get(error.code or 0, "see Discord's close codes")
+            raise StartupError(f"Discord gateway closed ({error.code}): {reason}") from None
 
     async def sync_commands(self) -> None:
         """Register the slash commands: per listed guild (instant) or globally (up to an hour)."""
@@ -815,7 +822,8 @@ class DiscordAdapter:
     def prepare(self, message: discord.Message) -> IncomingMessage | Reply | None:
         """What the core should answer, or a local notice; None when nothing should be sent."""
         guild_id = message.guild.id if message.guild is not None else None
-        if not self.policy.allows(message.author, guild_id, message.channel):
+        place = place_of(message.author, guild_id, message.channel)
+        if not self.policy.allows(message.author.id, place):
             return Reply(NOT_ALLOWED, ReplyKind.NOTICE) if message.guild is None else None
         text = message_text(message, self.bot_id)
         if not text and has_media(message):
@@ -825,12 +833,8 @@ class DiscordAdapter:
     async def answer(self, message: AnyMessage, incoming: IncomingMessage) -> None:
         """The core's reply to a stored message, sent; the outbox and the inbox updated."""
         live = self._live(message, incoming) if self.settings.stream_replies else None
-        try:
-            async with typing_shown(message.channel):
-                reply = await self.manager.handle_stream(incoming, live.update if live else None)
-        finally:
-            if live is not None:
-                await live.close()
+        async with streaming(live), typing_shown(message.channel):
+            reply = await self.manager.handle_stream(incoming, live.update if live else None)
         if reply.duplicate:
             log.info("message %s was answered before; not sending again", incoming.message_id)
             await self.inbox.done(incoming)
@@ -853,15 +857,9 @@ class DiscordAdapter:
         return live
 
     async def _record(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
-        await self._record_outbox(incoming, reply, sent)
+        await record(self.manager, incoming, reply, sent)
         if sent.outcome is not Outcome.FAILED:
             await self.inbox.done(incoming)
-
-    async def _record_outbox(self, incoming: IncomingMessage, reply: Reply, sent: Sent) -> None:
-        if reply.pending_delivery and sent.outcome is Outcome.SENT:
-            await self.manager.delivered(incoming, sent.ids)
-        elif reply.pending_delivery and sent.outcome is Outcome.REFUSED:
-            await self.manager.undeliverable(incoming)
 
     async def resume_unfinished(self) -> None:
         """Once per run, when the gateway is first ready: answer what the last run left."""
@@ -894,7 +892,8 @@ class DiscordAdapter:
         """Route to the core; defer when the core takes longer than `defer_after_s` (or when
         the reply starts streaming); a command answered before (a replay) is not answered
         again, and a stored answer goes through the outbox like a message's."""
-        if not self.policy.allows(interaction.user, interaction.guild_id, interaction.channel):
+        place = place_of(interaction.user, interaction.guild_id, interaction.channel)
+        if not self.policy.allows(interaction.user.id, place):
             await respond(interaction, Reply(NOT_ALLOWED, ReplyKind.NOTICE), ephemeral=True)
             return
         answer = InteractionAnswer(interaction, command in PRIVATE_COMMANDS)
@@ -906,7 +905,7 @@ class DiscordAdapter:
             return
         private = answer.ephemeral or reply.kind in (ReplyKind.NOTICE, ReplyKind.ERROR)
         sent = await outcome_of(answer.send(reply, private, live))
-        await self._record_outbox(incoming, reply, sent)
+        await record(self.manager, incoming, reply, sent)
 
     def _streams(self, command: Command) -> bool:
         return self.settings.stream_replies and command in STREAMED_COMMANDS
@@ -918,14 +917,11 @@ class DiscordAdapter:
         live: LiveMessage[AnyMessage] | None,
     ) -> Reply:
         on_partial = live.update if live is not None else None
-        task = asyncio.create_task(self.manager.handle_stream(incoming, on_partial))
-        try:
+        async with streaming(live):
+            task = asyncio.create_task(self.manager.handle_stream(incoming, on_partial))
             if not await finish_within(task, self.defer_after_s):
                 await answer.defer()
             return await task
-        finally:
-            if live is not None:
-                await live.close()
 
     async def on_command_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError
@@ -941,11 +937,14 @@ class DiscordAdapter:
 
 
 class DiscordBot:
-    """One run of the bot: login, model, command sync, gateway, shutdown.
+    """The Discord platform: the token is accepted (a login) before the model loads, so a bad
+    token fails in a second; then the adapter runs over the manager.
 
-    Pass `manager` to reuse one (the caller then closes it); otherwise it is built after the
-    token is accepted, so a bad token fails in a second instead of after the model loads.
+    `run()` serves one given `manager` (the caller closes it; without one it is built after
+    the login) until `close()`; `kobot discord` runs it through `bots.base.run_adapter`.
     """
+
+    name = PLATFORM
 
     def __init__(
         self,
@@ -965,18 +964,40 @@ class DiscordBot:
         self.client = create_client(settings, **client_options)
         self.client.identify_delay_s = identify_delay_s
         self.adapter: DiscordAdapter | None = None
-        self.services: BotServices | None = None
+        self._held = contextlib.AsyncExitStack()
+        self._stop = asyncio.Event()
 
     async def run(self) -> None:
         """Serve until `close()`; a bad token, intent or gateway setting raises StartupError."""
-        token = discord_token(self.settings)
-        with discord_endpoints(self.settings.discord_api_url, self.settings.discord_gateway_url):
-            async with self.client:
-                await self._login(token)
-                await self._serve()
+        await run_platform(self.settings, self, Shutdown(self._stop), 0.0, manager=self.manager)
 
     async def close(self) -> None:
-        await self.client.close()
+        """End `run()` now (replies in flight are cancelled)."""
+        self._stop.set()
+
+    async def connect(self) -> None:
+        token = discord_token(self.settings)
+        endpoints = discord_endpoints(
+            self.settings.discord_api_url, self.settings.discord_gateway_url
+        )
+        self._held.enter_context(endpoints)
+        await self._held.enter_async_context(self.client)
+        await self._login(token)
+
+    def adapter_for(self, manager: DialogueManager, shutdown: Shutdown) -> DiscordAdapter:
+        self.adapter = DiscordAdapter(
+            self.settings,
+            manager,
+            self.client,
+            defer_after_s=self.defer_after_s,
+            stream_interval_s=self.stream_timing[0],
+            stream_first_after_s=self.stream_timing[1],
+        )
+        return self.adapter
+
+    async def disconnect(self) -> None:
+        """Close the client and give discord.py its own endpoints back."""
+        await self._held.aclose()
 
     async def _login(self, token: str) -> None:
         try:
@@ -989,40 +1010,6 @@ class DiscordBot:
         if not has_message_content(self.client.application_flags):
             raise StartupError(MISSING_INTENT)
 
-    async def _serve(self) -> None:
-        manager = self.manager or await build_dialogue_manager(self.settings)
-        try:
-            self.adapter = DiscordAdapter(
-                self.settings,
-                manager,
-                self.client,
-                defer_after_s=self.defer_after_s,
-                stream_interval_s=self.stream_timing[0],
-                stream_first_after_s=self.stream_timing[1],
-            )
-            if self.services is not None:
-                self.services.attach(manager, self.adapter)
-            await self.adapter.sync_commands()
-            await self._connect()
-        finally:
-            if self.services is not None:
-                await self.services.detach()
-            if self.manager is None:
-                await manager.close()
-
-    async def _connect(self) -> None:
-        if isinstance(self.client, KobotShardedClient) and self.client.shard_count is None:
-            count, _, _ = await self.client.http.get_bot_gateway()
-            self.client.shard_count = count
-            log.info("Discord recommends %d shards", count)
-        try:
-            await self.client.connect(reconnect=True)
-        except discord.PrivilegedIntentsRequired:
-            raise StartupError(MISSING_INTENT) from None
-        except discord.ConnectionClosed as error:
-            reason = GATEWAY_CLOSE_REASONS.get(error.code or 0, "see Discord's close codes")
-            raise StartupError(f"Discord gateway closed ({error.code}): {reason}") from None
-
 
 def discord_token(settings: Settings) -> str:
     token = settings.discord_token.get_secret_value().strip() if settings.discord_token else ""
@@ -1031,25 +1018,8 @@ def discord_token(settings: Settings) -> str:
     return token
 
 
-async def run_until_stopped(bot: DiscordBot, stop: asyncio.Event | None = None) -> None:
-    """Run the bot until SIGTERM/SIGINT (or `stop`): then no new messages, replies in flight
-    finish within KOBOT_SHUTDOWN_TIMEOUT_S, the client closes, then the model and storage."""
-    async with BotServices(bot.settings, PLATFORM, stop) as services:
-        bot.services = services
-        running = asyncio.create_task(bot.run())
-        stopping = asyncio.ensure_future(services.stop.wait())
-        try:
-            await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopping.cancel()
-        if not running.done():
-            if bot.adapter is not None:
-                await bot.adapter.drain(services.grace_s)
-            await bot.close()
-        await running
-
-
 def main(settings: Settings) -> int:
-    """`kobot discord`."""
-    asyncio.run(run_until_stopped(DiscordBot(settings)))
+    """`kobot discord`: SIGTERM/SIGINT lets the replies in flight finish within
+    KOBOT_SHUTDOWN_TIMEOUT_S, then the client closes, then the model and storage."""
+    asyncio.run(run_adapter(settings, DiscordBot(settings)))
     return 0

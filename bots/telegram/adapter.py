@@ -41,15 +41,15 @@ from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
 
-from bots.app import build_dialogue_manager
-from bots.live import EditFailed, LiveMessage
-from bots.outbox import Outcome, Sent
+from bots.access import AccessPolicy, Place
+from bots.base import run_adapter
+from bots.live import EditFailed, LiveMessage, finish_reply, streaming
+from bots.outbox import Outcome, Sent, record
 from bots.telegram.delivery import ChatPacer, Pacing, Sender, Target, typing
 from bots.telegram.redaction import SecretRedactor, telegram_secrets
 from bots.telegram.routing import (
     NON_TEXT_REPLY,
     PLATFORM,
-    AccessPolicy,
     BotIdentity,
     Decision,
     Route,
@@ -73,7 +73,7 @@ from core.dialogue.manager import DialogueManager
 from core.dialogue.uses import MODEL_COMMANDS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
-from core.ops.lifecycle import BotServices
+from core.ops.lifecycle import Shutdown
 from core.ops.logs import UserIds
 from core.settings import Settings
 from core.text import split_message, utf16_length
@@ -206,11 +206,7 @@ class TelegramAdapter:
         self.options = options or TelegramOptions()
         self.application = application or build_application(settings)
         self.bot = self.application.bot
-        self.access = AccessPolicy(
-            frozenset(settings.telegram_allowed_users),
-            frozenset(settings.telegram_allowed_chats),
-            frozenset(settings.telegram_admin_ids),
-        )
+        self.access = AccessPolicy.telegram(settings)
         self.ids = UserIds.from_settings(settings)
         self.inbox = UpdateInbox(manager.storage, self.bot, self._process)
         self.dispatcher = UpdateDispatcher(self.inbox.process, self.options.max_concurrent_updates)
@@ -252,24 +248,7 @@ class TelegramAdapter:
         await resume_unfinished(self.inbox, self.dispatcher)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start, serve until `stop` is set (or polling fails for good), then stop cleanly."""
-        await self.start()
-        try:
-            await self._serve_until(stop)
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        """Stop taking updates, let running ones finish (up to the drain timeout), shut down."""
-        try:
-            if self.webhook is not None:
-                await self.webhook.stop(self.options.drain_timeout_s)
-            else:
-                await self._stop_polling()
-        finally:
-            await self._shutdown_application()
-
-    async def _serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set (or polling fails for good)."""
         stopped = asyncio.ensure_future(stop.wait())
         waiters: set[asyncio.Future[Any]] = {stopped}
         if self._poll_task is not None:
@@ -278,6 +257,20 @@ class TelegramAdapter:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking updates, let running ones finish (up to `timeout_s`), shut down."""
+        try:
+            if self.webhook is not None:
+                await self.webhook.stop(timeout_s)
+            else:
+                await self._stop_polling(timeout_s)
+        finally:
+            await self._shutdown_application()
+
+    async def stop(self) -> None:
+        """`drain` within the options' drain timeout (for a caller that runs the adapter)."""
+        await self.drain(self.options.drain_timeout_s)
 
     async def _start_polling(self) -> None:
         """Remove any webhook (pending updates stay queued at Telegram), then poll."""
@@ -290,10 +283,10 @@ class TelegramAdapter:
         self._poll_task = asyncio.create_task(self._poller.run(self._stopping))
         log.info("telegram: long polling as @%s", self._username())
 
-    async def _stop_polling(self) -> None:
+    async def _stop_polling(self, timeout_s: float) -> None:
         self._stopping.set()
         failure = await self._finish_poll_task()
-        await self.dispatcher.drain(self.options.drain_timeout_s)
+        await self.dispatcher.drain(timeout_s)
         if self._poller is not None and failure is None:
             await self._poller.confirm()
         if isinstance(failure, InvalidToken):
@@ -388,7 +381,7 @@ class TelegramAdapter:
 
     def _allowed(self, message: Message) -> bool:
         user_id = message.from_user.id if message.from_user else 0
-        allowed = self.access.allows(user_id, message.chat.id)
+        allowed = self.access.allows(user_id, Place(frozenset({message.chat.id})))
         if not allowed:
             log.info(
                 "ignored user %s in chat %s: not in the allowlists",
@@ -403,20 +396,17 @@ class TelegramAdapter:
             await self.sender.send_texts(target, [NON_TEXT_REPLY])
             return
         incoming = to_incoming(message, decision.text, self.access.admins)
-        live = self._live_message(target, update_id)
         async with self._typing(target, incoming.text):
-            try:
+            async with streaming(self._live_message(target, update_id)) as live:
                 reply = await self._handle(incoming, live)
-            finally:
-                if live is not None:
-                    await live.close()
             if reply.duplicate:
                 shown = self.ids.message(PLATFORM, incoming.message_id)
                 log.info("message %s was answered already; not sent again", shown)
                 return
             sent = await self._send_reply(incoming, reply, target, live)
-        if reply.pending_delivery:
-            await self._record_delivery(update_id, incoming, sent)
+        await record(self.manager, incoming, reply, sent)
+        if reply.pending_delivery and sent.outcome is Outcome.FAILED:
+            self._undelivered.add(update_id)
 
     async def _send_reply(
         self,
@@ -425,17 +415,12 @@ class TelegramAdapter:
         target: Target,
         live: LiveMessage[int] | None,
     ) -> Sent:
-        streamed = None if live is None else await self._finish_live(live, reply, target)
-        return streamed or await self._deliver(incoming, reply, target)
-
-    async def _record_delivery(self, update_id: int, incoming: IncomingMessage, sent: Sent) -> None:
-        """The outbox: sent (with the message ids), refused for good, or pending for later."""
-        if sent.outcome is Outcome.SENT:
-            await self.manager.delivered(incoming, sent.ids)
-        elif sent.outcome is Outcome.REFUSED:
-            await self.manager.undeliverable(incoming)
-        else:
-            self._undelivered.add(update_id)
+        """Finish the streamed message, if any, and send the rest; else send it all."""
+        rest = await finish_reply(live, reply, chunks(reply.text))
+        if rest is None or live is None or live.handle is None:
+            return await self._deliver(incoming, reply, target)
+        after = await self.sender.send_chunks(target, list(rest))
+        return Sent(after.outcome, (str(live.handle), *after.ids))
 
     async def _handle(
         self, incoming: IncomingMessage, live: LiveMessage[int] | None = None
@@ -474,19 +459,6 @@ class TelegramAdapter:
         )
         live.handle = self.inbox.streamed_before(update_id)
         return live
-
-    async def _finish_live(
-        self, live: LiveMessage[int], reply: Reply, target: Target
-    ) -> Sent | None:
-        """Make the streamed message the reply's first chunk and send the rest; None when
-        nothing was streamed (or the message broke): the reply is then sent as usual."""
-        if not live.started or reply.attachment is not None or live.handle is None:
-            return None
-        first, *rest = chunks(reply.text)
-        if not await live.finish(first):
-            return None
-        after = await self.sender.send_chunks(target, rest)
-        return Sent(after.outcome, (str(live.handle), *after.ids))
 
     def _typing(self, target: Target, text: str) -> AbstractAsyncContextManager[None]:
         parsed = parse_command(text)
@@ -529,31 +501,40 @@ class TelegramAdapter:
 # Entry point
 
 
+class TelegramPlatform:
+    """The token is checked with `getMe` before the model loads; the bot token and the webhook
+    secret are kept out of every log line while the bot runs (`bots.telegram.redaction`)."""
+
+    name = PLATFORM
+
+    def __init__(self, settings: Settings, options: TelegramOptions | None = None) -> None:
+        self.settings = settings
+        self.options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
+        self.redactor = SecretRedactor(telegram_secrets(settings))
+        self.application: TelegramApp | None = None
+
+    async def connect(self) -> None:
+        self.redactor.install()
+        self.application = build_application(self.settings)
+        await connect(self.application, self.settings)
+
+    def adapter_for(self, manager: DialogueManager, shutdown: Shutdown) -> TelegramAdapter:
+        return TelegramAdapter(manager, self.settings, self.application, self.options)
+
+    async def disconnect(self) -> None:
+        try:
+            if self.application is not None:
+                await self.application.shutdown()
+        finally:
+            self.redactor.remove()
+
+
 async def run_telegram(
     settings: Settings, options: TelegramOptions | None = None, stop: asyncio.Event | None = None
 ) -> int:
-    """Check the token first (before the model loads), then serve until stopped.
-
-    SIGTERM/SIGINT (or `stop`): no new updates, running ones finish within
-    KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close (see `core.ops.lifecycle`).
-    """
-    options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
-    async with BotServices(settings, "telegram", stop) as services:
-        with SecretRedactor(telegram_secrets(settings)).installed():
-            application = build_application(settings)
-            await connect(application, settings)
-            try:
-                manager = await build_dialogue_manager(settings)
-            except BaseException:
-                await application.shutdown()
-                raise
-            try:
-                adapter = TelegramAdapter(manager, settings, application, options)
-                services.attach(manager, adapter)
-                await adapter.run(services.stop)
-            finally:
-                await services.detach()
-                await manager.close()
+    """`kobot telegram` (see `bots.base.run_adapter`): SIGTERM/SIGINT (or `stop`) lets the
+    running updates finish within KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close."""
+    await run_adapter(settings, TelegramPlatform(settings, options), stop)
     return 0
 
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from telegram import Bot, Update
 from telegram.error import InvalidToken, RetryAfter, TelegramError
 
+from bots.base import InFlight, until_stopped
 from bots.telegram.delivery import retry_seconds
 from bots.telegram.routing import PLATFORM
 from storage.base import InboxItem, Storage, StorageError
@@ -52,10 +53,11 @@ class UpdateDispatcher:
         self._limit = asyncio.Semaphore(max_concurrent)
         self._tails: dict[Hashable, asyncio.Task[None]] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._running = InFlight()
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return self._running.count
 
     def is_running(self, update_id: int) -> bool:
         """Whether this update was submitted and is not finished yet."""
@@ -67,7 +69,7 @@ class UpdateDispatcher:
         if running is not None:
             return running
         key = ordering_key(update)
-        task = asyncio.create_task(self._run(update, self._tails.get(key)))
+        task = self._running.spawn(self._run(update, self._tails.get(key)))
         self._tails[key] = self._tasks[update.update_id] = task
         task.add_done_callback(lambda done: self._forget(key, update.update_id, done))
         return task
@@ -87,18 +89,9 @@ class UpdateDispatcher:
             del self._tails[key]
 
     async def drain(self, timeout_s: float) -> None:
-        """Let running updates finish for up to `timeout_s`, then cancel the rest."""
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        _, late = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning(
-                "cancelled %d unfinished updates (taken again at the next start)", len(late)
-            )
-            await asyncio.wait(late)
+        """Let running updates finish for up to `timeout_s`, then cancel the rest (they stay
+        unfinished in the inbox: taken again at the next start)."""
+        await self._running.drain(timeout_s)
 
 
 class DeliveryPending(Exception):
@@ -246,23 +239,6 @@ class Poller:
         with suppress(TelegramError):
             updates = await self._get_updates(0)
             log.debug("confirmed stored updates; %d wait for the next start", len(updates))
-
-
-async def until_stopped(
-    work: Awaitable[T], stop: asyncio.Event, timeout_s: float | None = None
-) -> T | None:
-    """`work`'s result, or None when `stop` is set (or `timeout_s` passes) first."""
-    job = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({job, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not job.done():
-            job.cancel()
-            with suppress(asyncio.CancelledError):
-                await job
-    return None if job.cancelled() else job.result()
 
 
 class WebhookServer:
