@@ -61,7 +61,7 @@ def _run_telegram(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_discord(settings: Settings, args: argparse.Namespace) -> int:
-    from bots.discord.adapter import main as discord_main
+    from bots.discord.runner import main as discord_main
 
     return discord_main(settings)
 

@@ -20,26 +20,17 @@ Access control
     role, so while any allowlist is set DMs get a polite refusal. Admins (`KOBOT_DISCORD_ADMIN_IDS`)
     pass every allowlist and may use `/stats`.
 
-Proxies (`KOBOT_DISCORD_API_URL`, `KOBOT_DISCORD_GATEWAY_URL`)
-    discord.py 2.x has no per-client option for either. REST URLs are built from
-    `discord.http.Route.BASE` (discord.py's own `_set_api_version` sets it; interaction callbacks
-    and webhook follow-ups use the same `Route`), and the gateway is
-    `DiscordWebSocket.DEFAULT_GATEWAY` (used for the first IDENTIFY and after an invalidated
-    session; a plain `Client` never calls `GET /gateway`). `discord_endpoints` sets both for the
-    lifetime of one `DiscordBot.run()` and restores them afterwards, so one bot runs per process.
-    Resumes go to the `resume_gateway_url` the gateway (or the proxy) sends in READY. With
-    `KOBOT_DISCORD_SHARDS=auto` the shard count is read from `GET /gateway/bot` (through the REST
-    proxy) but the connection still goes to `DEFAULT_GATEWAY`, so a gateway proxy is honoured.
+Proxies (`KOBOT_DISCORD_API_URL`, `KOBOT_DISCORD_GATEWAY_URL`): see `bots.discord.endpoints`.
 
 Streaming (`KOBOT_STREAM_REPLIES`, on by default)
     A reply to a message is posted as soon as the model has text and grows by message edits
-    (`PATCH`), at most one per second per message (`bots.live`); discord.py waits out 429s
-    itself, and one it gives up on pushes the next edit back. The last edit makes the message
-    exactly the reply `handle` returns; further chunks follow as messages. The slash commands
-    that generate (`/complete`, `/story`, `/retry`) stream the same way into the interaction's
-    original response: deferred ("thinking…") once there is text or after `defer_after_s`,
-    then edited (`PATCH /webhooks/…/messages/@original`) at the same pace, the last edit
-    exactly the reply; further chunks follow as follow-ups.
+    (`PATCH`), at most one per second per message (`bots.live`, `bots.discord.streaming`);
+    discord.py waits out 429s itself, and one it gives up on pushes the next edit back. The
+    last edit makes the message exactly the reply `handle` returns; further chunks follow as
+    messages. The slash commands that generate (`/complete`, `/story`, `/retry`) stream the
+    same way into the interaction's original response: deferred ("thinking…") once there is
+    text or after `defer_after_s`, then edited (`PATCH /webhooks/…/messages/@original`) at the
+    same pace, the last edit exactly the reply; further chunks follow as follow-ups.
 
 Reconnects
     discord.py resumes the session after op 7 / network drops and replays missed events.
@@ -61,75 +52,61 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
-import aiohttp
 import discord
-import yarl
 from discord import app_commands
-from discord.abc import Messageable
-from discord.gateway import DiscordWebSocket
-from discord.http import INTERNAL_API_VERSION, Route
 
-from bots.access import AccessPolicy, Place
-from bots.base import InFlight, done_or_stopped, run_adapter, run_platform
+from bots.access import AccessPolicy
+from bots.base import InFlight, done_or_stopped
+from bots.discord.client import (
+    GATEWAY_CLOSE_REASONS,
+    MISSING_INTENT,
+    KobotClient,
+    KobotShardedClient,
+)
+from bots.discord.commands import (
+    PRIVATE_COMMANDS,
+    STREAMED_COMMANDS,
+    InteractionAnswer,
+    build_command_tree,
+)
 from bots.discord.inbox import DiscordInbox
+from bots.discord.rendering import (
+    AnyMessage,
+    outcome_of,
+    respond,
+    typing_shown,
+    without_public_file,
+)
+from bots.discord.routing import (
+    command_message,
+    has_media,
+    in_channels,
+    incoming_message,
+    is_from_person,
+    mentions_bot,
+    message_text,
+    place_of,
+    replies_to_bot,
+)
+from bots.discord.streaming import deliver, live_reply
 from bots.live import (
     DEFAULT_INTERVAL_S,
-    EditFailed,
-    FloodWait,
     LiveMessage,
-    finish_reply,
     streaming,
 )
 from bots.outbox import Outcome, Sent, record
-from core.dialogue.commands import DESCRIPTIONS, Command
+from core.dialogue.commands import Command
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
-from core.messages import Attachment, IncomingMessage, Reply, ReplyKind
-from core.ops.lifecycle import Shutdown
+from core.messages import IncomingMessage, Reply, ReplyKind
 from core.settings import Settings
-from core.text import split_message, utf16_length
-from storage.base import mask_url_password
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "discord"
-MESSAGE_LIMIT = 2000
 DEFER_AFTER_S = 2.0  # Discord allows 3 s before an interaction must be answered or deferred
-TYPING_REFRESH_S = 8.0  # one typing indicator lasts about 10 s
-IDENTIFY_DELAY_S = 5.0  # Discord's default: one IDENTIFY per 5 s per bucket
-SLASH_COMMANDS = (
-    Command.RESET,
-    Command.HELP,
-    Command.PERSONA,
-    Command.FORGET,
-    Command.EXPORT,
-    Command.STATS,
-    Command.ABOUT,
-    Command.COMPLETE,
-    Command.STORY,
-    Command.SENTIMENT,
-    Command.RETRY,
-    Command.LINK,
-    Command.UNLINK,
-)
-TEXT_ARGUMENTS = {  # slash commands that need text, and how their option is described
-    Command.COMPLETE: "이어 쓸 문장 (text to continue)",
-    Command.STORY: "이야기의 첫 문장 (the story's opening)",
-    Command.SENTIMENT: "분석할 문장 (text to analyse)",
-}
-PRIVATE_COMMANDS = frozenset(
-    {Command.HELP, Command.FORGET, Command.EXPORT, Command.STATS, Command.LINK, Command.UNLINK}
-)
-STREAMED_COMMANDS = frozenset({Command.COMPLETE, Command.STORY, Command.RETRY})
-USER_MESSAGE_TYPES = frozenset({discord.MessageType.default, discord.MessageType.reply})
-NO_MENTIONS = discord.AllowedMentions.none()
-REPLY_MENTION = discord.AllowedMentions(everyone=False, users=False, roles=False, replied_user=True)
+
 
 NO_TEXT = (
     "아직 글만 읽을 수 있어요. 하고 싶은 말을 글로 적어 주세요. "
@@ -138,575 +115,12 @@ NO_TEXT = (
 COMMAND_FAILED = "죄송해요, 명령을 처리하지 못했어요. (Sorry, that command failed.)"
 RESTARTING = "봇이 곧 다시 시작해요. 잠시 후 다시 시도해 주세요. (Restarting; retry shortly.)"
 NOT_ALLOWED = "여기서는 이 봇을 쓸 수 없어요. (This bot is not available here.)"
-FILE_IN_PRIVATE = (
-    "기록 파일은 /export 슬래시 명령으로 나에게만 보이게 보내 드려요. "
-    "(Use the /export slash command to get the file privately.)"
-)
-MISSING_INTENT = (
-    "Discord 봇에 Message Content Intent가 켜져 있지 않아요. Developer Portal → Bot → "
-    "Privileged Gateway Intents에서 켜 주세요. (The message content intent is not enabled.)"
-)
-TOKEN_REJECTED = (
-    "Discord가 KOBOT_DISCORD_TOKEN을 거부했어요 (401). Developer Portal → Bot에서 토큰을 다시 "
-    "확인해 주세요. (Discord rejected the bot token.)"
-)
-GATEWAY_CLOSE_REASONS = {
-    4004: TOKEN_REJECTED,
-    4010: "invalid shard: check KOBOT_DISCORD_SHARDS",
-    4011: "Discord requires sharding: set KOBOT_DISCORD_SHARDS=auto",
-    4012: "invalid gateway API version: check KOBOT_DISCORD_GATEWAY_URL",
-    4013: "invalid intents were sent to the gateway",
-    4014: MISSING_INTENT,
-}
-
-
-# ---------------------------------------------------------------------------------------------
-# Endpoints, intents, client
-
-
-def api_base(url: str) -> str:
-    """`KOBOT_DISCORD_API_URL` as a `Route.BASE`: `/api/v10` is appended unless a version is."""
-    trimmed = url.strip().rstrip("/")
-    if not trimmed.startswith(("http://", "https://")):
-        shown = mask_url_password(url)
-        raise StartupError(
-            f"KOBOT_DISCORD_API_URL: must start with http:// or https:// ({shown!r})"
-        )
-    if re.search(r"/api/v\d+$", trimmed):
-        return trimmed
-    return f"{trimmed}/api/v{INTERNAL_API_VERSION}"
-
-
-def gateway_base(url: str) -> yarl.URL:
-    trimmed = url.strip()
-    if not trimmed.startswith(("ws://", "wss://")):
-        shown = mask_url_password(url)
-        raise StartupError(
-            f"KOBOT_DISCORD_GATEWAY_URL: must start with ws:// or wss:// ({shown!r})"
-        )
-    return yarl.URL(trimmed)
-
-
-@contextlib.contextmanager
-def discord_endpoints(api_url: str | None, gateway_url: str | None) -> Iterator[None]:
-    """Point discord.py at a REST and/or gateway proxy while the block runs (see module doc)."""
-    saved = Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY
-    try:
-        if api_url:
-            Route.BASE = api_base(api_url)
-        if gateway_url:
-            DiscordWebSocket.DEFAULT_GATEWAY = gateway_base(gateway_url)
-        yield
-    finally:
-        Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = saved
-
-
-def bot_intents() -> discord.Intents:
-    """Guilds (channel and thread cache), guild and DM messages, and their content."""
-    intents = discord.Intents.none()
-    intents.guilds = True
-    intents.guild_messages = True
-    intents.dm_messages = True
-    intents.message_content = True
-    return intents
-
-
-def has_message_content(flags: discord.ApplicationFlags) -> bool:
-    return flags.gateway_message_content or flags.gateway_message_content_limited
-
-
-class _KobotEvents:
-    """Gateway events forwarded to the adapter once it is attached (after login)."""
-
-    adapter: DiscordAdapter | None = None
-    identify_delay_s: float = IDENTIFY_DELAY_S
-
-    async def on_message(self, message: discord.Message) -> None:
-        adapter = self.adapter
-        if adapter is not None and not adapter.closing:
-            with adapter.in_flight.track():
-                await adapter.on_message(message)
-
-    async def on_ready(self) -> None:
-        adapter = self.adapter
-        if adapter is not None and not adapter.closing:
-            with adapter.in_flight.track():
-                await adapter.resume_unfinished()
-
-    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
-        if not initial:
-            await asyncio.sleep(self.identify_delay_s)
-
-
-class KobotClient(_KobotEvents, discord.Client):
-    """One gateway connection."""
-
-
-class KobotShardedClient(_KobotEvents, discord.AutoShardedClient):
-    """`KOBOT_DISCORD_SHARDS` is `auto` or more than 1."""
-
-
-def create_client(settings: Settings, **options: Any) -> KobotClient | KobotShardedClient:
-    """The client for `KOBOT_DISCORD_SHARDS`; `options` go to discord.py (tests lower timeouts)."""
-    options.setdefault("allowed_mentions", NO_MENTIONS)
-    shards = settings.discord_shards
-    if shards == "1":
-        return KobotClient(intents=bot_intents(), **options)
-    count = None if shards == "auto" else int(shards)
-    return KobotShardedClient(intents=bot_intents(), shard_count=count, **options)
-
-
-# ---------------------------------------------------------------------------------------------
-# Access control and triggers
-
-
-def place_of(user: discord.abc.User, guild_id: int | None, channel: object) -> Place:
-    """For the access policy; a DM is tied to no channel, guild or role (no members intent)."""
-    if guild_id is None:
-        return Place()
-    return Place(channel_ids(channel), guild_id, role_ids(user))
-
-
-def role_ids(user: discord.abc.User) -> frozenset[int]:
-    if not isinstance(user, discord.Member):
-        return frozenset()
-    return frozenset(role.id for role in user.roles)
-
-
-def channel_ids(channel: object) -> frozenset[int]:
-    """The channel's id, and for a thread its parent channel's too."""
-    parent_id = channel.parent_id if isinstance(channel, discord.Thread) else None
-    return frozenset(i for i in (getattr(channel, "id", None), parent_id) if i is not None)
-
-
-def in_channels(channel: object, listed: frozenset[int]) -> bool:
-    """True for a listed channel, or a thread whose parent channel is listed."""
-    return bool(channel_ids(channel) & listed)
-
-
-def is_from_person(message: discord.Message) -> bool:
-    """Not a bot (this one included), not a webhook, not a system message."""
-    return (
-        not message.author.bot
-        and message.webhook_id is None
-        and not message.author.system
-        and message.type in USER_MESSAGE_TYPES
-    )
-
-
-def self_role_id(message: discord.Message) -> int | None:
-    role = message.guild.self_role if message.guild is not None else None
-    return role.id if role is not None else None
-
-
-def mentions_bot(message: discord.Message, bot_id: int) -> bool:
-    return bot_id in message.raw_mentions or self_role_id(message) in message.raw_role_mentions
-
-
-def replies_to_bot(message: discord.Message, bot_id: int) -> bool:
-    reference = message.reference
-    if reference is None:
-        return False
-    replied = reference.resolved or reference.cached_message
-    return isinstance(replied, discord.Message) and replied.author.id == bot_id
-
-
-# ---------------------------------------------------------------------------------------------
-# Translation: Discord → core
-
-
-_MENTION = re.compile(r"<(@[!&]?|#)(\d+)>")
-
-
-def mention_names(message: discord.Message, bot_id: int) -> dict[str, str]:
-    """Raw mention → readable text for the model; the bot's own mentions become nothing."""
-    names = {f"<@{u.id}>": f"@{u.display_name}" for u in message.mentions}
-    names |= {f"<@!{u.id}>": f"@{u.display_name}" for u in message.mentions}
-    names |= {f"<@&{r.id}>": f"@{r.name}" for r in message.role_mentions}
-    names |= {f"<#{c.id}>": f"#{getattr(c, 'name', c.id)}" for c in message.channel_mentions}
-    names |= {f"<@{bot_id}>": "", f"<@!{bot_id}>": ""}
-    role = self_role_id(message)
-    if role is not None:
-        names[f"<@&{role}>"] = ""
-    return names
-
-
-def message_text(message: discord.Message, bot_id: int) -> str:
-    """The words said to the bot: its mentions removed, other mentions made readable."""
-    names = mention_names(message, bot_id)
-    text = _MENTION.sub(lambda m: names.get(m.group(0), m.group(0)), message.content)
-    return re.sub(r"[ \t]{2,}", " ", text).strip()
-
-
-def has_media(message: discord.Message) -> bool:
-    return bool(message.attachments or message.stickers or message.embeds)
-
-
-def incoming_message(
-    message: discord.Message, text: str, admins: frozenset[int]
-) -> IncomingMessage:
-    return IncomingMessage(
-        platform=PLATFORM,
-        user_id=str(message.author.id),
-        chat_id=str(message.channel.id),
-        text=text,
-        user_name=message.author.display_name,
-        message_id=str(message.id),
-        sent_at=message.created_at,
-        is_private=message.guild is None,
-        is_admin=message.author.id in admins,
-    )
-
-
-def command_message(
-    interaction: discord.Interaction, command: Command, argument: str, admins: frozenset[int]
-) -> IncomingMessage:
-    """A slash command as the text command the core parses (`/persona 친절한 선생님`)."""
-    return IncomingMessage(
-        platform=PLATFORM,
-        user_id=str(interaction.user.id),
-        chat_id=str(interaction.channel_id or interaction.user.id),
-        text=f"/{command.value} {argument}".strip(),
-        user_name=interaction.user.display_name,
-        message_id=str(interaction.id),
-        sent_at=interaction.created_at,
-        is_private=interaction.guild_id is None,
-        is_admin=interaction.user.id in admins,
-        private_answer=command in PRIVATE_COMMANDS,  # answered ephemerally (`on_command`)
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Translation: core → Discord
-
-
-def displayable(text: str) -> str:
-    """Core text shown as text: markdown escaped, mentions broken with a zero-width space."""
-    return discord.utils.escape_mentions(discord.utils.escape_markdown(text))
-
-
-def chunks_of(reply: Reply) -> list[str]:
-    """Discord-sized pieces, split on paragraph, line or sentence ends (Korean included)."""
-    return split_message(displayable(reply.text), MESSAGE_LIMIT, utf16_length) or ["…"]
-
-
-def files_of(attachment: Attachment | None) -> list[discord.File]:
-    if attachment is None:
-        return []
-    return [discord.File(io.BytesIO(attachment.data), filename=attachment.filename)]
-
-
-def without_public_file(reply: Reply, private: bool) -> Reply:
-    """A history file is personal: in a server channel, point to the ephemeral /export instead."""
-    if private or reply.attachment is None:
-        return reply
-    return Reply(f"{reply.text}\n{FILE_IN_PRIVATE}", reply.kind)
-
-
-AnyMessage = discord.Message | discord.PartialMessage  # partial: one taken up after a restart
-
-
-async def send_reply(message: AnyMessage, reply: Reply) -> list[str]:
-    """Send `reply` as replies to `message`, in order; only the first may ping its author.
-    Returns the ids of the messages sent."""
-    chunks = chunks_of(reply)
-    reference = message.to_reference(fail_if_not_exists=False)
-    sent: list[str] = []
-    for index, chunk in enumerate(chunks):
-        posted = await message.channel.send(
-            chunk,
-            reference=reference,
-            allowed_mentions=REPLY_MENTION if index == 0 else NO_MENTIONS,
-            files=files_of(reply.attachment) if index == len(chunks) - 1 else [],
-        )
-        sent.append(str(posted.id))
-    return sent
-
-
-async def respond(interaction: discord.Interaction, reply: Reply, ephemeral: bool) -> list[str]:
-    """Answer an interaction (or follow up after a defer), file on the last chunk; the ids of
-    the messages sent."""
-    chunks = chunks_of(reply)
-    sent: list[str] = []
-    for index, chunk in enumerate(chunks):
-        files = files_of(reply.attachment) if index == len(chunks) - 1 else []
-        if interaction.response.is_done():
-            posted = await interaction.followup.send(
-                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files, wait=True
-            )
-            sent.append(str(posted.id))
-        else:
-            answered = await interaction.response.send_message(
-                chunk, ephemeral=ephemeral, allowed_mentions=NO_MENTIONS, files=files
-            )
-            sent.append(str(answered.message_id or interaction.id))
-    return sent
-
-
-async def _keep_typing(channel: Messageable) -> None:
-    while True:
-        with contextlib.suppress(discord.HTTPException):
-            await channel.typing()
-        await asyncio.sleep(TYPING_REFRESH_S)
-
-
-@contextlib.asynccontextmanager
-async def typing_shown(channel: Messageable) -> AsyncIterator[None]:
-    """Typing indicator while the block runs; a failed typing request never blocks the reply."""
-    task = asyncio.create_task(_keep_typing(channel))
-    try:
-        yield
-    finally:
-        task.cancel()
-
-
-# ---------------------------------------------------------------------------------------------
-# Slash commands
-
-
-def describe(command: Command) -> str:
-    korean, english = DESCRIPTIONS[command]
-    return f"{korean} ({english})"[:100]
-
-
-SlashHandler = Callable[[discord.Interaction, Command, str], Awaitable[None]]
-
-
-def plain_command(command: Command, handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
-    async def callback(interaction: discord.Interaction) -> None:
-        await handle(interaction, command, "")
-
-    return app_commands.Command(
-        name=command.value, description=describe(command), callback=callback
-    )
-
-
-def persona_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
-    @app_commands.describe(text="새 페르소나, 또는 clear (new persona, or clear); 비우면 보기")
-    async def callback(interaction: discord.Interaction, text: str | None = None) -> None:
-        await handle(interaction, Command.PERSONA, text or "")
-
-    return app_commands.Command(
-        name=Command.PERSONA.value, description=describe(Command.PERSONA), callback=callback
-    )
-
-
-def link_command(handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
-    @app_commands.describe(
-        code="다른 계정에서 받은 코드; 비우면 새 코드 (code from your other account)"
-    )
-    async def callback(interaction: discord.Interaction, code: str | None = None) -> None:
-        await handle(interaction, Command.LINK, code or "")
-
-    return app_commands.Command(
-        name=Command.LINK.value, description=describe(Command.LINK), callback=callback
-    )
-
-
-def text_command(command: Command, handle: SlashHandler) -> app_commands.Command[Any, ..., None]:
-    """A slash command with one required text option (`/complete text:…`)."""
-
-    @app_commands.describe(text=TEXT_ARGUMENTS[command])
-    async def callback(interaction: discord.Interaction, text: str) -> None:
-        await handle(interaction, command, text)
-
-    return app_commands.Command(
-        name=command.value, description=describe(command), callback=callback
-    )
-
-
-def build_command_tree(client: discord.Client, handle: SlashHandler) -> app_commands.CommandTree:
-    tree: app_commands.CommandTree = app_commands.CommandTree(client)
-    for command in SLASH_COMMANDS:
-        if command is Command.PERSONA:
-            tree.add_command(persona_command(handle))
-        elif command is Command.LINK:
-            tree.add_command(link_command(handle))
-        elif command in TEXT_ARGUMENTS:
-            tree.add_command(text_command(command, handle))
-        else:
-            tree.add_command(plain_command(command, handle))
-    return tree
-
-
-# ---------------------------------------------------------------------------------------------
-# Streamed replies
-
-
-@contextlib.contextmanager
-def streaming_errors() -> Iterator[None]:
-    """discord.py's errors for a streamed message, as `bots.live` expects them."""
-    try:
-        yield
-    except discord.RateLimited as error:
-        raise FloodWait(error.retry_after) from None
-    except (discord.NotFound, discord.Forbidden) as error:
-        raise EditFailed(str(error)) from None
-    except discord.HTTPException as error:
-        if error.status == 429 or error.status >= 500:
-            raise FloodWait(retry_after_of(error)) from None
-        raise EditFailed(str(error)) from None
-    except (aiohttp.ClientError, OSError) as error:
-        log.warning("streamed reply: %s", error)
-        raise FloodWait(1.0) from None
-
-
-def retry_after_of(error: discord.HTTPException) -> float:
-    try:
-        return float(error.response.headers.get("Retry-After", 1.0))
-    except (AttributeError, TypeError, ValueError):
-        return 1.0
-
-
-Posted = Callable[[int], Awaitable[None]]
-
-
-async def _nothing_to_note(_message_id: int) -> None:
-    """The default `on_post`."""
-
-
-StreamTiming = tuple[float, float | None]  # the interval between edits, the first post's delay
-
-
-def streamed(
-    post: Callable[[str], Awaitable[AnyMessage]],
-    mentions: discord.AllowedMentions,
-    timing: StreamTiming,
-) -> LiveMessage[AnyMessage]:
-    """A Discord message that grows by edits (`PATCH`), `post` making it; discord.py's errors
-    as `bots.live` expects them; each partial cut to the reply's first chunk."""
-
-    async def posted(text: str) -> AnyMessage:
-        with streaming_errors():
-            return await post(text)
-
-    async def edit(sent: AnyMessage, text: str) -> None:
-        with streaming_errors():
-            await sent.edit(content=text, allowed_mentions=mentions)
-
-    interval_s, first_after_s = timing
-    return LiveMessage(
-        posted,
-        edit,
-        interval_s=interval_s,
-        first_after_s=first_after_s,
-        fit=lambda text: chunks_of(Reply(text))[0],
-    )
-
-
-def live_reply(
-    message: AnyMessage,
-    interval_s: float,
-    first_after_s: float | None = None,
-    on_post: Posted = _nothing_to_note,
-) -> LiveMessage[AnyMessage]:
-    """A reply to `message` that grows by edits (the first post may ping its author);
-    `on_post` learns the id of the message it streams into."""
-    reference = message.to_reference(fail_if_not_exists=False)
-
-    async def post(text: str) -> AnyMessage:
-        sent = await message.channel.send(text, reference=reference, allowed_mentions=REPLY_MENTION)
-        await on_post(sent.id)
-        return sent
-
-    return streamed(post, REPLY_MENTION, (interval_s, first_after_s))
-
-
-SendMore = Callable[[str], Awaitable[str]]  # sends one more chunk of a reply; the message's id
-
-
-async def finish_live(
-    live: LiveMessage[AnyMessage] | None, reply: Reply, send_more: SendMore
-) -> list[str] | None:
-    """Finish the streamed message (`bots.live.finish_reply`) and send the rest with
-    `send_more`: the ids of every message of the reply; None when it was not streamed."""
-    rest = await finish_reply(live, reply, chunks_of(reply))
-    if rest is None or live is None or live.handle is None:
-        return None
-    return [str(live.handle.id), *[await send_more(chunk) for chunk in rest]]
-
-
-def more_replies_to(message: AnyMessage) -> SendMore:
-    """The rest of a streamed reply to a message: further replies to it that ping no one."""
-    reference = message.to_reference(fail_if_not_exists=False)
-
-    async def send(chunk: str) -> str:
-        posted = await message.channel.send(
-            chunk, reference=reference, allowed_mentions=NO_MENTIONS
-        )
-        return str(posted.id)
-
-    return send
-
-
-class InteractionAnswer:
-    """The answer to one slash command: deferred at most once (by the clock or by the first
-    streamed text, whichever comes first), streamed into the original response by edits
-    (`PATCH …/messages/@original`), the rest of a long reply sent as follow-ups."""
-
-    def __init__(self, interaction: discord.Interaction, ephemeral: bool) -> None:
-        self.interaction = interaction
-        self.ephemeral = ephemeral
-        self._deferring = asyncio.Lock()
-
-    async def defer(self) -> None:
-        async with self._deferring:
-            if not self.interaction.response.is_done():
-                await self.interaction.response.defer(ephemeral=self.ephemeral, thinking=True)
-
-    def live(self, timing: StreamTiming) -> LiveMessage[AnyMessage]:
-        async def post(text: str) -> AnyMessage:
-            await self.defer()
-            return await self.interaction.edit_original_response(
-                content=text, allowed_mentions=NO_MENTIONS
-            )
-
-        return streamed(post, NO_MENTIONS, timing)
-
-    async def follow_up(self, chunk: str) -> str:
-        posted = await self.interaction.followup.send(
-            chunk, ephemeral=self.ephemeral, allowed_mentions=NO_MENTIONS, wait=True
-        )
-        return str(posted.id)
-
-    async def send(
-        self, reply: Reply, private: bool, live: LiveMessage[AnyMessage] | None
-    ) -> list[str]:
-        """The reply, finishing the streamed answer if there is one; the ids of its messages."""
-        streamed_ids = await finish_live(live, reply, self.follow_up)
-        return streamed_ids or await respond(self.interaction, reply, private)
-
-
-async def deliver(message: AnyMessage, reply: Reply, live: LiveMessage[AnyMessage] | None) -> Sent:
-    """Send the reply (finishing the streamed message, if any); how it went."""
-
-    async def sending() -> list[str]:
-        streamed_ids = await finish_live(live, reply, more_replies_to(message))
-        return streamed_ids or await send_reply(message, reply)
-
-    return await outcome_of(sending())
-
-
-async def outcome_of(sending: Awaitable[list[str]]) -> Sent:
-    """How sending a reply went (the ids of its messages when it was sent)."""
-    try:
-        return Sent(Outcome.SENT, tuple(await sending))
-    except (discord.Forbidden, discord.NotFound) as error:
-        log.warning("cannot answer in this channel (%s %s)", error.status, error.text)
-        return Sent(Outcome.REFUSED)
-    except (discord.HTTPException, aiohttp.ClientError, OSError) as error:
-        log.warning("sending a reply failed (%s); it is sent at the next start", error)
-        return Sent(Outcome.FAILED)
 
 
 async def finish_within(task: asyncio.Task[Reply], seconds: float) -> bool:
     """Wait up to `seconds` for `task` without cancelling it; True when it is done."""
     done, _ = await asyncio.wait({task}, timeout=seconds)
     return bool(done)
-
-
-# ---------------------------------------------------------------------------------------------
-# The adapter
 
 
 class DiscordAdapter:
@@ -930,96 +344,3 @@ class DiscordAdapter:
         log.error("slash command failed", exc_info=error)
         with contextlib.suppress(discord.HTTPException):
             await respond(interaction, Reply(COMMAND_FAILED, ReplyKind.ERROR), ephemeral=True)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running
-
-
-class DiscordBot:
-    """The Discord platform: the token is accepted (a login) before the model loads, so a bad
-    token fails in a second; then the adapter runs over the manager.
-
-    `run()` serves one given `manager` (the caller closes it; without one it is built after
-    the login) until `close()`; `kobot discord` runs it through `bots.base.run_adapter`.
-    """
-
-    name = PLATFORM
-
-    def __init__(
-        self,
-        settings: Settings,
-        manager: DialogueManager | None = None,
-        *,
-        defer_after_s: float = DEFER_AFTER_S,
-        identify_delay_s: float = IDENTIFY_DELAY_S,
-        stream_interval_s: float = DEFAULT_INTERVAL_S,
-        stream_first_after_s: float | None = None,
-        **client_options: Any,
-    ) -> None:
-        self.settings = settings
-        self.manager = manager
-        self.defer_after_s = defer_after_s
-        self.stream_timing = (stream_interval_s, stream_first_after_s)
-        self.client = create_client(settings, **client_options)
-        self.client.identify_delay_s = identify_delay_s
-        self.adapter: DiscordAdapter | None = None
-        self._held = contextlib.AsyncExitStack()
-        self._stop = asyncio.Event()
-
-    async def run(self) -> None:
-        """Serve until `close()`; a bad token, intent or gateway setting raises StartupError."""
-        await run_platform(self.settings, self, Shutdown(self._stop), 0.0, manager=self.manager)
-
-    async def close(self) -> None:
-        """End `run()` now (replies in flight are cancelled)."""
-        self._stop.set()
-
-    async def connect(self) -> None:
-        token = discord_token(self.settings)
-        endpoints = discord_endpoints(
-            self.settings.discord_api_url, self.settings.discord_gateway_url
-        )
-        self._held.enter_context(endpoints)
-        await self._held.enter_async_context(self.client)
-        await self._login(token)
-
-    def adapter_for(self, manager: DialogueManager, shutdown: Shutdown) -> DiscordAdapter:
-        self.adapter = DiscordAdapter(
-            self.settings,
-            manager,
-            self.client,
-            defer_after_s=self.defer_after_s,
-            stream_interval_s=self.stream_timing[0],
-            stream_first_after_s=self.stream_timing[1],
-        )
-        return self.adapter
-
-    async def disconnect(self) -> None:
-        """Close the client and give discord.py its own endpoints back."""
-        await self._held.aclose()
-
-    async def _login(self, token: str) -> None:
-        try:
-            await self.client.login(token)
-        except discord.LoginFailure:
-            raise StartupError(TOKEN_REJECTED) from None
-        except (aiohttp.ClientError, OSError) as error:
-            where = mask_url_password(Route.BASE)
-            raise StartupError(f"Discord API에 연결할 수 없어요 ({where}): {error}") from None
-        if not has_message_content(self.client.application_flags):
-            raise StartupError(MISSING_INTENT)
-
-
-def discord_token(settings: Settings) -> str:
-    token = settings.discord_token.get_secret_value().strip() if settings.discord_token else ""
-    if not token:
-        raise StartupError("KOBOT_DISCORD_TOKEN: not set (Developer Portal → Bot → Reset Token)")
-    return token
-
-
-def main(settings: Settings) -> int:
-    """`kobot discord`: SIGTERM/SIGINT lets the replies in flight finish within
-    KOBOT_SHUTDOWN_TIMEOUT_S, then the client closes, then the model and storage."""
-    asyncio.run(run_adapter(settings, DiscordBot(settings)))
-    return 0

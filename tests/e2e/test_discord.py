@@ -27,17 +27,11 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bots.app import build_dialogue_manager
-from bots.discord.adapter import (
-    FILE_IN_PRIVATE,
-    MISSING_INTENT,
-    NO_TEXT,
-    NOT_ALLOWED,
-    TOKEN_REJECTED,
-    DiscordBot,
-    api_base,
-    discord_endpoints,
-    displayable,
-)
+from bots.discord.adapter import NO_TEXT, NOT_ALLOWED
+from bots.discord.client import MISSING_INTENT, TOKEN_REJECTED
+from bots.discord.endpoints import api_base, discord_endpoints
+from bots.discord.rendering import FILE_IN_PRIVATE, displayable
+from bots.discord.runner import DiscordBot
 from core.dialogue import commands as texts
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError

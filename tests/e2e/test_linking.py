@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.discord.adapter import displayable
+from bots.discord.rendering import displayable
 from core.dialogue import commands as texts
 from core.generation.base import GenerationBackend
 from core.settings import Settings
