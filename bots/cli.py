@@ -55,7 +55,7 @@ def _run_chat(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_telegram(settings: Settings, args: argparse.Namespace) -> int:
-    from bots.telegram.adapter import main as telegram_main
+    from bots.telegram.runner import main as telegram_main
 
     return telegram_main(settings)
 

@@ -39,13 +39,15 @@ from urllib.parse import urlsplit
 
 from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
-from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
+from telegram.ext import CallbackContext, MessageHandler, filters
 
 from bots.access import AccessPolicy, Place
-from bots.base import run_adapter
 from bots.live import EditFailed, LiveMessage, finish_reply, streaming
 from bots.outbox import Outcome, Sent, record
-from bots.telegram.delivery import ChatPacer, Pacing, Sender, Target, typing
+from bots.telegram.client import TelegramApp, build_application, connect
+from bots.telegram.delivery import Sender, Target, typing
+from bots.telegram.dispatch import UpdateDispatcher
+from bots.telegram.pacing import ChatPacer, Pacing
 from bots.telegram.redaction import SecretRedactor, telegram_secrets
 from bots.telegram.routing import (
     NON_TEXT_REPLY,
@@ -62,25 +64,23 @@ from bots.telegram.updates import (
     DeliveryPending,
     Poller,
     PollingConfig,
-    UpdateDispatcher,
     UpdateInbox,
-    WebhookServer,
     resume_unfinished,
 )
+from bots.telegram.webhook import WebhookServer
 from core.dialogue import commands as texts
 from core.dialogue.commands import DESCRIPTIONS, Command, parse_command
 from core.dialogue.manager import DialogueManager
 from core.dialogue.uses import MODEL_COMMANDS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
-from core.ops.lifecycle import Shutdown
 from core.ops.logs import UserIds
 from core.settings import Settings
 from core.text import split_message, utf16_length
 
 log = logging.getLogger(__name__)
-TelegramApp = Application[Any, Any, Any, Any, Any, Any]
 Context = CallbackContext[Any, Any, Any, Any]
+
 
 MESSAGE_LIMIT = 4096
 INBOX_KEPT = timedelta(days=1)  # finished inbox rows are forgotten after this
@@ -122,47 +122,6 @@ class TelegramOptions:
     send_attempts: int = 4
     stream_interval_s: float = 1.0
     stream_first_after_s: float | None = None  # None: one interval
-
-
-def require_token(settings: Settings) -> str:
-    token = settings.telegram_token
-    if token is None or not token.get_secret_value().strip():
-        raise StartupError("KOBOT_TELEGRAM_TOKEN is not set (get a token from @BotFather)")
-    return token.get_secret_value().strip()
-
-
-def build_application(settings: Settings) -> TelegramApp:
-    """A PTB Application without PTB's Updater (our poller confirms updates after handling).
-
-    PTB logs the API URLs, token included, at DEBUG while building the bot: hence the redactor.
-    """
-    builder = ApplicationBuilder().token(require_token(settings))
-    builder = builder.base_url(settings.telegram_base_url).updater(None)
-    builder = builder.job_queue(None)  # type: ignore[arg-type]  # None is documented: no jobs
-    with SecretRedactor(telegram_secrets(settings)).installed():
-        return builder.build()
-
-
-def api_host(base_url: str) -> str:
-    return urlsplit(base_url).netloc or base_url
-
-
-async def connect(application: TelegramApp, settings: Settings) -> BotIdentity:
-    """Check the token with `getMe`; a failure becomes a one-line StartupError."""
-    try:
-        await application.initialize()
-    except InvalidToken:
-        await application.bot.shutdown()
-        raise StartupError(
-            "KOBOT_TELEGRAM_TOKEN was rejected by the Telegram Bot API: "
-            "check the token (from @BotFather) and KOBOT_TELEGRAM_BASE_URL"
-        ) from None
-    except TelegramError as error:
-        await application.bot.shutdown()
-        where = api_host(settings.telegram_base_url)
-        reason = SecretRedactor(telegram_secrets(settings)).redact(str(error))
-        raise StartupError(f"cannot reach the Telegram Bot API at {where}: {reason}") from None
-    return BotIdentity.create(application.bot.id, application.bot.username)
 
 
 def target_for(message: Message) -> Target:
@@ -496,48 +455,3 @@ class TelegramAdapter:
 
     async def _on_error(self, update: object, context: Context) -> None:
         log.error("handling a Telegram update failed", exc_info=context.error)
-
-
-# Entry point
-
-
-class TelegramPlatform:
-    """The token is checked with `getMe` before the model loads; the bot token and the webhook
-    secret are kept out of every log line while the bot runs (`bots.telegram.redaction`)."""
-
-    name = PLATFORM
-
-    def __init__(self, settings: Settings, options: TelegramOptions | None = None) -> None:
-        self.settings = settings
-        self.options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
-        self.redactor = SecretRedactor(telegram_secrets(settings))
-        self.application: TelegramApp | None = None
-
-    async def connect(self) -> None:
-        self.redactor.install()
-        self.application = build_application(self.settings)
-        await connect(self.application, self.settings)
-
-    def adapter_for(self, manager: DialogueManager, shutdown: Shutdown) -> TelegramAdapter:
-        return TelegramAdapter(manager, self.settings, self.application, self.options)
-
-    async def disconnect(self) -> None:
-        try:
-            if self.application is not None:
-                await self.application.shutdown()
-        finally:
-            self.redactor.remove()
-
-
-async def run_telegram(
-    settings: Settings, options: TelegramOptions | None = None, stop: asyncio.Event | None = None
-) -> int:
-    """`kobot telegram` (see `bots.base.run_adapter`): SIGTERM/SIGINT (or `stop`) lets the
-    running updates finish within KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close."""
-    await run_adapter(settings, TelegramPlatform(settings, options), stop)
-    return 0
-
-
-def main(settings: Settings) -> int:
-    """`kobot telegram`: returns the exit status; start-up failures raise StartupError."""
-    return asyncio.run(run_telegram(settings))

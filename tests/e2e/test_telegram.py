@@ -30,11 +30,10 @@ from bots.telegram.adapter import (
     MENU,
     TelegramAdapter,
     TelegramOptions,
-    main,
-    run_telegram,
 )
-from bots.telegram.delivery import Pacing, Rate, TokenBucket
+from bots.telegram.pacing import Pacing, Rate, TokenBucket
 from bots.telegram.routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
+from bots.telegram.runner import main, run_telegram
 from bots.telegram.updates import PollingConfig
 from core.dialogue import commands as texts
 from core.errors import StartupError
