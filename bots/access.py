@@ -36,21 +36,10 @@ class AccessPolicy:
     admins: frozenset[int] = frozenset()
 
     @classmethod
-    def telegram(cls, settings: Settings) -> AccessPolicy:
-        return cls(
-            users=frozenset(settings.telegram_allowed_users),
-            chats=frozenset(settings.telegram_allowed_chats),
-            admins=frozenset(settings.telegram_admin_ids),
-        )
-
-    @classmethod
-    def discord(cls, settings: Settings) -> AccessPolicy:
-        return cls(
-            chats=frozenset(settings.discord_allowed_channels),
-            guilds=frozenset(settings.discord_allowed_guilds),
-            roles=frozenset(settings.discord_allowed_roles),
-            admins=frozenset(settings.discord_admin_ids),
-        )
+    def of(cls, settings: Settings, platform: str) -> AccessPolicy:
+        """The policy `KOBOT_<PLATFORM>_ALLOWED_…` and `…_ADMIN_IDS` set (see `SETTINGS`)."""
+        fields = SETTINGS[platform]
+        return cls(**{name: frozenset(getattr(settings, field)) for name, field in fields.items()})
 
     @property
     def restricted(self) -> bool:
@@ -71,3 +60,18 @@ class AccessPolicy:
             and (not self.guilds or place.guild in self.guilds)
             and (not self.roles or bool(self.roles & place.roles))
         )
+
+
+SETTINGS: dict[str, dict[str, str]] = {  # platform → policy list → the setting that fills it
+    "telegram": {
+        "users": "telegram_allowed_users",
+        "chats": "telegram_allowed_chats",
+        "admins": "telegram_admin_ids",
+    },
+    "discord": {
+        "chats": "discord_allowed_channels",
+        "guilds": "discord_allowed_guilds",
+        "roles": "discord_allowed_roles",
+        "admins": "discord_admin_ids",
+    },
+}

@@ -9,7 +9,7 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from itertools import count
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
@@ -25,24 +25,17 @@ from core.text import to_single_line
 PLATFORM = "console"
 
 
+@dataclass(eq=False)
 class ConsoleAdapter:
-    """Reads messages from a terminal or a pipe and prints one reply per message."""
+    """Reads messages from a terminal or a pipe and prints one reply per message (`lines`:
+    standard input unless given)."""
 
-    def __init__(
-        self,
-        manager: DialogueManager,
-        user: str,
-        out: TextIO = sys.stdout,
-        one_line_replies: bool = True,
-        lines: AsyncIterator[str] | None = None,
-    ) -> None:
-        self.manager = manager
-        self.user = user
-        self.out = out
-        self.one_line_replies = one_line_replies
-        self.lines = lines
-        self.in_flight = InFlight()
-        self._ids = count(1)
+    manager: DialogueManager
+    user: str
+    out: TextIO = sys.stdout
+    one_line_replies: bool = True
+    lines: AsyncIterator[str] | None = None
+    in_flight: InFlight = field(default_factory=InFlight)
 
     def message(self, text: str) -> IncomingMessage:
         return IncomingMessage(

@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TextIO
 
 from bots.base import InFlight, done_or_stopped, until_stopped
@@ -155,21 +156,15 @@ def _keys() -> KeyBindings:
     return keys
 
 
+@dataclass(eq=False)
 class TerminalAdapter:
     """`kobot chat` in a terminal: each typed line gets a streamed reply (see the module doc)."""
 
-    def __init__(
-        self,
-        console: Answers,
-        lines: AsyncIterator[str],
-        shutdown: Shutdown,
-        out: TextIO = sys.stdout,
-    ) -> None:
-        self.console = console
-        self.lines = lines
-        self.shutdown = shutdown
-        self.out = out
-        self.in_flight = InFlight()
+    console: Answers
+    lines: AsyncIterator[str]
+    shutdown: Shutdown
+    out: TextIO = sys.stdout
+    in_flight: InFlight = field(default_factory=InFlight)
 
     def is_connected(self) -> bool:
         return True

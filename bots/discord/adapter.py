@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 
 import discord
 from discord import app_commands
@@ -80,6 +81,7 @@ from bots.discord.rendering import (
     without_public_file,
 )
 from bots.discord.routing import (
+    PLATFORM,
     command_message,
     has_media,
     in_channels,
@@ -90,7 +92,7 @@ from bots.discord.routing import (
     place_of,
     replies_to_bot,
 )
-from bots.discord.streaming import deliver, live_reply
+from bots.discord.streaming import StreamTiming, deliver, live_reply
 from bots.live import (
     DEFAULT_INTERVAL_S,
     LiveMessage,
@@ -123,6 +125,19 @@ async def finish_within(task: asyncio.Task[Reply], seconds: float) -> bool:
     return bool(done)
 
 
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long a slash command may take before it is deferred, and the pace of streamed edits."""
+
+    defer_after_s: float = DEFER_AFTER_S
+    stream_interval_s: float = DEFAULT_INTERVAL_S
+    stream_first_after_s: float | None = None  # None: one interval
+
+    @property
+    def stream(self) -> StreamTiming:
+        return self.stream_interval_s, self.stream_first_after_s
+
+
 class DiscordAdapter:
     """Translates between discord.py and one DialogueManager (held, never subclassed)."""
 
@@ -131,18 +146,14 @@ class DiscordAdapter:
         settings: Settings,
         manager: DialogueManager,
         client: KobotClient | KobotShardedClient,
-        *,
-        defer_after_s: float = DEFER_AFTER_S,
-        stream_interval_s: float = DEFAULT_INTERVAL_S,
-        stream_first_after_s: float | None = None,
+        timing: Timing | None = None,
     ) -> None:
         self.settings = settings
         self.manager = manager
         self.client = client
-        self.policy = AccessPolicy.discord(settings)
+        self.policy = AccessPolicy.of(settings, PLATFORM)
         self.listed_channels = frozenset(settings.discord_channels)
-        self.defer_after_s = defer_after_s
-        self.stream_timing = (stream_interval_s, stream_first_after_s)
+        self.timing = timing or Timing()
         self.in_flight = InFlight()
         self.inbox = DiscordInbox(manager.storage)
         self._gateway: asyncio.Task[None] | None = None
@@ -263,7 +274,7 @@ class DiscordAdapter:
         async def noted(reply_id: int) -> None:
             await self.inbox.note_streamed(incoming, reply_id)
 
-        live = live_reply(message, *self.stream_timing, on_post=noted)
+        live = live_reply(message, *self.timing.stream, on_post=noted)
         earlier = self.inbox.streamed_before(incoming)
         if earlier is not None:
             channel = self.client.get_partial_messageable(int(incoming.chat_id))
@@ -312,7 +323,7 @@ class DiscordAdapter:
             return
         answer = InteractionAnswer(interaction, command in PRIVATE_COMMANDS)
         incoming = command_message(interaction, command, argument, self.policy.admins)
-        live = answer.live(self.stream_timing) if self._streams(command) else None
+        live = answer.live(self.timing.stream) if self._streams(command) else None
         reply = await self._command_reply(answer, incoming, live)
         if reply.duplicate:
             log.info("interaction %s was answered before; not again", incoming.message_id)
@@ -333,7 +344,7 @@ class DiscordAdapter:
         on_partial = live.update if live is not None else None
         async with streaming(live):
             task = asyncio.create_task(self.manager.handle_stream(incoming, on_partial))
-            if not await finish_within(task, self.defer_after_s):
+            if not await finish_within(task, self.timing.defer_after_s):
                 await answer.defer()
             return await task
 

@@ -18,21 +18,7 @@ from bots.live import (
 from core.dialogue.commands import DESCRIPTIONS, Command
 from core.messages import Reply
 
-SLASH_COMMANDS = (
-    Command.RESET,
-    Command.HELP,
-    Command.PERSONA,
-    Command.FORGET,
-    Command.EXPORT,
-    Command.STATS,
-    Command.ABOUT,
-    Command.COMPLETE,
-    Command.STORY,
-    Command.SENTIMENT,
-    Command.RETRY,
-    Command.LINK,
-    Command.UNLINK,
-)
+SLASH_COMMANDS = tuple(c for c in Command if c is not Command.START)  # Discord has no /start
 TEXT_ARGUMENTS = {  # slash commands that need text, and how their option is described
     Command.COMPLETE: "이어 쓸 문장 (text to continue)",
     Command.STORY: "이야기의 첫 문장 (the story's opening)",

@@ -12,7 +12,7 @@ import discord
 from discord.http import Route
 
 from bots.base import run_adapter, run_platform
-from bots.discord.adapter import DEFER_AFTER_S, DiscordAdapter
+from bots.discord.adapter import DEFER_AFTER_S, DiscordAdapter, Timing
 from bots.discord.client import (
     IDENTIFY_DELAY_S,
     MISSING_INTENT,
@@ -55,8 +55,7 @@ class DiscordBot:
     ) -> None:
         self.settings = settings
         self.manager = manager
-        self.defer_after_s = defer_after_s
-        self.stream_timing = (stream_interval_s, stream_first_after_s)
+        self.timing = Timing(defer_after_s, stream_interval_s, stream_first_after_s)
         self.client = create_client(settings, **client_options)
         self.client.identify_delay_s = identify_delay_s
         self.adapter: DiscordAdapter | None = None
@@ -85,9 +84,7 @@ class DiscordBot:
             self.settings,
             manager,
             self.client,
-            defer_after_s=self.defer_after_s,
-            stream_interval_s=self.stream_timing[0],
-            stream_first_after_s=self.stream_timing[1],
+            self.timing,
         )
         return self.adapter
 

@@ -85,21 +85,7 @@ Context = CallbackContext[Any, Any, Any, Any]
 MESSAGE_LIMIT = 4096
 INBOX_KEPT = timedelta(days=1)  # finished inbox rows are forgotten after this
 CAPTION_LIMIT = 1024
-MENU = (
-    Command.START,
-    Command.HELP,
-    Command.RESET,
-    Command.PERSONA,
-    Command.FORGET,
-    Command.EXPORT,
-    Command.ABOUT,
-    Command.COMPLETE,
-    Command.STORY,
-    Command.SENTIMENT,
-    Command.RETRY,
-    Command.LINK,
-    Command.UNLINK,
-)
+MENU = tuple(c for c in Command if c is not Command.STATS)  # for admins: not in the menu
 EMPTY_REPLY = "…"
 EXPORT_SENT_PRIVATELY = (
     "대화 기록은 개인 채팅으로 보내 드렸어요. (I sent your history to you in a private chat.)"
@@ -165,7 +151,7 @@ class TelegramAdapter:
         self.options = options or TelegramOptions()
         self.application = application or build_application(settings)
         self.bot = self.application.bot
-        self.access = AccessPolicy.telegram(settings)
+        self.access = AccessPolicy.of(settings, PLATFORM)
         self.ids = UserIds.from_settings(settings)
         self.inbox = UpdateInbox(manager.storage, self.bot, self._process)
         self.dispatcher = UpdateDispatcher(self.inbox.process, self.options.max_concurrent_updates)

@@ -26,7 +26,10 @@ LOG_LINE = re.compile(  # a log record (kobot's text format), a traceback, a pro
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.spawn:
+def spawn_chat(
+    model_dir: Path, workdir: Path, max_new_tokens: int
+) -> tuple[pexpect.spawn, io.StringIO]:
+    """`kobot chat` in a pseudo-terminal, and the transcript of what it shows."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KOBOT_")}
     env.update(
         KOBOT_MODEL=str(model_dir),
@@ -38,7 +41,7 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
         PROMPT_TOOLKIT_NO_CPR="1",  # pexpect does not answer cursor position requests
         PYTHONPATH=str(ROOT),
     )
-    return pexpect.spawn(
+    child = pexpect.spawn(
         sys.executable,
         ["-m", "bots.cli", "chat"],
         env=env,
@@ -47,6 +50,9 @@ def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.s
         timeout=90,
         dimensions=(24, 100),
     )
+    transcript = io.StringIO()
+    child.logfile_read = transcript
+    return child, transcript
 
 
 def log_lines(shown: str) -> list[str]:
@@ -61,9 +67,7 @@ def screen(child: pexpect.spawn, transcript: io.StringIO) -> str:
 def test_the_reply_streams_ctrl_c_stops_it_and_two_at_the_prompt_quit(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    child = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=512)
-    transcript = io.StringIO()
-    child.logfile_read = transcript
+    child, transcript = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=512)
     dtype = "bf16" if fast_bf16_cpu() else "fp32"  # KOBOT_DTYPE=auto
     child.expect_exact(f"{tiny_model_dir} · cpu · {dtype} · local")  # the status line
     child.expect_exact("console>")
@@ -90,9 +94,7 @@ def test_the_reply_streams_ctrl_c_stops_it_and_two_at_the_prompt_quit(
 def test_a_whole_reply_comes_back_to_the_prompt_and_ctrl_d_quits(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    child = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=16)
-    transcript = io.StringIO()
-    child.logfile_read = transcript
+    child, transcript = spawn_chat(tiny_model_dir, tmp_path, max_new_tokens=16)
     child.expect_exact("console>")
     child.sendline("오늘 날씨 어때?")
     child.expect_exact(PROMPT_DONE)
