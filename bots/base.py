@@ -165,7 +165,9 @@ class InFlight:
         for task in late:
             task.cancel()
         if late:
-            log.warning("%d replies still running after %g s; cancelled", len(late), timeout_s)
+            log.warning(
+                "%d replies did not finish within %g s of the stop; cancelled", len(late), timeout_s
+            )
             await asyncio.wait(late)
         return not late
 
