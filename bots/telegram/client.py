@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +15,6 @@ from bots.telegram.routing import (
 from core.errors import StartupError
 from core.settings import Settings
 
-log = logging.getLogger(__name__)
 TelegramApp = Application[Any, Any, Any, Any, Any, Any]
 
 

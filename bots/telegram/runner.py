@@ -4,20 +4,15 @@ runs (`bots.base.run_adapter`)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from bots.base import run_adapter
 from bots.telegram.adapter import TelegramAdapter, TelegramOptions
 from bots.telegram.client import TelegramApp, build_application, connect
 from bots.telegram.redaction import SecretRedactor, telegram_secrets
-from bots.telegram.routing import (
-    PLATFORM,
-)
+from bots.telegram.routing import PLATFORM
 from core.dialogue.manager import DialogueManager
 from core.ops.lifecycle import Shutdown
 from core.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 class TelegramPlatform:
