@@ -7,8 +7,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
+from bots.admin import add_commands, run_health, run_history
 from core.errors import StartupError
-from core.ops.admin import add_commands, run_health, run_history
 from core.ops.logs import SecretRedactor, configure_logging, settings_secrets
 from core.settings import ConfigError, Settings, load_settings
 from core.training.cli import add_train_command, run_train
@@ -49,19 +49,19 @@ def _print_config(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _run_chat(settings: Settings, args: argparse.Namespace) -> int:
-    from bots.console_adapter import main as console_main
+    from bots.console.adapter import main as console_main
 
     return console_main(settings, user=args.user)
 
 
 def _run_telegram(settings: Settings, args: argparse.Namespace) -> int:
-    from bots.telegram_adapter import main as telegram_main
+    from bots.telegram.runner import main as telegram_main
 
     return telegram_main(settings)
 
 
 def _run_discord(settings: Settings, args: argparse.Namespace) -> int:
-    from bots.discord_adapter import main as discord_main
+    from bots.discord.runner import main as discord_main
 
     return discord_main(settings)
 

@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 from core.ops.health import PlatformProbe
 from core.ops.retention import RetentionPurge, stop_task
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-T = TypeVar("T")
-
-
-class Abandoned(Exception):
-    """Work still running at the shutdown bound, cancelled (nothing of it was stored)."""
 
 
 class Shutdown:
@@ -100,70 +95,10 @@ class Shutdown:
         self.requested.set()
 
 
-class InFlight:
-    """Counts work in progress, so that shutdown can wait for it (with a bound)."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @contextlib.contextmanager
-    def track(self) -> Iterator[None]:
-        self.count += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.count -= 1
-            if self.count == 0:
-                self._idle.set()
-
-    async def wait_idle(self, timeout_s: float) -> bool:
-        """True when nothing is in flight within `timeout_s`."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout_s)
-        except TimeoutError:
-            return False
-        return True
-
-
-async def done_or_stopped(future: asyncio.Future[Any], stop: asyncio.Event) -> None:
-    """Wait until `future` is done or `stop` is set, whichever comes first (`future` is left
-    running when `stop` came first)."""
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({future, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-
-
-async def finish_or_cancel(task: asyncio.Task[T], stop: asyncio.Event, grace_s: float) -> T:
-    """Await `task`; once `stop` is set, give it `grace_s` more, then cancel it.
-
-    Raises `Abandoned` when the task had to be cancelled.
-    """
-    await done_or_stopped(task, stop)
-    if not task.done():
-        done, _ = await asyncio.wait({task}, timeout=grace_s)
-        if not done:
-            log.warning("a reply did not finish within %g s of the stop; cancelled", grace_s)
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            if task.cancelled():
-                raise Abandoned(f"cancelled {grace_s:g} s after the stop")
-    return task.result()
-
-
 class BotServices:
-    """Signals, the health/metrics server and retention for one bot process.
-
-        async with BotServices(settings, "telegram") as services:
-            manager = await build_dialogue_manager(settings)
-            services.attach(manager, adapter)         # health "ok", retention starts
-            await adapter.run(services.stop)          # until SIGTERM
-            await services.detach()                   # before closing the manager
+    """Signals, the health/metrics server and retention for one bot process (the adapters run
+    inside it through `bots.base.run_adapter`): `attach(manager, adapter)` once the manager is
+    ready (health "ok", retention starts), `detach()` before the manager closes.
 
     Pass `stop` to control shutdown yourself (tests): no signal handlers are installed then.
     """

@@ -27,17 +27,11 @@ from discord.gateway import DiscordWebSocket
 from discord.http import Route
 
 from bots.app import build_dialogue_manager
-from bots.discord_adapter import (
-    FILE_IN_PRIVATE,
-    MISSING_INTENT,
-    NO_TEXT,
-    NOT_ALLOWED,
-    TOKEN_REJECTED,
-    DiscordBot,
-    api_base,
-    discord_endpoints,
-    displayable,
-)
+from bots.discord.adapter import NO_TEXT, NOT_ALLOWED
+from bots.discord.client import MISSING_INTENT, TOKEN_REJECTED
+from bots.discord.endpoints import api_base, discord_endpoints
+from bots.discord.rendering import FILE_IN_PRIVATE, displayable
+from bots.discord.runner import DiscordBot
 from core.dialogue import texts
 from core.dialogue.manager import DialogueManager
 from core.errors import StartupError
@@ -684,7 +678,7 @@ async def test_a_replayed_slash_retry_is_answered_once(
     started = harness.backend.started
 
     harness.backend.script = "세 번째 답 (만들면 안 됨)"
-    with caplog.at_level(logging.INFO, logger="bots.discord_adapter"):
+    with caplog.at_level(logging.INFO, logger="bots.discord.adapter"):
         await fake.dispatch("INTERACTION_CREATE", retry)
         replayed = f"interaction {retry['id']} was answered before"
         await fake.wait_for(lambda: replayed in caplog.text, WAIT_S)

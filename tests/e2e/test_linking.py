@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from bots.discord_adapter import displayable
+from bots.discord.rendering import displayable
 from core.dialogue import texts
 from core.generation.base import GenerationBackend
 from core.settings import Settings

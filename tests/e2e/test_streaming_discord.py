@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bots.discord_adapter import chunks_of, displayable
+from bots.discord.rendering import chunks_of, displayable
 from core.generation.base import (
     FinishReason,
     GenerationBackend,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from bots.app import build_dialogue_manager
-from bots.telegram_adapter import chunks
+from bots.telegram.adapter import chunks
 from core.generation.base import (
     FinishReason,
     GenerationBackend,

@@ -25,18 +25,17 @@ import pytest
 
 from bots.app import build_dialogue_manager
 from bots.cli import main as cli_main
-from bots.telegram_adapter import (
+from bots.telegram.adapter import (
     EXPORT_NEEDS_PRIVATE_CHAT,
     EXPORT_SENT_PRIVATELY,
     MENU,
     TelegramAdapter,
     TelegramOptions,
-    main,
-    run_telegram,
 )
-from bots.telegram_delivery import Pacing, Rate, TokenBucket
-from bots.telegram_routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
-from bots.telegram_updates import PollingConfig
+from bots.telegram.pacing import Pacing, Rate, TokenBucket
+from bots.telegram.routing import NON_TEXT_REPLY, BotIdentity, strip_mentions
+from bots.telegram.runner import main, run_telegram
+from bots.telegram.updates import PollingConfig
 from core.dialogue import texts
 from core.errors import StartupError
 from core.generation.base import (

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bots.console_adapter import ConsoleAdapter
+from bots.console.adapter import ConsoleAdapter
 from core.dialogue import texts
 from core.dialogue.manager import DialogueManager
 from core.dialogue.sentiment import LABELS

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bots.streaming import EditFailed, FloodWait, LiveMessage
+from bots.live import EditFailed, FloodWait, LiveMessage
 from core.dialogue import texts
 from core.generation.base import (
     Attempt,

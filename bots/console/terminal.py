@@ -5,7 +5,7 @@
   the reply when an earlier part changed (a masked word, a second attempt).
 * `prompt_lines` reads what the user types (prompt_toolkit). Ctrl-C clears a line being typed;
   at an empty prompt it says how to quit, and a second one quits, like Ctrl-D.
-* `run_terminal` is the loop: a line in, a streamed reply out. Ctrl-C while a reply is being
+* `TerminalAdapter` is the loop: a line in, a streamed reply out. Ctrl-C while a reply is being
   generated stops that reply (nothing of it is stored) and returns to the prompt; SIGTERM
   still stops the chat gracefully (`core.ops.lifecycle`).
 * `status_line` names the model, device and dtype; `quiet_start` keeps log lines (at INFO) and
@@ -19,11 +19,13 @@ import logging
 import shutil
 import sys
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, TextIO
 
+from bots.base import InFlight, done_or_stopped, until_stopped
 from core.dialogue.streaming import PartialCallback
 from core.generation.base import BackendInfo
-from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
+from core.ops.lifecycle import Shutdown
 from core.ops.logs import quiet_stderr
 
 if TYPE_CHECKING:
@@ -36,20 +38,6 @@ class Answers(Protocol):
     """What the terminal loop talks to (the console adapter)."""
 
     async def answer(self, text: str, on_partial: PartialCallback | None = None) -> str: ...
-
-
-async def next_or_stop(lines: AsyncIterator[str], stop: asyncio.Event) -> str | None:
-    """The next line, or None when the lines end or `stop` is set first."""
-    reading = asyncio.ensure_future(anext(lines, None))
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({reading, stopped}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-    if not reading.done():
-        reading.cancel()
-        return None
-    return reading.result()
 
 
 BANNER = (
@@ -168,40 +156,44 @@ def _keys() -> KeyBindings:
     return keys
 
 
-async def run_terminal(
-    adapter: Answers,
-    lines: AsyncIterator[str],
-    services: BotServices,
-    out: TextIO = sys.stdout,
-) -> None:
-    """Answer each typed line with a streamed reply until the lines end or the chat stops."""
-    await _answer_lines(adapter, lines, services, out)
+@dataclass(eq=False)
+class TerminalAdapter:
+    """`kobot chat` in a terminal: each typed line gets a streamed reply (see the module doc)."""
 
+    console: Answers
+    lines: AsyncIterator[str]
+    shutdown: Shutdown
+    out: TextIO = sys.stdout
+    in_flight: InFlight = field(default_factory=InFlight)
 
-async def _answer_lines(
-    adapter: Answers, lines: AsyncIterator[str], services: BotServices, out: TextIO
-) -> None:
-    while not services.stop.is_set():
-        line = await next_or_stop(lines, services.stop)
-        if line is None or services.stop.is_set():
-            return
-        if line.strip() and not await _turn(adapter, line, services, out):
-            return
+    def is_connected(self) -> bool:
+        return True
 
+    async def start(self) -> None:
+        """The prompt appears once `run` starts."""
 
-async def _turn(adapter: Answers, line: str, services: BotServices, out: TextIO) -> bool:
-    """One streamed reply; Ctrl-C stops it. False when the chat is stopping."""
-    view = TerminalReply(out)
-    answering = asyncio.create_task(adapter.answer(line, view.update))
-    with services.shutdown.interrupts_to(answering.cancel):
-        try:
-            reply = await finish_or_cancel(answering, services.stop, services.grace_s)
-        except Abandoned:
-            return False
-        except asyncio.CancelledError:
-            if not answering.cancelled():
-                raise
+    async def run(self, stop: asyncio.Event) -> None:
+        """Answer each typed line until the lines end or the chat stops."""
+        while (line := await until_stopped(anext(self.lines, None), stop)) is not None:
+            if stop.is_set() or (line.strip() and not await self._turn(line, stop)):
+                return
+
+    async def drain(self, timeout_s: float) -> None:
+        """A reply being generated at the stop gets `timeout_s` to finish, else it is cancelled."""
+        await self.in_flight.drain(timeout_s)
+
+    async def _turn(self, line: str, stop: asyncio.Event) -> bool:
+        """One streamed reply; Ctrl-C stops it. False when the chat is stopping."""
+        view = TerminalReply(self.out)
+        answering = self.in_flight.spawn(self._show_answer(line, view))
+        with self.shutdown.interrupts_to(answering.cancel):
+            if not await done_or_stopped(answering, stop):
+                return False
+        if answering.cancelled():
             view.stopped()
-            return True
-    view.finish(reply)
-    return True
+        else:
+            answering.result()
+        return True
+
+    async def _show_answer(self, line: str, view: TerminalReply) -> None:
+        view.finish(await self.console.answer(line, view.update))

@@ -1,5 +1,5 @@
 """`kobot chat` in a real pseudo-terminal (pexpect): streamed replies, a quiet screen, Ctrl-C;
-and the pieces (`bots.terminal`, `Shutdown.interrupts_to`) driven directly."""
+and the pieces (`bots.console.terminal`, `Shutdown.interrupts_to`) driven directly."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pexpect
 
-from bots.terminal import EXIT_HINT, STOPPED_NOTE, TerminalReply, rows_taken
+from bots.console.terminal import EXIT_HINT, STOPPED_NOTE, TerminalReply, rows_taken
 from core.generation.cpu_features import fast_bf16_cpu
 from core.ops.lifecycle import Shutdown
 
@@ -23,7 +23,7 @@ LOG_LINE = re.compile(  # a log record (kobot's text format), a traceback, a pro
     r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ |Traceback \(most recent|Loading weights|"
     r"alembic\.|Press ENTER"
 )
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def spawn_chat(model_dir: Path, workdir: Path, max_new_tokens: int) -> pexpect.spawn:

@@ -7,98 +7,29 @@ from there, so one stuck chat blocks every other. Here each fetched batch is fir
 storage inbox (one transaction, idempotent), then confirmed at once by the next `getUpdates`;
 workers take updates in order per conversation and mark each finished after its reply was sent
 (the core's outbox keeps the reply's delivery state). At start-up the unfinished ones are taken
-again. The webhook answers Telegram as soon as the update is stored.
+again. The webhook (`bots.telegram.webhook`) answers Telegram as soon as the update is stored.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-from aiohttp import web
 from telegram import Bot, Update
 from telegram.error import InvalidToken, RetryAfter, TelegramError
 
-from bots.telegram_delivery import retry_seconds
-from bots.telegram_routing import PLATFORM
+from bots.base import until_stopped
+from bots.telegram.delivery import retry_seconds
+from bots.telegram.dispatch import Process, UpdateDispatcher, ordering_key
+from bots.telegram.routing import PLATFORM
 from storage.base import InboxItem, Storage, StorageError
 
 log = logging.getLogger(__name__)
 ALLOWED_UPDATES = ("message",)
-SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
-Process = Callable[[Update], Awaitable[None]]
-T = TypeVar("T")
-
-
-def ordering_key(update: Update) -> Hashable:
-    """Updates with the same key run one after another: one person in one chat."""
-    chat, user = update.effective_chat, update.effective_user
-    if chat is None:
-        return ("update", update.update_id)
-    return (chat.id, user.id if user is not None else None)
-
-
-class UpdateDispatcher:
-    """Runs updates concurrently across keys and in arrival order within a key."""
-
-    def __init__(self, process: Process, max_concurrent: int) -> None:
-        self._process = process
-        self._limit = asyncio.Semaphore(max_concurrent)
-        self._tails: dict[Hashable, asyncio.Task[None]] = {}
-        self._tasks: dict[int, asyncio.Task[None]] = {}
-
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
-    def is_running(self, update_id: int) -> bool:
-        """Whether this update was submitted and is not finished yet."""
-        return update_id in self._tasks
-
-    def submit(self, update: Update) -> asyncio.Task[None]:
-        """Start (or, for an update already running, return) the task that handles it."""
-        running = self._tasks.get(update.update_id)
-        if running is not None:
-            return running
-        key = ordering_key(update)
-        task = asyncio.create_task(self._run(update, self._tails.get(key)))
-        self._tails[key] = self._tasks[update.update_id] = task
-        task.add_done_callback(lambda done: self._forget(key, update.update_id, done))
-        return task
-
-    async def _run(self, update: Update, previous: asyncio.Task[None] | None) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        async with self._limit:
-            try:
-                await self._process(update)
-            except Exception:
-                log.exception("update %d failed", update.update_id)
-
-    def _forget(self, key: Hashable, update_id: int, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(update_id, None)
-        if self._tails.get(key) is task:
-            del self._tails[key]
-
-    async def drain(self, timeout_s: float) -> None:
-        """Let running updates finish for up to `timeout_s`, then cancel the rest."""
-        tasks = list(self._tasks.values())
-        if not tasks:
-            return
-        _, late = await asyncio.wait(tasks, timeout=timeout_s)
-        for task in late:
-            task.cancel()
-        if late:
-            log.warning(
-                "cancelled %d unfinished updates (taken again at the next start)", len(late)
-            )
-            await asyncio.wait(late)
 
 
 class DeliveryPending(Exception):
@@ -246,96 +177,3 @@ class Poller:
         with suppress(TelegramError):
             updates = await self._get_updates(0)
             log.debug("confirmed stored updates; %d wait for the next start", len(updates))
-
-
-async def until_stopped(
-    work: Awaitable[T], stop: asyncio.Event, timeout_s: float | None = None
-) -> T | None:
-    """`work`'s result, or None when `stop` is set (or `timeout_s` passes) first."""
-    job = asyncio.ensure_future(work)
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({job, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-        if not job.done():
-            job.cancel()
-            with suppress(asyncio.CancelledError):
-                await job
-    return None if job.cancelled() else job.result()
-
-
-class WebhookServer:
-    """Receives updates from Telegram over HTTP, checking the secret token on every request;
-    answers 200 once the update is in the inbox (500 when it could not be stored: Telegram
-    retries), and handles it after that."""
-
-    def __init__(
-        self,
-        bot: Bot,
-        dispatcher: UpdateDispatcher,
-        inbox: UpdateInbox,
-        secret: str,
-        path: str = "/",
-    ) -> None:
-        self._bot = bot
-        self._dispatcher = dispatcher
-        self._inbox = inbox
-        self._secret = secret.encode("utf-8")
-        self._path = path or "/"
-        self._runner: web.AppRunner | None = None
-        self._closing = False
-        self.port = 0
-
-    async def start(self, host: str, port: int) -> int:
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_post(self._path, self._receive)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        self.port = _bound_port(self._runner)
-        return self.port
-
-    async def stop(self, drain_timeout_s: float) -> None:
-        """Refuse new deliveries (Telegram retries them later), finish running ones, close."""
-        self._closing = True
-        await self._dispatcher.drain(drain_timeout_s)
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _receive(self, request: web.Request) -> web.Response:
-        if not self._secret_matches(request):
-            return web.Response(status=403, text="forbidden")
-        if self._closing:
-            return web.Response(status=503, text="restarting")
-        update = await self._parse(request)
-        if update is None:
-            return web.Response(status=400, text="not an update")
-        try:
-            new = await self._inbox.store([update])
-        except StorageError as error:
-            log.warning("update %d not stored (Telegram retries it): %s", update.update_id, error)
-            return web.Response(status=500, text="not stored")
-        for stored in new:
-            self._dispatcher.submit(stored)
-        return web.Response(status=200)
-
-    def _secret_matches(self, request: web.Request) -> bool:
-        given = request.headers.get(SECRET_HEADER, "").encode("utf-8", errors="replace")
-        return hmac.compare_digest(given, self._secret)
-
-    async def _parse(self, request: web.Request) -> Update | None:
-        try:
-            data: Any = await request.json()
-            return Update.de_json(data, self._bot) if isinstance(data, dict) else None
-        except Exception as error:
-            log.warning("ignored a webhook request that is not an update: %s", type(error).__name__)
-            return None
-
-
-def _bound_port(runner: web.AppRunner) -> int:
-    for address in runner.addresses:
-        if isinstance(address, tuple) and len(address) >= 2:
-            return int(address[1])
-    raise RuntimeError("the webhook server is not listening")

@@ -1,21 +1,15 @@
-"""Sending to Telegram: per-chat pacing under the flood limits, retries, and "typing…".
-
-Telegram asks bots for at most about one message per second in a chat, 20 a minute in a group
-and 30 a second overall. Each chat gets a lane: a FIFO lock (so a reply's chunks and successive
-replies keep their order) and a token bucket; one more bucket paces the whole bot. A 429
-`RetryAfter` is honoured inside the lane, so everything else for that chat waits too.
+"""Sending to Telegram: paced per chat (`bots.telegram.pacing`), retried on flood limits and
+network errors, classified (sent, refused for good, failed for now); and "typing…".
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import warnings
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 
@@ -24,29 +18,13 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.warnings import PTBDeprecationWarning
 
+from bots.live import EditFailed, FloodWait
 from bots.outbox import Outcome, Sent
-from bots.streaming import EditFailed, FloodWait
+from bots.telegram.pacing import ChatPacer, Lane
 from core.messages import Attachment
 from core.ops.logs import UserIds
 
 log = logging.getLogger(__name__)
-Clock = Callable[[], float]
-
-
-@dataclass(frozen=True, slots=True)
-class Rate:
-    per_second: float
-    burst: float
-
-
-@dataclass(frozen=True, slots=True)
-class Pacing:
-    """Flood-limit pacing; the defaults follow Telegram's published limits."""
-
-    private: Rate = Rate(1.0, 3.0)
-    group: Rate = Rate(20 / 60, 3.0)
-    overall: Rate = Rate(30.0, 30.0)
-    max_lanes: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,69 +35,6 @@ class Target:
     is_group: bool = False
     thread_id: int | None = None
     reply_to: int | None = None
-
-
-class TokenBucket:
-    """Reservation-style token bucket: `reserve` takes a token and says how long to wait for it."""
-
-    def __init__(self, rate: Rate, clock: Clock = time.monotonic) -> None:
-        self._rate = rate
-        self._clock = clock
-        self._tokens = rate.burst
-        self._updated = clock()
-
-    def reserve(self) -> float:
-        self._refill()
-        self._tokens -= 1.0
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate.per_second
-
-    def _refill(self) -> None:
-        now = self._clock()
-        gained = (now - self._updated) * self._rate.per_second
-        self._tokens = min(self._rate.burst, self._tokens + gained)
-        self._updated = now
-
-
-@dataclass
-class Lane:
-    bucket: TokenBucket
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-class ChatPacer:
-    """One lane per chat (bounded, least recently used dropped first) and one overall bucket."""
-
-    def __init__(self, pacing: Pacing, clock: Clock = time.monotonic) -> None:
-        self._pacing = pacing
-        self._clock = clock
-        self._overall = TokenBucket(pacing.overall, clock)
-        self._lanes: OrderedDict[int, Lane] = OrderedDict()
-
-    @asynccontextmanager
-    async def lane(self, target: Target) -> AsyncIterator[Lane]:
-        lane = self._lane_for(target)
-        async with lane.lock:
-            yield lane
-
-    async def wait_turn(self, lane: Lane) -> None:
-        await asyncio.sleep(max(lane.bucket.reserve(), self._overall.reserve()))
-
-    def _lane_for(self, target: Target) -> Lane:
-        lane = self._lanes.pop(target.chat_id, None)
-        if lane is None:
-            rate = self._pacing.group if target.is_group else self._pacing.private
-            lane = Lane(TokenBucket(rate, self._clock))
-        self._lanes[target.chat_id] = lane
-        self._forget_idle_lanes()
-        return lane
-
-    def _forget_idle_lanes(self) -> None:
-        excess = len(self._lanes) - self._pacing.max_lanes
-        if excess <= 0:
-            return
-        idle = [chat for chat, lane in self._lanes.items() if not lane.lock.locked()]
-        for chat in idle[:excess]:
-            del self._lanes[chat]
 
 
 def retry_seconds(error: RetryAfter) -> float:
@@ -163,7 +78,7 @@ class Sender:
     async def send_chunks(self, target: Target, chunks: list[str]) -> Sent:
         """Send the chunks in order, in one lane turn, stopping at the first that fails."""
         results: list[object] = []
-        async with self._pacer.lane(target) as lane:
+        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
             for chunk in chunks:
                 outcome = await self._attempt(lane, target, self._keep(results, target, chunk))
                 if outcome is not Outcome.SENT:
@@ -189,7 +104,7 @@ class Sender:
         """One paced edit of a sent message (a streamed reply). A flood limit or a network error
         raises FloodWait, so the caller retries later with newer text; a message that cannot
         be edited raises EditFailed. Telegram's "message is not modified" counts as done."""
-        async with self._pacer.lane(target) as lane:
+        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
             await self._pacer.wait_turn(lane)
             try:
                 await self._bot.edit_message_text(
@@ -210,7 +125,7 @@ class Sender:
                 raise EditFailed(f"chat {self.chat(target)}: {error}") from None
 
     async def send_document(self, target: Target, attachment: Attachment, caption: str) -> bool:
-        async with self._pacer.lane(target) as lane:
+        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
             send = partial(self._document, target, attachment, caption)
             return await self._attempt(lane, target, send) is Outcome.SENT
 

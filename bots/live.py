@@ -22,8 +22,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
+
+from core.messages import Reply
 
 log = logging.getLogger(__name__)
 
@@ -163,3 +165,25 @@ async def _first_of(*waits: Awaitable[object]) -> None:
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def finish_reply(
+    live: LiveMessage[H] | None, reply: Reply, chunks: Sequence[str]
+) -> Sequence[str] | None:
+    """Make the streamed message the reply's first chunk; the chunks still to send after it.
+    None when the reply was not streamed (nothing posted, an attachment, or the message broke):
+    the adapter then sends the whole reply as usual."""
+    if live is None or not live.started or reply.attachment is not None or not chunks:
+        return None
+    first, *rest = chunks
+    return rest if await live.finish(first) else None
+
+
+@contextlib.asynccontextmanager
+async def streaming(live: LiveMessage[H] | None) -> AsyncIterator[LiveMessage[H] | None]:
+    """While the reply is generated: `live` takes the partials; closed afterwards."""
+    try:
+        yield live
+    finally:
+        if live is not None:
+            await live.close()

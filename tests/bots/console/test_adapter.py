@@ -10,7 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from bots.console_adapter import ConsoleAdapter
+from bots.console.adapter import ConsoleAdapter
 from tests.support.dialogue import managed
 
 SCRIPT = "안녕하세요\n오늘 날씨 어때?\n/reset\n오늘 날씨 어때?\n"
@@ -33,7 +33,7 @@ def run_chat(
         capture_output=True,
         text=True,
         cwd=workdir,
-        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+        env={**env, "PYTHONPATH": str(Path(__file__).resolve().parents[3])},
         timeout=120,
         check=False,
     )

@@ -3,14 +3,14 @@
 The adapter holds a DialogueManager and translates: Telegram update → IncomingMessage →
 `manager.handle` → Reply → paced, split, plain-text Telegram messages. Policies decided here:
 
-* Who is answered: see `bots.telegram_routing` (private chats always; groups on a mention, a
+* Who is answered: see `bots.telegram.routing` (private chats always; groups on a mention, a
   reply to the bot or a command; never bots; allowlists; admins for `/stats`).
 * Edited messages are ignored: the bot does not ask Telegram for them (`allowed_updates`), and
   PTB's handler only takes new messages. The original was answered already; an edit keeps its
   message id, so the core's restart dedup would return the old stored reply anyway, and answering
   every typo fix would double the bot's messages in a group.
 * Nothing lost, nothing answered twice: each update is written to the storage inbox before it
-  is confirmed to Telegram, and confirmed at once (`bots.telegram_updates`); after a crash the
+  is confirmed to Telegram, and confirmed at once (`bots.telegram.updates`); after a crash the
   unfinished ones are taken again. A reply is stored with its AI turn as `pending` (the outbox)
   and marked `sent` (with Telegram's message ids) once sent, so a message handled again finds
   its stored reply (message id `"<chat>:<message>"`) and sends it from storage if it was never
@@ -22,7 +22,7 @@ The adapter holds a DialogueManager and translates: Telegram update → Incoming
 * `/export` in a group is sent to the user's private chat: the history is theirs alone.
 * Streaming (`KOBOT_STREAM_REPLIES`, on by default): a reply being generated is posted as soon
   as it has text and grows by `editMessageText`, at most once a second per message (paced with
-  the chat's other sends; a `RetryAfter` pushes the next edit back, see `bots.streaming`); the
+  the chat's other sends; a `RetryAfter` pushes the next edit back, see `bots.live`); the
   last edit makes it exactly the reply `handle` returns, further chunks follow as messages.
 """
 
@@ -39,17 +39,19 @@ from urllib.parse import urlsplit
 
 from telegram import BotCommand, Message, Update
 from telegram.error import InvalidToken, TelegramError
-from telegram.ext import Application, ApplicationBuilder, CallbackContext, MessageHandler, filters
+from telegram.ext import CallbackContext, MessageHandler, filters
 
-from bots.app import build_dialogue_manager
-from bots.outbox import Outcome, Sent
-from bots.streaming import EditFailed, LiveMessage
-from bots.telegram_delivery import ChatPacer, Pacing, Sender, Target, typing
-from bots.telegram_logging import SecretRedactor, telegram_secrets
-from bots.telegram_routing import (
+from bots.access import AccessPolicy, Place
+from bots.live import EditFailed, LiveMessage, finish_reply, streaming
+from bots.outbox import Outcome, Sent, record
+from bots.telegram.client import TelegramApp, build_application, connect
+from bots.telegram.delivery import Sender, Target, typing
+from bots.telegram.dispatch import UpdateDispatcher
+from bots.telegram.pacing import ChatPacer, Pacing
+from bots.telegram.redaction import SecretRedactor, telegram_secrets
+from bots.telegram.routing import (
     NON_TEXT_REPLY,
     PLATFORM,
-    AccessPolicy,
     BotIdentity,
     Decision,
     Route,
@@ -57,16 +59,15 @@ from bots.telegram_routing import (
     is_private,
     to_incoming,
 )
-from bots.telegram_updates import (
+from bots.telegram.updates import (
     ALLOWED_UPDATES,
     DeliveryPending,
     Poller,
     PollingConfig,
-    UpdateDispatcher,
     UpdateInbox,
-    WebhookServer,
     resume_unfinished,
 )
+from bots.telegram.webhook import WebhookServer
 from core.dialogue import texts
 from core.dialogue.commands import Command, parse_command
 from core.dialogue.manager import DialogueManager
@@ -74,33 +75,18 @@ from core.dialogue.texts import DESCRIPTIONS
 from core.dialogue.uses import MODEL_COMMANDS
 from core.errors import StartupError
 from core.messages import Attachment, IncomingMessage, Reply, ReplyKind, utc_now
-from core.ops.lifecycle import BotServices
 from core.ops.logs import UserIds
 from core.settings import Settings
 from core.text import split_message, utf16_length
 
 log = logging.getLogger(__name__)
-TelegramApp = Application[Any, Any, Any, Any, Any, Any]
 Context = CallbackContext[Any, Any, Any, Any]
+
 
 MESSAGE_LIMIT = 4096
 INBOX_KEPT = timedelta(days=1)  # finished inbox rows are forgotten after this
 CAPTION_LIMIT = 1024
-MENU = (
-    Command.START,
-    Command.HELP,
-    Command.RESET,
-    Command.PERSONA,
-    Command.FORGET,
-    Command.EXPORT,
-    Command.ABOUT,
-    Command.COMPLETE,
-    Command.STORY,
-    Command.SENTIMENT,
-    Command.RETRY,
-    Command.LINK,
-    Command.UNLINK,
-)
+MENU = tuple(c for c in Command if c is not Command.STATS)  # for admins: not in the menu
 EMPTY_REPLY = "…"
 EXPORT_SENT_PRIVATELY = (
     "대화 기록은 개인 채팅으로 보내 드렸어요. (I sent your history to you in a private chat.)"
@@ -123,47 +109,6 @@ class TelegramOptions:
     send_attempts: int = 4
     stream_interval_s: float = 1.0
     stream_first_after_s: float | None = None  # None: one interval
-
-
-def require_token(settings: Settings) -> str:
-    token = settings.telegram_token
-    if token is None or not token.get_secret_value().strip():
-        raise StartupError("KOBOT_TELEGRAM_TOKEN is not set (get a token from @BotFather)")
-    return token.get_secret_value().strip()
-
-
-def build_application(settings: Settings) -> TelegramApp:
-    """A PTB Application without PTB's Updater (our poller confirms updates after handling).
-
-    PTB logs the API URLs, token included, at DEBUG while building the bot: hence the redactor.
-    """
-    builder = ApplicationBuilder().token(require_token(settings))
-    builder = builder.base_url(settings.telegram_base_url).updater(None)
-    builder = builder.job_queue(None)  # type: ignore[arg-type]  # None is documented: no jobs
-    with SecretRedactor(telegram_secrets(settings)).installed():
-        return builder.build()
-
-
-def api_host(base_url: str) -> str:
-    return urlsplit(base_url).netloc or base_url
-
-
-async def connect(application: TelegramApp, settings: Settings) -> BotIdentity:
-    """Check the token with `getMe`; a failure becomes a one-line StartupError."""
-    try:
-        await application.initialize()
-    except InvalidToken:
-        await application.bot.shutdown()
-        raise StartupError(
-            "KOBOT_TELEGRAM_TOKEN was rejected by the Telegram Bot API: "
-            "check the token (from @BotFather) and KOBOT_TELEGRAM_BASE_URL"
-        ) from None
-    except TelegramError as error:
-        await application.bot.shutdown()
-        where = api_host(settings.telegram_base_url)
-        reason = SecretRedactor(telegram_secrets(settings)).redact(str(error))
-        raise StartupError(f"cannot reach the Telegram Bot API at {where}: {reason}") from None
-    return BotIdentity.create(application.bot.id, application.bot.username)
 
 
 def target_for(message: Message) -> Target:
@@ -207,11 +152,7 @@ class TelegramAdapter:
         self.options = options or TelegramOptions()
         self.application = application or build_application(settings)
         self.bot = self.application.bot
-        self.access = AccessPolicy(
-            frozenset(settings.telegram_allowed_users),
-            frozenset(settings.telegram_allowed_chats),
-            frozenset(settings.telegram_admin_ids),
-        )
+        self.access = AccessPolicy.of(settings, PLATFORM)
         self.ids = UserIds.from_settings(settings)
         self.inbox = UpdateInbox(manager.storage, self.bot, self._process)
         self.dispatcher = UpdateDispatcher(self.inbox.process, self.options.max_concurrent_updates)
@@ -253,24 +194,7 @@ class TelegramAdapter:
         await resume_unfinished(self.inbox, self.dispatcher)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start, serve until `stop` is set (or polling fails for good), then stop cleanly."""
-        await self.start()
-        try:
-            await self._serve_until(stop)
-        finally:
-            await self.stop()
-
-    async def stop(self) -> None:
-        """Stop taking updates, let running ones finish (up to the drain timeout), shut down."""
-        try:
-            if self.webhook is not None:
-                await self.webhook.stop(self.options.drain_timeout_s)
-            else:
-                await self._stop_polling()
-        finally:
-            await self._shutdown_application()
-
-    async def _serve_until(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set (or polling fails for good)."""
         stopped = asyncio.ensure_future(stop.wait())
         waiters: set[asyncio.Future[Any]] = {stopped}
         if self._poll_task is not None:
@@ -279,6 +203,20 @@ class TelegramAdapter:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopped.cancel()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Stop taking updates, let running ones finish (up to `timeout_s`), shut down."""
+        try:
+            if self.webhook is not None:
+                await self.webhook.stop(timeout_s)
+            else:
+                await self._stop_polling(timeout_s)
+        finally:
+            await self._shutdown_application()
+
+    async def stop(self) -> None:
+        """`drain` within the options' drain timeout (for a caller that runs the adapter)."""
+        await self.drain(self.options.drain_timeout_s)
 
     async def _start_polling(self) -> None:
         """Remove any webhook (pending updates stay queued at Telegram), then poll."""
@@ -291,10 +229,10 @@ class TelegramAdapter:
         self._poll_task = asyncio.create_task(self._poller.run(self._stopping))
         log.info("telegram: long polling as @%s", self._username())
 
-    async def _stop_polling(self) -> None:
+    async def _stop_polling(self, timeout_s: float) -> None:
         self._stopping.set()
         failure = await self._finish_poll_task()
-        await self.dispatcher.drain(self.options.drain_timeout_s)
+        await self.dispatcher.drain(timeout_s)
         if self._poller is not None and failure is None:
             await self._poller.confirm()
         if isinstance(failure, InvalidToken):
@@ -389,7 +327,7 @@ class TelegramAdapter:
 
     def _allowed(self, message: Message) -> bool:
         user_id = message.from_user.id if message.from_user else 0
-        allowed = self.access.allows(user_id, message.chat.id)
+        allowed = self.access.allows(user_id, Place(frozenset({message.chat.id})))
         if not allowed:
             log.info(
                 "ignored user %s in chat %s: not in the allowlists",
@@ -404,20 +342,17 @@ class TelegramAdapter:
             await self.sender.send_texts(target, [NON_TEXT_REPLY])
             return
         incoming = to_incoming(message, decision.text, self.access.admins)
-        live = self._live_message(target, update_id)
         async with self._typing(target, incoming.text):
-            try:
+            async with streaming(self._live_message(target, update_id)) as live:
                 reply = await self._handle(incoming, live)
-            finally:
-                if live is not None:
-                    await live.close()
             if reply.duplicate:
                 shown = self.ids.message(PLATFORM, incoming.message_id)
                 log.info("message %s was answered already; not sent again", shown)
                 return
             sent = await self._send_reply(incoming, reply, target, live)
-        if reply.pending_delivery:
-            await self._record_delivery(update_id, incoming, sent)
+        await record(self.manager, incoming, reply, sent)
+        if reply.pending_delivery and sent.outcome is Outcome.FAILED:
+            self._undelivered.add(update_id)
 
     async def _send_reply(
         self,
@@ -426,17 +361,12 @@ class TelegramAdapter:
         target: Target,
         live: LiveMessage[int] | None,
     ) -> Sent:
-        streamed = None if live is None else await self._finish_live(live, reply, target)
-        return streamed or await self._deliver(incoming, reply, target)
-
-    async def _record_delivery(self, update_id: int, incoming: IncomingMessage, sent: Sent) -> None:
-        """The outbox: sent (with the message ids), refused for good, or pending for later."""
-        if sent.outcome is Outcome.SENT:
-            await self.manager.delivered(incoming, sent.ids)
-        elif sent.outcome is Outcome.REFUSED:
-            await self.manager.undeliverable(incoming)
-        else:
-            self._undelivered.add(update_id)
+        """Finish the streamed message, if any, and send the rest; else send it all."""
+        rest = await finish_reply(live, reply, chunks(reply.text))
+        if rest is None or live is None or live.handle is None:
+            return await self._deliver(incoming, reply, target)
+        after = await self.sender.send_chunks(target, list(rest))
+        return Sent(after.outcome, (str(live.handle), *after.ids))
 
     async def _handle(
         self, incoming: IncomingMessage, live: LiveMessage[int] | None = None
@@ -476,19 +406,6 @@ class TelegramAdapter:
         live.handle = self.inbox.streamed_before(update_id)
         return live
 
-    async def _finish_live(
-        self, live: LiveMessage[int], reply: Reply, target: Target
-    ) -> Sent | None:
-        """Make the streamed message the reply's first chunk and send the rest; None when
-        nothing was streamed (or the message broke): the reply is then sent as usual."""
-        if not live.started or reply.attachment is not None or live.handle is None:
-            return None
-        first, *rest = chunks(reply.text)
-        if not await live.finish(first):
-            return None
-        after = await self.sender.send_chunks(target, rest)
-        return Sent(after.outcome, (str(live.handle), *after.ids))
-
     def _typing(self, target: Target, text: str) -> AbstractAsyncContextManager[None]:
         parsed = parse_command(text)
         if parsed is not None and parsed.command not in MODEL_COMMANDS:
@@ -525,39 +442,3 @@ class TelegramAdapter:
 
     async def _on_error(self, update: object, context: Context) -> None:
         log.error("handling a Telegram update failed", exc_info=context.error)
-
-
-# Entry point
-
-
-async def run_telegram(
-    settings: Settings, options: TelegramOptions | None = None, stop: asyncio.Event | None = None
-) -> int:
-    """Check the token first (before the model loads), then serve until stopped.
-
-    SIGTERM/SIGINT (or `stop`): no new updates, running ones finish within
-    KOBOT_SHUTDOWN_TIMEOUT_S, then the model and storage close (see `core.ops.lifecycle`).
-    """
-    options = options or TelegramOptions(drain_timeout_s=settings.shutdown_timeout_s)
-    async with BotServices(settings, "telegram", stop) as services:
-        with SecretRedactor(telegram_secrets(settings)).installed():
-            application = build_application(settings)
-            await connect(application, settings)
-            try:
-                manager = await build_dialogue_manager(settings)
-            except BaseException:
-                await application.shutdown()
-                raise
-            try:
-                adapter = TelegramAdapter(manager, settings, application, options)
-                services.attach(manager, adapter)
-                await adapter.run(services.stop)
-            finally:
-                await services.detach()
-                await manager.close()
-    return 0
-
-
-def main(settings: Settings) -> int:
-    """`kobot telegram`: returns the exit status; start-up failures raise StartupError."""
-    return asyncio.run(run_telegram(settings))

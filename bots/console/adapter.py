@@ -1,5 +1,5 @@
-"""`kobot chat`: talk to the bot in a terminal (`bots.terminal`: streamed replies, Ctrl-C), or
-pipe one message per line through it (exactly one reply line per input line)."""
+"""`kobot chat`: talk to the bot in a terminal (`bots.console.terminal`: streamed replies,
+Ctrl-C), or pipe one message per line through it (exactly one reply line per input line)."""
 
 from __future__ import annotations
 
@@ -9,38 +9,33 @@ import os
 import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
-from itertools import count
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from bots import terminal
-from bots.app import build_dialogue_manager
-from bots.terminal import next_or_stop
+from bots.base import Adapter, InFlight, done_or_stopped, run_adapter, until_stopped
+from bots.console import terminal
 from core.dialogue.manager import DialogueManager
 from core.dialogue.streaming import PartialCallback
 from core.messages import IncomingMessage, Reply
-from core.ops.lifecycle import Abandoned, BotServices, finish_or_cancel
+from core.ops.lifecycle import Shutdown
 from core.settings import Settings
 from core.text import to_single_line
 
 PLATFORM = "console"
 
 
+@dataclass(eq=False)
 class ConsoleAdapter:
-    """Reads messages from a terminal or a pipe and prints one reply per message."""
+    """Reads messages from a terminal or a pipe and prints one reply per message (`lines`:
+    standard input unless given)."""
 
-    def __init__(
-        self,
-        manager: DialogueManager,
-        user: str,
-        out: TextIO = sys.stdout,
-        one_line_replies: bool = True,
-    ) -> None:
-        self.manager = manager
-        self.user = user
-        self.out = out
-        self.one_line_replies = one_line_replies
-        self._ids = count(1)
+    manager: DialogueManager
+    user: str
+    out: TextIO = sys.stdout
+    one_line_replies: bool = True
+    lines: AsyncIterator[str] | None = None
+    in_flight: InFlight = field(default_factory=InFlight)
 
     def message(self, text: str) -> IncomingMessage:
         return IncomingMessage(
@@ -75,22 +70,30 @@ class ConsoleAdapter:
         """For `/healthz`: a terminal or a pipe is always there."""
         return True
 
-    async def run_lines(
-        self, lines: AsyncIterator[str], stop: asyncio.Event | None = None, grace_s: float = 20.0
-    ) -> None:
-        """Answer each line until the lines end or `stop` is set; a reply in flight at the stop
-        gets `grace_s` to finish (then it is printed), else it is cancelled and not stored."""
+    async def start(self) -> None:
+        """Nothing to open: the lines are read once `run` starts."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.run_lines(self.lines or _stdin_lines(), stop)
+
+    async def drain(self, timeout_s: float) -> None:
+        """A reply in flight at the stop gets `timeout_s` to finish (then it is printed), else
+        it is cancelled and not stored."""
+        await self.in_flight.drain(timeout_s)
+
+    async def run_lines(self, lines: AsyncIterator[str], stop: asyncio.Event | None = None) -> None:
+        """Answer each line, one after another, until the lines end or `stop` is set."""
         stop = stop or asyncio.Event()
-        while not stop.is_set():
-            line = await next_or_stop(lines, stop)
-            if line is None or stop.is_set():
+        while (
+            line := await until_stopped(anext(lines, None), stop)
+        ) is not None and not stop.is_set():
+            answering = self.in_flight.spawn(self._print_answer(line))
+            if not await done_or_stopped(answering, stop):
                 return
-            answering = asyncio.create_task(self.answer(line))
-            try:
-                reply = await finish_or_cancel(answering, stop, grace_s)
-            except Abandoned:
-                return
-            print(reply, file=self.out, flush=True)
+            answering.result()
+
+    async def _print_answer(self, line: str) -> None:
+        print(await self.answer(line), file=self.out, flush=True)
 
 
 def _stdin_chunks() -> Iterator[str]:
@@ -132,30 +135,31 @@ async def _stdin_lines() -> AsyncIterator[str]:
         yield line
 
 
-async def run_console(
-    settings: Settings, user: str, interactive: bool, stop: asyncio.Event | None = None
-) -> None:
-    """Chat until the input ends or SIGTERM/SIGINT (see `core.ops.lifecycle`)."""
-    async with BotServices(settings, PLATFORM, stop) as services:
-        if services.stop.is_set():
-            return
-        if interactive:
+class ConsolePlatform:
+    """`kobot chat`: no token to check; interactive in a terminal, else one line per line."""
+
+    name = PLATFORM
+
+    def __init__(self, user: str, interactive: bool) -> None:
+        self.user = user
+        self.interactive = interactive
+
+    async def connect(self) -> None:
+        if self.interactive:
             terminal.quiet_start()
-        manager = await build_dialogue_manager(settings)
-        try:
-            adapter = ConsoleAdapter(manager, user, one_line_replies=not interactive)
-            services.attach(manager, adapter)
-            if interactive:
-                print(f"{terminal.BANNER}\n{terminal.status_line(manager.backend.info())}")
-                await terminal.run_terminal(adapter, terminal.prompt_lines(user), services)
-            else:
-                await adapter.run_lines(_stdin_lines(), services.stop, services.grace_s)
-        finally:
-            await services.detach()
-            await manager.close()
+
+    def adapter_for(self, manager: DialogueManager, shutdown: Shutdown) -> Adapter:
+        console = ConsoleAdapter(manager, self.user, one_line_replies=not self.interactive)
+        if not self.interactive:
+            return console
+        print(f"{terminal.BANNER}\n{terminal.status_line(manager.backend.info())}")
+        return terminal.TerminalAdapter(console, terminal.prompt_lines(self.user), shutdown)
+
+    async def disconnect(self) -> None:
+        """Nothing was opened."""
 
 
 def main(settings: Settings, user: str = "console") -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
-    asyncio.run(run_console(settings, user, interactive))
+    asyncio.run(run_adapter(settings, ConsolePlatform(user, interactive)))
     return 0

@@ -56,24 +56,6 @@ class Decision:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class AccessPolicy:
-    """Allowlists of user and chat ids (both empty: everyone) and the admins (always allowed).
-
-    With any list set, a message is allowed when its sender is an allowed user (anywhere) or its
-    chat is an allowed chat (anyone in it).
-    """
-
-    users: frozenset[int] = frozenset()
-    chats: frozenset[int] = frozenset()
-    admins: frozenset[int] = frozenset()
-
-    def allows(self, user_id: int, chat_id: int) -> bool:
-        if not self.users and not self.chats:
-            return True
-        return user_id in self.admins or user_id in self.users or chat_id in self.chats
-
-
 def ignore(reason: str) -> Decision:
     return Decision(Route.IGNORE, reason=reason)
 
