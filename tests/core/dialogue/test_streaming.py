@@ -1,22 +1,19 @@
-"""Streaming, below the adapters: the backend's `generate_stream`, the dialogue manager's
-`handle_stream`, and `LiveMessage` (the edit pacing every streaming adapter uses).
+"""Streaming, below the adapters: the backend's `generate_stream` and the dialogue manager's
+`handle_stream` (the edit pacing is `bots.live`, tested in tests/bots/test_live.py).
 
 Nothing here waits on a timer to let something happen: the model is held at a gate until the
-test has seen a partial reply, and LiveMessage's pacing is checked on the recorded times."""
+test has seen a partial reply."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 import torch
 
-from bots.live import EditFailed, FloodWait, LiveMessage
 from core.dialogue import texts
 from core.generation.base import (
     Attempt,
@@ -156,81 +153,3 @@ async def test_streamed_and_plain_replies_are_the_same(make_manager: ManagerFact
     streamed = await manager.handle_stream(message("안녕하세요", chat="a"), lambda text: None)
     plain = await manager.handle(message("안녕하세요", chat="b"))
     assert streamed == plain
-
-
-# LiveMessage: pacing of the edits
-
-
-class FakeMessage:
-    """Records posts and edits with their times; can fail as told."""
-
-    def __init__(self) -> None:
-        self.ops: list[tuple[float, str]] = []
-        self.failures: list[Exception] = []
-        self.changed = asyncio.Condition()
-
-    async def post(self, text: str) -> int:
-        return await self._op(text)
-
-    async def edit(self, handle: int, text: str) -> None:
-        await self._op(text)
-
-    async def _op(self, text: str) -> int:
-        if self.failures:
-            raise self.failures.pop(0)
-        self.ops.append((time.monotonic(), text))
-        async with self.changed:
-            self.changed.notify_all()
-        return 1
-
-    def gaps(self) -> list[float]:
-        return [b[0] - a[0] for a, b in itertools.pairwise(self.ops)]
-
-    async def shown(self, text: str) -> None:
-        """Wait until the message shows `text` (re-checked after every post or edit)."""
-        async with asyncio.timeout(10), self.changed:
-            await self.changed.wait_for(lambda: bool(self.ops) and self.ops[-1][1] == text)
-
-
-async def test_updates_are_coalesced_and_paced() -> None:
-    target = FakeMessage()
-    live = LiveMessage(target.post, target.edit, interval_s=0.2, first_after_s=0.0)
-    live.update("하")
-    await target.shown("하")
-    for text in ("하나", "하나 둘", "하나 둘 셋"):
-        live.update(text)
-    await target.shown("하나 둘 셋")
-    assert await live.finish("하나 둘 셋 넷")
-    assert [text for _, text in target.ops] == ["하", "하나 둘 셋", "하나 둘 셋 넷"]
-    assert all(gap >= 0.2 for gap in target.gaps())
-
-
-async def test_a_flood_limit_pushes_the_next_edit_back() -> None:
-    target = FakeMessage()
-    live = LiveMessage(target.post, target.edit, interval_s=0.05, first_after_s=0.0)
-    live.update("첫")
-    await target.shown("첫")
-    target.failures.append(FloodWait(0.3))
-    refused_at = time.monotonic()
-    live.update("첫 번째")
-    await target.shown("첫 번째")  # retried with the newest text after the wait
-    assert target.ops[-1][0] - refused_at >= 0.3
-    assert await live.finish("첫 번째 답")
-    assert target.ops[-1][1] == "첫 번째 답"
-
-
-async def test_a_quick_reply_is_never_posted_and_a_broken_one_is_given_up() -> None:
-    target = FakeMessage()
-    quick = LiveMessage(target.post, target.edit, interval_s=1.0)  # first post after 1 s
-    quick.update("금방")
-    assert not await quick.finish("금방 끝나요")
-    assert target.ops == []
-
-    broken = LiveMessage(target.post, target.edit, interval_s=0.05, first_after_s=0.0)
-    broken.update("시작")
-    await target.shown("시작")
-    target.failures.append(EditFailed("message deleted"))
-    broken.update("시작했는데")
-    assert not await broken.finish("시작했는데 끝")
-    assert broken.broken
-    assert [text for _, text in target.ops] == ["시작"]
