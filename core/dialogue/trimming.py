@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -87,7 +86,3 @@ def _first_kept_turn(parts: PromptParts, room: int, budget: int, low_water: int 
     while first < len(parts.turns) and not parts.turn_is_user[first]:
         first += 1
     return first
-
-
-def count_tokens(pieces: Sequence[Sequence[int]]) -> int:
-    return sum(len(piece) for piece in pieces)

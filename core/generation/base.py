@@ -264,7 +264,3 @@ class GenerationBackend(abc.ABC):
     def stats(self) -> dict[str, float]:
         """Figures for `/metrics` (engine steps, KV use…); by default none."""
         return {}
-
-
-def token_tuple(ids: Sequence[int]) -> tuple[int, ...]:
-    return tuple(int(i) for i in ids)

@@ -279,10 +279,6 @@ class Engine:
             self._thread.join()
 
     @property
-    def queued(self) -> int:
-        return len(self._queue)
-
-    @property
     def running(self) -> int:
         return len(self._running)
 
