@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.serve import SHARED, build_model, resolve_dtype
-from core.dialogue.manager import sampling_params
+from core.dialogue.services import sampling_params
 from core.generation.engine.forward import GPT2Forward, SeqChunk
 from core.generation.engine.kv import KVArena
 from core.generation.engine.sampling import SamplerState, choose_tokens

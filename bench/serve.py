@@ -61,8 +61,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.shared_data import shared_dir
 from core.dialogue.context import ContextStarts
-from core.dialogue.manager import sampling_params
 from core.dialogue.prompt import PromptBuilder
+from core.dialogue.services import sampling_params
 from core.dialogue.trimming import token_budget
 from core.generation.base import SamplingParams
 from core.generation.cpu_features import auto_dtype

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from core.dialogue.manager import DialogueManager
+from core.dialogue.services import DialogueServices
 from core.generation.base import GenerationBackend
 from core.generation.factory import build_backend
 from core.ops.logs import UserIds
@@ -21,7 +22,7 @@ async def build_dialogue_manager(
     try:
         if backend is None:
             backend = await asyncio.to_thread(build_backend, settings)
-        return DialogueManager(settings, storage, backend, _locks(settings))
+        return DialogueManager(DialogueServices(settings, storage, backend, _locks(settings)))
     except BaseException:
         await storage.close()
         raise

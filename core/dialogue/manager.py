@@ -15,14 +15,12 @@ from core.dialogue.prompt import STOP_STRINGS
 from core.dialogue.ratelimit import RateLimiter
 from core.dialogue.services import DialogueServices
 from core.dialogue.streaming import PartialCallback, partials_to
-from core.dialogue.trimming import TrimmedPrompt, token_budget
+from core.dialogue.trimming import TrimmedPrompt
 from core.dialogue.uses import MODEL_COMMANDS, ModelCommands
 from core.generation.base import (
-    GenerationBackend,
     GenerationError,
     GenerationRequest,
     GenerationResult,
-    SamplingParams,
 )
 from core.messages import (
     PERSON,
@@ -35,10 +33,9 @@ from core.messages import (
     Turn,
 )
 from core.ops.turns import TurnObserver
-from core.settings import Settings
 from core.text import remove_control_characters, to_single_line
-from storage.base import Delivery, DeliveryRecord, Storage, StorageError
-from storage.locks import ConversationLocks, Lease, LeaseLost, LockTimeout
+from storage.base import Delivery, DeliveryRecord, StorageError
+from storage.locks import Lease, LeaseLost, LockTimeout
 
 log = logging.getLogger(__name__)
 PERSONA_MAX_CHARS = 500
@@ -50,19 +47,6 @@ class DialogueStats:
     """Live figures; what was counted (messages, replies, errors…) is the observer's."""
 
     in_flight: int = 0
-
-
-def sampling_params(settings: Settings) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        repetition_penalty=settings.repetition_penalty,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        do_sample=settings.temperature > 0,
-        num_return_sequences=settings.num_candidates,
-    )
 
 
 def speaker_id(key: ConversationKey, message: IncomingMessage) -> str:
@@ -77,28 +61,17 @@ class DialogueManager:
     Adapters hold one instance and call `handle`; everything platform-specific stays with them.
     """
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        backend: GenerationBackend,
-        locks: ConversationLocks,
-    ) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.backend = backend
-        self.locks = locks
-        budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
-        self.services = DialogueServices(
-            settings, storage, backend, locks, params=sampling_params(settings), budget=budget
-        )
+    def __init__(self, services: DialogueServices) -> None:
+        self.services = services
+        settings = self.settings = services.settings
+        self.storage, self.backend, self.locks = services.storage, services.backend, services.locks
         self.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
         self.stats = DialogueStats()
         self.observer = TurnObserver(settings)
-        self.low_water = int(budget * settings.trim_low_water)
+        self.low_water = int(services.budget * settings.trim_low_water)
         self.uses = ModelCommands(self.services, settings)
         self.links = AccountLinks(
-            storage, settings.link_code_ttl_s, settings.context_scope, self.observer.user_ids
+            self.storage, settings.link_code_ttl_s, settings.context_scope, self.observer.user_ids
         )
 
     async def handle(self, message: IncomingMessage) -> Reply:

@@ -1,7 +1,8 @@
 """The conversation operations a turn runs on, in one narrow object.
 
-The DialogueManager builds one `DialogueServices` and runs its chat turn through it; the model
-commands (`core.dialogue.uses`) get the same object and nothing else of the manager. So each
+The composition root builds one `DialogueServices` and the DialogueManager on it; the manager runs
+its chat turn through it, and the model commands (`core.dialogue.uses`) get the same object and
+nothing else of the manager. So each
 operation has one home: a conversation's key and lock, the stored reply to a repeated delivery,
 the history from the context start, the prompt, generation through the `ReplyGuard` (every reply
 filtered, streamed when someone listens) and replacing the last reply.
@@ -14,7 +15,7 @@ from contextlib import AbstractAsyncContextManager
 
 from core.dialogue.context import ContextStarts
 from core.dialogue.prompt import PromptBuilder
-from core.dialogue.trimming import TrimmedPrompt
+from core.dialogue.trimming import TrimmedPrompt, token_budget
 from core.generation.base import (
     GenerationBackend,
     GenerationRequest,
@@ -27,10 +28,32 @@ from core.settings import Settings
 from storage.base import Delivery, Storage
 from storage.locks import ConversationLocks, Lease
 
+_SAMPLING_SETTINGS = (
+    "max_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+def sampling_params(settings: Settings) -> SamplingParams:
+    """Chat's sampling: the settings of the same names; greedy when the temperature is 0."""
+    same_names = {name: getattr(settings, name) for name in _SAMPLING_SETTINGS}
+    return SamplingParams(
+        **same_names,
+        do_sample=settings.temperature > 0,
+        num_return_sequences=settings.num_candidates,
+    )
+
 
 class DialogueServices:
-    """`params` and `budget` are chat's: its sampling settings and its prompt's token budget.
-    `backend` is there for its tokenizer, window and scoring; generate through `generate`."""
+    """The parts a dialogue runs on, and the operations on them that turns share.
+
+    `params` and `budget` are chat's: its sampling settings and its prompt's token budget.
+    `backend` is there for its tokenizer, window and scoring; generate through `generate`;
+    lock through `lock`; the model commands use these operations, not `storage` or `locks`."""
 
     def __init__(
         self,
@@ -38,33 +61,30 @@ class DialogueServices:
         storage: Storage,
         backend: GenerationBackend,
         locks: ConversationLocks,
-        *,
-        params: SamplingParams,
-        budget: int,
     ) -> None:
+        self.settings = settings
+        self.storage = storage
         self.backend = backend
-        self.params = params
-        self.budget = budget
+        self.locks = locks
+        self.params = sampling_params(settings)
+        self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
         self.context_starts = ContextStarts()
-        self._settings = settings
-        self._storage = storage
-        self._locks = locks
         self._prompts = PromptBuilder(backend.tokenizer)
         self._replies = ReplyGuard.from_settings(settings)
 
     def key_for(self, message: IncomingMessage) -> ConversationKey:
-        return ConversationKey.for_message(message, self._settings.context_scope)
+        return ConversationKey.for_message(message, self.settings.context_scope)
 
     def lock(self, key: ConversationKey) -> AbstractAsyncContextManager[Lease]:
         """The conversation's lock (`LockTimeout` when it stays busy)."""
-        return self._locks.lock(key)
+        return self.locks.lock(key)
 
     async def earlier_reply(self, key: ConversationKey, message: IncomingMessage) -> Reply | None:
         """When this very message was handled before (a repeated delivery, a restart): its
         stored reply, to be sent now if it never was, or marked a duplicate if it was."""
         if not message.message_id:
             return None
-        earlier = await self._storage.reply_to(key, message.message_id)
+        earlier = await self.storage.reply_to(key, message.message_id)
         if earlier is None:
             return None
         if earlier.delivery is Delivery.PENDING:
@@ -73,15 +93,15 @@ class DialogueServices:
 
     async def history(self, key: ConversationKey) -> list[Turn]:
         """The stored turns, at most `KOBOT_HISTORY_TURNS` of them."""
-        return await self._storage.recent(key, self._settings.history_turns)
+        return await self.storage.recent(key, self.settings.history_turns)
 
     def since_start(self, key: ConversationKey, history: list[Turn]) -> list[Turn]:
         """`history` from the conversation's context start (see `ContextStarts.since`)."""
-        limit, low_water = self._settings.history_turns, self._settings.trim_low_water
+        limit, low_water = self.settings.history_turns, self.settings.trim_low_water
         return self.context_starts.since(key, history, limit, low_water)
 
     async def persona_for(self, key: ConversationKey) -> str:
-        return await self._storage.get_persona(key) or self._settings.persona
+        return await self.storage.get_persona(key) or self.settings.persona
 
     async def prompt(
         self, key: ConversationKey, history: list[Turn], text: str, low_water: int | None = None
@@ -99,4 +119,4 @@ class DialogueServices:
 
     async def replace_last_reply(self, key: ConversationKey, reply: str, message_id: str) -> bool:
         """`/retry`'s new answer in place of the stored one (see `Storage.replace_last_reply`)."""
-        return await self._storage.replace_last_reply(key, reply, message_id)
+        return await self.storage.replace_last_reply(key, reply, message_id)

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from core.training.config import TrainConfig
+
+_FIELDS = frozenset(field.name for field in fields(TrainConfig))
+_DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
 
 
 def add_train_command(sub: Any) -> None:
     """Register `kobot train` on the `kobot` sub-command parser."""
     train = sub.add_parser(
         "train",
+        argument_default=argparse.SUPPRESS,
         help="fine-tune a model on Q/A CSV or dialogue JSONL (see README: Fine-tuning)",
         description="Q/A CSV (Q,A columns) or JSONL dialogues become User:/AI: prompts exactly "
         "as the bot builds them; loss on the AI replies only. Run the same command again to "
@@ -29,23 +35,23 @@ def add_train_command(sub: Any) -> None:
 def _scratch_flags(train: argparse.ArgumentParser) -> None:
     scratch = train.add_argument_group("from scratch (a small fresh model with --base's tokenizer)")
     scratch.add_argument("--from-scratch", action="store_true")
-    scratch.add_argument("--layers", type=int, default=4)
-    scratch.add_argument("--dim", type=int, default=256)
+    scratch.add_argument("--layers", type=int, help=_default("layers"))
+    scratch.add_argument("--dim", type=int, help=_default("dim"))
     scratch.add_argument("--heads", type=int, help="attention heads (default: dim / 64)")
-    scratch.add_argument("--context", type=int, default=1024, help="window in tokens")
+    scratch.add_argument("--context", type=int, help="window in tokens (default 1024)")
 
 
 def _loop_flags(train: argparse.ArgumentParser) -> None:
     loop = train.add_argument_group("training")
-    loop.add_argument("--epochs", type=int, default=3)
-    loop.add_argument("--batch-size", type=int, default=32)
+    loop.add_argument("--epochs", type=int, help=_default("epochs"))
+    loop.add_argument("--batch-size", type=int, help=_default("batch_size"))
     loop.add_argument("--lr", type=float, help="default 1e-3 from scratch, 5e-5 fine-tuning")
-    loop.add_argument("--warmup-steps", type=int, default=100)
+    loop.add_argument("--warmup-steps", type=int, help=_default("warmup_steps"))
     loop.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
     loop.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
-    loop.add_argument("--eval-fraction", type=float, default=0.05, help="held out (default 5%%)")
+    loop.add_argument("--eval-fraction", type=float, help="held out (default 0.05)")
     loop.add_argument("--limit", type=int, help="use a random subset of this many dialogues")
-    loop.add_argument("--seed", type=int, default=0)
+    loop.add_argument("--seed", type=int, help=_default("seed"))
     loop.add_argument("--persona", help="the prompt's first line (default: KOBOT_PERSONA)")
     loop.add_argument("--device", help="auto, cpu, cuda… (default: KOBOT_DEVICE)")
     loop.add_argument("--no-resume", action="store_true", help="ignore OUT/checkpoint")
@@ -53,33 +59,25 @@ def _loop_flags(train: argparse.ArgumentParser) -> None:
 
 def run_train(settings: Settings, args: argparse.Namespace) -> int:
     from core.training.data import DataError
-    from core.training.trainer import TrainConfig, train
+    from core.training.trainer import train
 
-    config = TrainConfig(
-        data=args.data,
-        base=args.base,
-        out=args.out,
-        from_scratch=args.from_scratch,
-        layers=args.layers,
-        dim=args.dim,
-        heads=args.heads,
-        context=args.context,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        warmup_steps=args.warmup_steps,
-        max_minutes=args.max_minutes,
-        max_steps=args.max_steps,
-        eval_fraction=args.eval_fraction,
-        limit=args.limit,
-        seed=args.seed,
-        persona=args.persona or settings.persona,
-        device=args.device or settings.device,
-        resume=not args.no_resume,
-    )
+    config = config_from_args(args, settings)
     try:
         train(config)
     except (DataError, ValueError) as error:
         print(f"kobot train: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def config_from_args(args: argparse.Namespace, settings: Settings) -> TrainConfig:
+    """The flags given, TrainConfig's defaults for the rest; persona and device from settings."""
+    given = {name: value for name, value in vars(args).items() if name in _FIELDS}
+    given["persona"] = getattr(args, "persona", None) or settings.persona
+    given["device"] = getattr(args, "device", None) or settings.device
+    given["resume"] = not getattr(args, "no_resume", False)
+    return TrainConfig(**given)
+
+
+def _default(name: str) -> str:
+    return f"default {_DEFAULTS[name]}"

@@ -113,20 +113,9 @@ def dims_of(config: Any) -> GPT2Dims:
 
 def layer_weights(block: Any) -> LayerWeights:
     """One `GPT2Block`'s parameters (Conv1D weights are `[in, out]`, used with `addmm`)."""
-    return LayerWeights(
-        ln1_w=block.ln_1.weight,
-        ln1_b=block.ln_1.bias,
-        qkv_w=block.attn.c_attn.weight,
-        qkv_b=block.attn.c_attn.bias,
-        proj_w=block.attn.c_proj.weight,
-        proj_b=block.attn.c_proj.bias,
-        ln2_w=block.ln_2.weight,
-        ln2_b=block.ln_2.bias,
-        fc_w=block.mlp.c_fc.weight,
-        fc_b=block.mlp.c_fc.bias,
-        out_w=block.mlp.c_proj.weight,
-        out_b=block.mlp.c_proj.bias,
-    )
+    attn, mlp = block.attn, block.mlp
+    in_field_order = (block.ln_1, attn.c_attn, attn.c_proj, block.ln_2, mlp.c_fc, mlp.c_proj)
+    return LayerWeights(*(t for module in in_field_order for t in (module.weight, module.bias)))
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

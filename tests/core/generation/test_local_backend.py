@@ -209,24 +209,27 @@ async def test_streaming_ends_with_the_generate_result(
 # --- stop strings, cleaning, retries, fallback (scripted model) -----------------------------
 
 
-async def test_stops_at_the_next_user_turn(
-    scripted: ReplyBackend, prompt_ids: tuple[int, ...]
+@pytest.mark.parametrize(
+    ("scripted_text", "reply", "cut_after"),
+    [
+        ("AI: 안녕하세요! 반가워요. User: 뭐 해? 계속 말하는 중", "안녕하세요! 반가워요.", "User:"),
+        ("좋아요. AI: 또 만나요 그리고 계속", "좋아요.", "AI:"),
+    ],
+    ids=["the next user turn", "a stray AI turn"],
+)
+async def test_a_turn_marker_ends_the_reply(
+    scripted: ReplyBackend,
+    prompt_ids: tuple[int, ...],
+    scripted_text: str,
+    reply: str,
+    cut_after: str,
 ) -> None:
-    script(scripted, "AI: 안녕하세요! 반가워요. User: 뭐 해? 나는 계속 말하는 중")
+    script(scripted, scripted_text)
     params = SamplingParams(temperature=0, max_new_tokens=60, no_repeat_ngram_size=0)
     result = await scripted.generate(request(prompt_ids, params))
-    assert (result.text, result.finish_reason) == ("안녕하세요! 반가워요.", FinishReason.STOP)
-    expected = len(scripted.tokenizer.encode_text("AI: 안녕하세요! 반가워요. User:"))
-    assert result.new_tokens == expected
-
-
-async def test_a_stray_ai_turn_ends_the_reply_too(
-    scripted: ReplyBackend, prompt_ids: tuple[int, ...]
-) -> None:
-    script(scripted, "좋아요. AI: 또 만나요 그리고 계속")
-    params = SamplingParams(temperature=0, max_new_tokens=40, no_repeat_ngram_size=0)
-    result = await scripted.generate(request(prompt_ids, params))
-    assert (result.text, result.finish_reason) == ("좋아요.", FinishReason.STOP)
+    assert (result.text, result.finish_reason) == (reply, FinishReason.STOP)
+    spent = scripted_text[: scripted_text.index(cut_after) + len(cut_after)]
+    assert result.new_tokens == len(scripted.tokenizer.encode_text(spent))
 
 
 async def test_stops_at_eos_and_at_the_length(

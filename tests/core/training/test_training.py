@@ -15,6 +15,7 @@ from bots.cli import main as cli_main
 from core.dialogue.prompt import PromptBuilder
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ReplyKind, Role, Turn
+from core.training.config import TrainConfig
 from core.training.data import (
     IGNORE,
     DataError,
@@ -23,7 +24,7 @@ from core.training.data import (
     split_held_out,
     usable,
 )
-from core.training.trainer import CHECKPOINT, TRAINER_STATE, TrainConfig, Trainer, train
+from core.training.trainer import CHECKPOINT, TRAINER_STATE, Trainer, train
 from tests.conftest import CHATBOT_CSV
 from tests.support.backends import engine_backend
 from tests.support.dialogue import make_settings, message

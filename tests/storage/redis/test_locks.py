@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.dialogue.manager import DialogueManager
+from core.dialogue.services import DialogueServices
 from core.generation.base import GenerationBackend, GenerationRequest, GenerationResult
 from core.generation.factory import build_backend
 from core.messages import ConversationKey, Role
@@ -278,7 +279,7 @@ async def test_a_turn_whose_lock_was_lost_is_not_stored_over_another(
     backend.storage = storage
     locks = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix),
                        owns_redis=True)  # fmt: skip
-    manager = DialogueManager(settings, storage, backend, locks)
+    manager = DialogueManager(DialogueServices(settings, storage, backend, locks))
 
     reply = await manager.handle(message("내 질문", message_id="m1"))
 
