@@ -3,15 +3,16 @@
 The KV of each decoding sequence is also kept in a dense working pool
 `[n_layer, 2, slots, n_head, length, head_dim]`: a sequence gets a slot when it starts decoding
 (its block's KV copied in once), then each step writes its new K/V into its slot only, and every
-layer attends with one SDPA call on a view of the pool (`[slots, heads, L, head_dim]`, `L` a
-length bucket) under a key mask of each sequence's length. The pool is the static-shape KV a CUDA
+layer attends with one call on a view of the pool (`[slots, heads, L, head_dim]`, `L` a length
+bucket) under a key mask of each sequence's length (SDPA on CUDA, matmuls on a CPU: `_attention`). The pool is the static-shape KV a CUDA
 graph of the decode step needs (per slot-count and length bucket).
 
 The positions decoded in the pool are copied back into the arena block once, when the slot is
 released: when the request leaves (`retire`, called by the engine before the block is cached or
 freed), or when its block is not among a step's decoding sequences. Until then the arena block
 lacks them; nothing reads them there meanwhile (the engine retires a block before anything else
-can). The pool grows by doubling (slots) or by `LENGTH_BUCKET` (length), and `max_bytes` bounds
+can). The pool grows by doubling (slots); its length grows by `LENGTH_BUCKET` on CUDA and is the
+attended span elsewhere (`DecodeSlots._length_for`), and `max_bytes` bounds
 it: a step that would need more falls back to per-sequence attention (every slot flushed first).
 
 Measured on a 2-core AMX CPU (bf16, burst of 32 chats, `bench/serve.py`, alternating runs): 68–70
@@ -130,7 +131,7 @@ class DecodeSlots:
         slots = max(self.slots, 1)
         while slots - len(self.slot_of) < new_keys:
             slots *= 2
-        length = max(self.length, round_up(needed_length, LENGTH_BUCKET))
+        length = self._length_for(needed_length, device)
         if (slots, length) == (self.slots, self.length):
             return True
         if self.bytes_for(slots, length) > self.max_bytes:
@@ -140,10 +141,21 @@ class DecodeSlots:
             n_layer, 2, slots, heads, length, head_dim, dtype=self.dtype, device=device
         )
         if self.pool is not None:
-            pool[:, :, : self.slots, :, : self.length].copy_(self.pool)
+            kept = min(length, self.length)
+            pool[:, :, : self.slots, :, :kept].copy_(self.pool[:, :, :, :, :kept])
         self.free += list(range(self.slots, slots))
         self.pool = pool
         return True
+
+    def _length_for(self, needed_length: int, device: torch.device) -> int:
+        """On CUDA the pool only grows, by `LENGTH_BUCKET` (the static shapes of a CUDA graph).
+        Elsewhere it is exactly the attended span, shrinking too: attention on a view that skips
+        positions makes torch copy the keys first (0.48 ms per layer contiguous against 1.3–1.8 on
+        a view of the first 80 of 96–1024 positions, 32 × 12 heads, fp32), while re-laying the pool
+        out costs one copy each time the span crosses `ATTEND_BUCKET_CPU`."""
+        if device.type == "cuda":
+            return max(self.length, round_up(needed_length, LENGTH_BUCKET))
+        return round_up(needed_length, ATTEND_BUCKET_CPU)
 
     def _copy_in(self, slot: int, block: torch.Tensor, start: int) -> None:
         """Positions `[0, start)` of `block` `[n_layer, 2, heads, capacity, head_dim]`."""
@@ -184,6 +196,8 @@ class DecodePlan:
         lengths[slot] = start + 1
         positions = torch.arange(self.bucket, device=device)
         self.mask = (positions[None, :] < lengths[:, None])[:, None, None, :]
+        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=device)
+        self.bias.masked_fill_(~self.mask, float("-inf"))
         self.identity = slots == list(range(len(slots)))
 
     def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
@@ -197,9 +211,21 @@ class DecodePlan:
         query = split[:, 0].unsqueeze(2)  # [B, heads, 1, head_dim]
         if not self.identity or self.used != batch:
             query = query.new_zeros(self.used, heads, 1, head_dim).index_copy_(0, self.slot, query)
-        attended = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=self.mask, scale=scale
-        )
+        attended = self._attention(query, keys, values, scale)
         if not self.identity or self.used != batch:
             attended = attended.index_select(0, self.slot)
         return attended.reshape(batch, heads * head_dim)
+
+    def _attention(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """SDPA on CUDA. On a CPU two matmuls around an fp32 softmax: decode attention is bound by
+        reading the keys and values, and SDPA's CPU kernel is slow at one query per sequence (12
+        layers, 32 sequences × 12 heads, 2 cores, AVX-512 BF16: 14 ms per step at 80 keys and 37
+        at 400 in bf16, against 46 and 128 with SDPA; fp32 K/V take twice the bytes, 17 and 76)."""
+        if self.pool.device.type != "cpu":
+            return F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=self.mask, scale=scale
+            )
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale).add_(self.bias)
+        return torch.matmul(scores.softmax(-1).to(values.dtype), values)

@@ -226,3 +226,34 @@ async def test_the_engine_on_the_decode_pool_gives_hugging_face_greedy_replies()
         assert again.reused_tokens >= len(prompts[1]) and again.ids == hf_greedy(follow)
     finally:
         engine.close()
+
+
+def test_on_a_cpu_the_pool_is_the_attended_span_growing_and_shrinking() -> None:
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    forward = pooled_forward(hf)
+    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
+    short_block, long_block = (arena.allocate(cap) for cap in (64, 96))
+    assert short_block is not None and long_block is not None
+    short, long = arena.view(short_block), arena.view(long_block)
+    ids = torch.randint(5, 300, (80,), generator=torch.Generator().manual_seed(2)).tolist()
+
+    def reference(prefix: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return hf(torch.tensor([prefix])).logits[0, -1]
+
+    forward.logits([SeqChunk(short, 0, ids[:20]), SeqChunk(long, 0, ids[:70])], arena.buffer)
+    both = forward.logits(
+        [SeqChunk(short, 20, ids[20:21]), SeqChunk(long, 70, ids[70:71])], arena.buffer
+    )
+    assert forward.decode_slots.length == 80  # 71 keys, rounded up to 16
+    torch.testing.assert_close(both[0], reference(ids[:21]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(both[1], reference(ids[:71]), atol=1e-4, rtol=0)
+    alone = forward.logits([SeqChunk(short, 21, ids[21:22])], arena.buffer)
+    assert forward.decode_slots.length == 32  # the long one left: the pool shrank to 22 keys
+    torch.testing.assert_close(alone[0], reference(ids[:22]), atol=1e-4, rtol=0)
+    back = forward.logits(
+        [SeqChunk(short, 22, ids[22:23]), SeqChunk(long, 71, ids[71:72])], arena.buffer
+    )
+    torch.testing.assert_close(back[0], reference(ids[:23]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(back[1], reference(ids[:72]), atol=1e-4, rtol=0)
