@@ -4,8 +4,9 @@ The KV of each decoding sequence is also kept in a dense working pool
 `[n_layer, 2, slots, n_head, length, head_dim]`: a sequence gets a slot when it starts decoding
 (its block's KV copied in once), then each step writes its new K/V into its slot only, and every
 layer attends with one call on a view of the pool (`[slots, heads, L, head_dim]`, `L` a length
-bucket) under a key mask of each sequence's length (SDPA on CUDA, matmuls on a CPU: `_attention`). The pool is the static-shape KV a CUDA
-graph of the decode step needs (per slot-count and length bucket).
+bucket) under a key mask of each sequence's length (SDPA on CUDA, matmuls on a CPU:
+`DecodePlan._attention`). On CUDA the pool is the static-shape KV a CUDA graph of the decode step
+needs (per slot-count and length bucket).
 
 The positions decoded in the pool are copied back into the arena block once, when the slot is
 released: when the request leaves (`retire`, called by the engine before the block is cached or
@@ -38,6 +39,10 @@ it spans, so padding is time (a burst's step at 70–90 keys reads 128 with `LEN
 BlockKey = tuple[int, int]
 
 
+def _bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
 def round_up(value: int, granule: int) -> int:
     return -(-value // granule) * granule
 
@@ -52,6 +57,9 @@ class DecodeSlots:
         self.dtype = dtype
         self.max_bytes = max_bytes
         self.pool: torch.Tensor | None = None  # [n_layer, 2, slots, heads, length, head_dim]
+        self._flat: torch.Tensor | None = None
+        """The storage `pool` views; `_spare`: the previous one, kept for the next re-layout."""
+        self._spare: torch.Tensor | None = None
         self.slot_of: dict[BlockKey, int] = {}
         self.filled: dict[BlockKey, int] = {}
         """Positions `[0, filled)` of the block are in its slot."""
@@ -62,7 +70,8 @@ class DecodeSlots:
 
     @property
     def pool_bytes(self) -> int:
-        return 0 if self.pool is None else self.pool.numel() * self.pool.element_size()
+        """What the pool holds, its spare storage included."""
+        return sum(_bytes(flat) for flat in (self._flat, self._spare) if flat is not None)
 
     @property
     def slots(self) -> int:
@@ -137,15 +146,35 @@ class DecodeSlots:
         if self.bytes_for(slots, length) > self.max_bytes:
             return False
         n_layer, heads, head_dim = self.shape
-        pool = torch.zeros(
-            n_layer, 2, slots, heads, length, head_dim, dtype=self.dtype, device=device
-        )
+        shape = (n_layer, 2, slots, heads, length, head_dim)
+        flat = self._buffer(slots, length, device)
+        pool = flat[: self.bytes_for(slots, length) // flat.element_size()].view(shape)
         if self.pool is not None:
             kept = min(length, self.length)
             pool[:, :, : self.slots, :, :kept].copy_(self.pool[:, :, :, :, :kept])
+        if self._flat is not None and _bytes(flat) + _bytes(self._flat) <= self.max_bytes:
+            self._spare = self._flat
         self.free += list(range(self.slots, slots))
-        self.pool = pool
+        self.pool, self._flat = pool, flat
         return True
+
+    def _buffer(self, slots: int, length: int, device: torch.device) -> torch.Tensor:
+        """Flat storage for a pool of this size: the one before the current pool's when it is
+        large enough (stale positions lie past each slot's keys, masked), else a new one with
+        room to grow to the next `LENGTH_BUCKET`. A re-layout into fresh memory spent 30–50 ms
+        zeroing 90 MB of new pages on a 2-core CPU, more than the copy itself."""
+        spare, self._spare = self._spare, None
+        if (
+            spare is not None
+            and spare.device == device
+            and _bytes(spare) >= self.bytes_for(slots, length)
+        ):
+            return spare
+        del spare
+        roomy = self.bytes_for(slots, round_up(length, LENGTH_BUCKET))
+        size = roomy if roomy <= self.max_bytes else self.bytes_for(slots, length)
+        element = torch.empty((), dtype=self.dtype).element_size()
+        return torch.zeros(size // element, dtype=self.dtype, device=device)
 
     def _length_for(self, needed_length: int, device: torch.device) -> int:
         """On CUDA the pool only grows, by `LENGTH_BUCKET` (the static shapes of a CUDA graph).
