@@ -8,8 +8,8 @@
   adds run inside the same oneDNN call (post-ops, on the float32 accumulator before rounding to
   bf16: one op fewer each, and nearer the float32 result than a separate bf16 op).
 - `int8` (`KOBOT_ENGINE_QUANT=int8`): weights quantized per output channel to int8 once,
-  activations quantized per call (torch's dynamic quantized linear, fbgemm/oneDNN VNNI), float
-  output; the LM head too.
+  activations quantized per call (torch's dynamic quantized linear, fbgemm/oneDNN VNNI), fp32 in
+  and out (the engine keeps its hidden states fp32 around them); the LM head too.
 """
 
 from __future__ import annotations
@@ -161,11 +161,9 @@ def _int8(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     float_bias = None if bias is None else bias.detach().float()
     params = torch.ops.quantized.linear_prepack(quantized, float_bias)
     dynamic = torch.ops.quantized.linear_dynamic
-    out_dtype = weight_out_in.dtype
     reduce_range = not (cpu_flags() & VNNI_FLAGS)  # 7-bit activations only without VNNI
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out = dynamic(x.float(), params, reduce_range)
-        return out if out_dtype == torch.float32 else out.to(out_dtype)
+        return dynamic(x.float(), params, reduce_range)
 
     return run

@@ -234,16 +234,17 @@ class DecodePlan:
         into the pool (only: `DecodeSlots.retire` copies them into the arena), attend, return
         `[B, heads * head_dim]`."""
         batch, _, heads, head_dim = split.shape
-        self.rows2d.index_copy_(0, self.rows[layer], split[:, 1:].reshape(-1, head_dim))
+        new_kv = split[:, 1:].reshape(-1, head_dim).to(self.pool.dtype)
+        self.rows2d.index_copy_(0, self.rows[layer], new_kv)
         keys = self.pool[layer, 0, : self.used, :, : self.bucket]
         values = self.pool[layer, 1, : self.used, :, : self.bucket]
-        query = split[:, 0].unsqueeze(2)  # [B, heads, 1, head_dim]
+        query = split[:, 0].unsqueeze(2).to(self.pool.dtype)  # [B, heads, 1, head_dim]
         if not self.identity or self.used != batch:
             query = query.new_zeros(self.used, heads, 1, head_dim).index_copy_(0, self.slot, query)
         attended = self._attention(query, keys, values, scale)
         if not self.identity or self.used != batch:
             attended = attended.index_select(0, self.slot)
-        return attended.reshape(batch, heads * head_dim)
+        return attended.reshape(batch, heads * head_dim).to(split.dtype)
 
     def _attention(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
