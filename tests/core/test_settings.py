@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from core.messages import ContextScope
 from core.settings import ConfigError, Settings, load_settings
@@ -103,8 +104,8 @@ def test_id_lists_accept_commas(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_masked_settings_hide_tokens_and_url_passwords() -> None:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
-        telegram_token="123:secret-telegram",
-        discord_token="secret-discord",
+        telegram_token=SecretStr("123:secret-telegram"),
+        discord_token=SecretStr("secret-discord"),
         database_url="postgresql+asyncpg://bot:pa55word@db:5432/kobot",
         redis_url="redis://:redispass@cache:6379/0",
     )

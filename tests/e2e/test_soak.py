@@ -137,9 +137,11 @@ async def chat(fake: FakeTelegram, person: Person, send: Callable[[JSON], Any]) 
             {"message": fake.message(private_chat(person.id), user(person.id), person.text(index))}
         )
         send(update)
-        await fake.wait_for(
-            lambda index=index: len(fake.replies_to(person.id)) > index, REPLY_TIMEOUT_S
-        )
+
+        def answered(sent: int = index + 1) -> bool:
+            return len(fake.replies_to(person.id)) >= sent
+
+        await fake.wait_for(answered, REPLY_TIMEOUT_S)
 
 
 def replied(fake: FakeTelegram, people: list[Person]) -> int:

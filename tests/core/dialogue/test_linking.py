@@ -23,11 +23,11 @@ from tests.support.dialogue import managed
 CODE = re.compile(r"[0-9A-Z]{5}-[0-9A-Z]{5}")
 TELEGRAM_USER, DISCORD_USER = "tg-user-777", "dc-user-888"
 
+Chat = tuple[DialogueManager, RecordingBackend]
+
 
 @pytest.fixture
-async def chat(
-    tiny_model_dir: Path, tmp_path: Path
-) -> AsyncIterator[tuple[DialogueManager, RecordingBackend]]:
+async def chat(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[Chat]:
     async with managed(
         tiny_model_dir, tmp_path, context_scope="user", link_code_ttl_s=120
     ) as opened:
@@ -68,7 +68,7 @@ def test_codes_are_random_and_read_as_typed() -> None:
     assert len(code_digest(code)) == 64 and code not in code_digest(code)
 
 
-async def test_linked_accounts_share_one_conversation(chat) -> None:
+async def test_linked_accounts_share_one_conversation(chat: Chat) -> None:
     manager, backend = chat
     code = await code_from(manager, on_telegram("/link"))
     linked = await manager.handle(on_discord(f"/연결 {code}"))  # the Korean alias
@@ -88,7 +88,7 @@ async def test_linked_accounts_share_one_conversation(chat) -> None:
     assert stored is not None and stored.delivery is Delivery.SENT
 
 
-async def test_a_code_works_once(chat) -> None:
+async def test_a_code_works_once(chat: Chat) -> None:
     manager, _ = chat
     code = await code_from(manager, on_telegram("/link"))
     await manager.handle(on_discord(f"/link {code}"))
@@ -100,7 +100,7 @@ async def test_a_code_works_once(chat) -> None:
     assert await manager.storage.person_of(Account("discord", "someone-else")) is None
 
 
-async def test_an_expired_code_is_refused(chat) -> None:
+async def test_an_expired_code_is_refused(chat: Chat) -> None:
     manager, _ = chat
     code = await code_from(manager, on_telegram("/link"))
     manager.links.clock = lambda: utc_now() + timedelta(seconds=121)
@@ -109,7 +109,7 @@ async def test_an_expired_code_is_refused(chat) -> None:
     assert await manager.storage.person_of(Account("discord", DISCORD_USER)) is None
 
 
-async def test_only_a_private_chat_or_an_ephemeral_answer_gets_a_code(chat) -> None:
+async def test_only_a_private_chat_or_an_ephemeral_answer_gets_a_code(chat: Chat) -> None:
     manager, _ = chat
     in_group = await manager.handle(on_telegram("/link", is_private=False, chat="group-1"))
     assert in_group.text == texts.LINK_PRIVATE_ONLY and not CODE.search(in_group.text)
@@ -118,7 +118,7 @@ async def test_only_a_private_chat_or_an_ephemeral_answer_gets_a_code(chat) -> N
     assert CODE.search((await manager.handle(ephemeral)).text)
 
 
-async def test_a_code_posted_in_a_group_is_cancelled(chat) -> None:
+async def test_a_code_posted_in_a_group_is_cancelled(chat: Chat) -> None:
     manager, _ = chat
     code = await code_from(manager, on_telegram("/link"))
 
@@ -127,7 +127,7 @@ async def test_a_code_posted_in_a_group_is_cancelled(chat) -> None:
     assert (await manager.handle(on_discord(f"/link {code}"))).text == texts.LINK_WRONG
 
 
-async def test_wrong_codes_are_limited_per_account(chat) -> None:
+async def test_wrong_codes_are_limited_per_account(chat: Chat) -> None:
     manager, _ = chat
     code = await code_from(manager, on_telegram("/link"))
     for attempt in range(WRONG_CODES_ALLOWED):
@@ -140,7 +140,7 @@ async def test_wrong_codes_are_limited_per_account(chat) -> None:
     assert (await manager.handle(other)).kind is ReplyKind.COMMAND  # the limit is per account
 
 
-async def test_own_code_and_already_linked_are_answered(chat) -> None:
+async def test_own_code_and_already_linked_are_answered(chat: Chat) -> None:
     manager, _ = chat
     own = await code_from(manager, on_telegram("/link"))
     assert (await manager.handle(on_telegram(f"/link {own}"))).text == texts.LINK_OWN_CODE
@@ -149,7 +149,7 @@ async def test_own_code_and_already_linked_are_answered(chat) -> None:
     assert (await manager.handle(on_telegram(f"/link {again}"))).text == texts.LINK_ALREADY
 
 
-async def test_export_and_forget_cover_every_linked_account(chat) -> None:
+async def test_export_and_forget_cover_every_linked_account(chat: Chat) -> None:
     manager, backend = chat
     await manager.handle(on_discord("링크 전 디스코드"))  # before the link: discord's own
     await link_both(manager)
@@ -175,7 +175,7 @@ async def test_export_and_forget_cover_every_linked_account(chat) -> None:
     assert "같이 쓰는 대화" not in decoded(backend)
 
 
-async def test_unlink_gives_each_account_its_own_conversation_again(chat) -> None:
+async def test_unlink_gives_each_account_its_own_conversation_again(chat: Chat) -> None:
     manager, backend = chat
     await link_both(manager)
     await manager.handle(on_telegram("같이 쓰는 대화"))
@@ -191,7 +191,7 @@ async def test_unlink_gives_each_account_its_own_conversation_again(chat) -> Non
     assert (await manager.handle(on_discord("/unlink"))).text == texts.UNLINK_NOTHING
 
 
-async def test_logs_show_linked_ids_hashed(chat, caplog: pytest.LogCaptureFixture) -> None:
+async def test_logs_show_linked_ids_hashed(chat: Chat, caplog: pytest.LogCaptureFixture) -> None:
     manager, _ = chat
     caplog.set_level(logging.DEBUG, logger="core")
     caplog.set_level(logging.INFO)

@@ -11,6 +11,7 @@ from core.settings import Settings
 from core.training.cli import add_train_command, config_from_args
 from core.training.config import TrainConfig
 
+SETTINGS = Settings(_env_file=None, persona="봇이다", device="cpu")  # type: ignore[call-arg]
 REQUIRED = ["train", "--data", "d.csv", "--base", "b", "--out", "o"]
 
 
@@ -21,7 +22,7 @@ def parse(*flags: str) -> argparse.Namespace:
 
 
 def test_flags_not_given_take_train_config_defaults() -> None:
-    settings = Settings(persona="봇이다", device="cpu")
+    settings = SETTINGS
     config = config_from_args(parse("--epochs", "5", "--lr", "0.01"), settings)
     defaults = TrainConfig(data=Path("d.csv"), base="b", out=Path("o"))
     assert (config.epochs, config.lr) == (5, 0.01)
@@ -36,7 +37,7 @@ def test_flags_not_given_take_train_config_defaults() -> None:
 
 def test_persona_device_and_resume_flags_win_over_settings() -> None:
     flags = parse("--persona", "P", "--device", "cuda", "--no-resume", "--from-scratch")
-    config = config_from_args(flags, Settings(persona="봇이다", device="cpu"))
+    config = config_from_args(flags, SETTINGS)
     assert (config.persona, config.device, config.resume, config.from_scratch) == (
         "P",
         "cuda",

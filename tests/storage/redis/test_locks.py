@@ -17,6 +17,7 @@ from core.dialogue.manager import DialogueManager
 from core.dialogue.services import DialogueServices
 from core.generation.base import GenerationBackend, GenerationRequest, GenerationResult
 from core.generation.factory import build_backend
+from core.generation.tokenizer import KoGPT2Tokenizer
 from core.messages import ConversationKey, Role
 from core.settings import Settings
 from storage.factory import build_locks
@@ -286,7 +287,9 @@ async def test_a_turn_whose_lock_was_lost_is_not_stored_over_another(
     history = await storage.recent(MANAGER_KEY, 10)
     assert [turn.text for turn in history] == ["다른 워커", "그쪽 답", "내 질문", reply.text]
     assert len(backend.requests) == 2  # the first reply was thrown away, not stored
-    assert "다른 워커" in backend.tokenizer.decode(backend.requests[1].prompt_ids)
+    tokenizer = backend.tokenizer
+    assert isinstance(tokenizer, KoGPT2Tokenizer)
+    assert "다른 워커" in tokenizer.decode(backend.requests[1].prompt_ids)
     assert "not stored, answering again" in caplog.text
     await backend.other.close()
     await manager.close()
