@@ -152,11 +152,18 @@ class DecodeSlots:
         if self.pool is not None:
             kept = min(length, self.length)
             pool[:, :, : self.slots, :, :kept].copy_(self.pool[:, :, :, :, :kept])
-        if self._flat is not None and _bytes(flat) + _bytes(self._flat) <= self.max_bytes:
+        if self._keeps_spare(flat, device):
             self._spare = self._flat
         self.free += list(range(self.slots, slots))
         self.pool, self._flat = pool, flat
         return True
+
+    def _keeps_spare(self, new_flat: torch.Tensor, device: torch.device) -> bool:
+        """Keep the old storage for the next re-layout where the pool also shrinks (not on CUDA,
+        where it only grows) and both fit in `max_bytes`."""
+        old = self._flat
+        fits = old is not None and _bytes(new_flat) + _bytes(old) <= self.max_bytes
+        return fits and device.type != "cuda"
 
     def _buffer(self, slots: int, length: int, device: torch.device) -> torch.Tensor:
         """Flat storage for a pool of this size: the one before the current pool's when it is

@@ -247,6 +247,8 @@ def test_on_a_cpu_the_pool_is_the_attended_span_growing_and_shrinking() -> None:
         [SeqChunk(short, 20, ids[20:21]), SeqChunk(long, 70, ids[70:71])], arena.buffer
     )
     assert forward.decode_slots.length == 80  # 71 keys, rounded up to 16
+    assert forward.decode_slots.pool is not None
+    first_storage = forward.decode_slots.pool.data_ptr()
     torch.testing.assert_close(both[0], reference(ids[:21]), atol=1e-4, rtol=0)
     torch.testing.assert_close(both[1], reference(ids[:71]), atol=1e-4, rtol=0)
     alone = forward.logits([SeqChunk(short, 21, ids[21:22])], arena.buffer)
@@ -257,3 +259,5 @@ def test_on_a_cpu_the_pool_is_the_attended_span_growing_and_shrinking() -> None:
     )
     torch.testing.assert_close(back[0], reference(ids[:23]), atol=1e-4, rtol=0)
     torch.testing.assert_close(back[1], reference(ids[:72]), atol=1e-4, rtol=0)
+    assert forward.decode_slots.pool is not None  # grown back into the first pool's storage
+    assert forward.decode_slots.pool.data_ptr() == first_storage
