@@ -27,6 +27,7 @@ several times slower with spinning under load).
 
     python bench/serve.py --users 32 --turns 3 [--history 0-20] [--device cuda] [--threads 1]
     python bench/serve.py --burst --users 32 --arms naive,hf-batch,ct2,engine
+    python bench/serve.py --burst --users 32 --arms ct2,engine --rounds 5   # medians of 5
 """
 
 from __future__ import annotations
@@ -471,6 +472,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=Path(os.environ.get("KOBOT_BENCH_CACHE", Path.home() / ".cache" / "kobot-bench")),
         help="where the CTranslate2 conversion is kept",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the arms this many times, their order reversed every other round (these "
+        "machines are noisy: each round's ratios, then their medians)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-config", type=Path, default=SHARED / "kogpt2-base-v2")
     parser.add_argument("--data", type=Path, default=SHARED / "chatbot-data" / "ChatbotData.csv")
@@ -616,28 +624,63 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
 async def main(argv: Sequence[str] | None = None) -> None:
     bench = setup(argv)
     print_header(bench)
+    names = bench.args.arms.split(",")
+    rounds = [await run_round(bench, names[:: 1 if index % 2 == 0 else -1], index == 0)
+              for index in range(max(1, bench.args.rounds))]  # fmt: skip
+    if len(rounds) > 1:
+        print_medians(rounds)
+    if {"naive", "engine"} <= rounds[-1].keys():
+        compare(rounds[-1]["naive"], rounds[-1]["engine"], bench.args.users)
+
+
+async def run_round(bench: Bench, names: list[str], first: bool) -> dict[str, ArmResult]:
+    """Every arm once, in this order; then the engine's ratio to each peer."""
     arms = {"naive": run_naive, "hf-batch": run_hf_batch, "ct2": run_ct2, "engine": run_engine}
     results: dict[str, ArmResult] = {}
-    for index, name in enumerate(bench.args.arms.split(",")):
+    for name in names:
         prompts = bench.prompts()
         results[name] = await arms[name](bench, prompts)
         report(results[name])
-        if index == 0:
+        if first and len(results) == 1:
             print_prompts(results[name].prompt_tokens, prompts.trimmed)
+    print_ratios(results)
+    return results
+
+
+def print_ratios(results: dict[str, ArmResult]) -> None:
     peers = [arm for name, arm in results.items() if name != "engine"]
-    if "engine" in results and peers:
-        best = max(peers, key=lambda arm: arm.tokens_per_s)
-        engine = results["engine"]
-        print(
-            f"engine vs best peer ({best.name}, {best.tokens_per_s:.1f} tok/s): "
-            f"{engine.tokens_per_s / best.tokens_per_s:.2f}×"
-            + "".join(
-                f" | vs {arm.name} {engine.tokens_per_s / arm.tokens_per_s:.2f}×" for arm in peers
-            ),
-            flush=True,
+    if "engine" not in results or not peers:
+        return
+    best = max(peers, key=lambda arm: arm.tokens_per_s)
+    engine = results["engine"]
+    print(
+        f"engine vs best peer ({best.name}, {best.tokens_per_s:.1f} tok/s): "
+        f"{engine.tokens_per_s / best.tokens_per_s:.2f}×"
+        + "".join(
+            f" | vs {arm.name} {engine.tokens_per_s / arm.tokens_per_s:.2f}×" for arm in peers
+        ),
+        flush=True,
+    )
+
+
+def print_medians(rounds: list[dict[str, ArmResult]]) -> None:
+    """Each arm's median tok/s over the rounds, and the median of the engine's per-round ratios
+    (a ratio within one round compares runs minutes apart, not a quiet run with a loaded one)."""
+    line = f"medians over {len(rounds)} rounds: " + ", ".join(
+        f"{name} {statistics.median(r[name].tokens_per_s for r in rounds):.1f} tok/s"
+        for name in rounds[0]
+    )
+    if "engine" in rounds[0]:
+        line += "".join(
+            f" | engine vs {name} {median_ratio(rounds, name):.2f}×"
+            for name in rounds[0]
+            if name != "engine"
         )
-    if {"naive", "engine"} <= results.keys():
-        compare(results["naive"], results["engine"], bench.args.users)
+    print(line, flush=True)
+
+
+def median_ratio(rounds: list[dict[str, ArmResult]], peer: str) -> float:
+    return statistics.median(r["engine"].tokens_per_s / r[peer].tokens_per_s for r in rounds)
 
 
 def print_prompts(lengths: list[int], trimmed: int) -> None:

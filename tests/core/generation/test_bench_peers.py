@@ -34,6 +34,18 @@ async def test_burst_runs_hf_batch_and_the_engine_and_prints_the_ratio(
     assert lines[-1].startswith("engine vs best peer (hf-batch, ")
 
 
+async def test_rounds_alternate_the_arms_and_end_with_the_medians(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await serve.main(run_args(tiny_model_dir, "hf-batch,engine", "--rounds=3"))
+    lines = capsys.readouterr().out.strip().splitlines()
+    runs = [line.split(":")[0].strip() for line in lines if " 3 replies, 12 new tokens" in line]
+    assert runs == ["hf-batch", "engine", "engine", "hf-batch", "hf-batch", "engine"]
+    assert sum(line.startswith("engine vs best peer (hf-batch, ") for line in lines) == 3
+    assert lines[-1].startswith("medians over 3 rounds: hf-batch ")
+    assert " tok/s | engine vs hf-batch " in lines[-1] and lines[-1].endswith("×")
+
+
 async def test_the_ct2_arm_converts_once_into_the_cache_folder(
     tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
