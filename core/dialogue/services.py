@@ -1,11 +1,11 @@
 """The conversation operations a turn runs on, in one narrow object.
 
-The composition root builds one `DialogueServices` and the DialogueManager on it; the manager runs
-its chat turn through it, and the model commands (`core.dialogue.uses`) get the same object and
-nothing else of the manager. So each
-operation has one home: a conversation's key and lock, the stored reply to a repeated delivery,
-the history from the context start, the prompt, generation through the `ReplyGuard` (every reply
-filtered, streamed when someone listens) and replacing the last reply.
+The composition root builds one `DialogueServices` and the DialogueManager on it; the manager
+runs its chat turn through it, and the model commands (`core.dialogue.uses`) get the same object
+and nothing else of the manager. So each operation has one home: a conversation's key and lock,
+the stored reply to a repeated delivery, the history from the context start, the prompt,
+generation through the `ReplyGuard` (every reply filtered, streamed when someone listens) and
+replacing the last reply.
 """
 
 from __future__ import annotations

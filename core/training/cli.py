@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
-from core.training.config import TrainConfig
+from core.training.config import FINE_TUNE_LR, FROM_SCRATCH_LR, TrainConfig
 
 _FIELDS = frozenset(field.name for field in fields(TrainConfig))
 _DEFAULTS = {field.name: field.default for field in fields(TrainConfig)}
@@ -38,18 +38,22 @@ def _scratch_flags(train: argparse.ArgumentParser) -> None:
     scratch.add_argument("--layers", type=int, help=_default("layers"))
     scratch.add_argument("--dim", type=int, help=_default("dim"))
     scratch.add_argument("--heads", type=int, help="attention heads (default: dim / 64)")
-    scratch.add_argument("--context", type=int, help="window in tokens (default 1024)")
+    scratch.add_argument("--context", type=int, help=f"window in tokens ({_default('context')})")
 
 
 def _loop_flags(train: argparse.ArgumentParser) -> None:
     loop = train.add_argument_group("training")
     loop.add_argument("--epochs", type=int, help=_default("epochs"))
     loop.add_argument("--batch-size", type=int, help=_default("batch_size"))
-    loop.add_argument("--lr", type=float, help="default 1e-3 from scratch, 5e-5 fine-tuning")
+    loop.add_argument(
+        "--lr",
+        type=float,
+        help=f"default {FROM_SCRATCH_LR:g} from scratch, {FINE_TUNE_LR:g} fine-tuning",
+    )
     loop.add_argument("--warmup-steps", type=int, help=_default("warmup_steps"))
     loop.add_argument("--max-minutes", type=float, help="stop (and save) after this long")
     loop.add_argument("--max-steps", type=int, help="stop (and save) after this many steps")
-    loop.add_argument("--eval-fraction", type=float, help="held out (default 0.05)")
+    loop.add_argument("--eval-fraction", type=float, help=f"held out ({_default('eval_fraction')})")
     loop.add_argument("--limit", type=int, help="use a random subset of this many dialogues")
     loop.add_argument("--seed", type=int, help=_default("seed"))
     loop.add_argument("--persona", help="the prompt's first line (default: KOBOT_PERSONA)")

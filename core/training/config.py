@@ -7,6 +7,9 @@ from pathlib import Path
 
 from core.settings import DEFAULT_PERSONA
 
+FROM_SCRATCH_LR = 1e-3
+FINE_TUNE_LR = 5e-5
+
 
 @dataclass(frozen=True, slots=True)
 class TrainConfig:
@@ -40,10 +43,11 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """1e-3 for a fresh small model, 5e-5 to fine-tune a pretrained one (unless given)."""
+        """`FROM_SCRATCH_LR` for a fresh small model, `FINE_TUNE_LR` for a pretrained one (unless
+        given)."""
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.from_scratch else 5e-5
+        return FROM_SCRATCH_LR if self.from_scratch else FINE_TUNE_LR
 
     @property
     def n_heads(self) -> int:
