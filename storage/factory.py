@@ -9,13 +9,8 @@ from dataclasses import dataclass
 from core.messages import ConversationKey
 from storage.base import Storage, StorageError
 from storage.locks import ConversationLocks, InProcessLocks
-from storage.redis.cache import (
-    REDIS_ERRORS,
-    RedisCachedStorage,
-    describe_client,
-    describe_redis_error,
-    redis_client,
-)
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.client import REDIS_ERRORS, RedisLink, describe_redis_error
 from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
@@ -56,21 +51,15 @@ async def _with_redis(
     sql: SqlStorage, settings: StorageOptions, keys: RedisKeyBuilder | None
 ) -> RedisCachedStorage:
     assert settings.redis_url is not None
-    client = redis_client(settings.redis_url)
+    link = RedisLink.open(settings.redis_url, keys)
     try:
-        await client.ping()
+        await link.client.ping()
     except REDIS_ERRORS as error:
-        await client.aclose()
-        where = describe_client(client)
-        message = f"KOBOT_REDIS_URL: cannot connect to {where} ({describe_redis_error(error)})"
-        raise StorageError(message) from error
+        await link.close()
+        where, reason = link.where, describe_redis_error(error)
+        raise StorageError(f"KOBOT_REDIS_URL: cannot connect to {where} ({reason})") from error
     return RedisCachedStorage(
-        sql,
-        client,
-        keys=keys,
-        ttl_s=settings.redis_ttl_s,
-        window_turns=settings.redis_window_turns,
-        owns_redis=True,
+        sql, link, ttl_s=settings.redis_ttl_s, window_turns=settings.redis_window_turns
     )
 
 
@@ -95,9 +84,8 @@ def build_locks(
     `describe_key` shows a conversation in log lines (hashed ids, as the logs' policy says).
     """
     if options.redis_url:
-        return RedisLocks.from_url(
-            options.redis_url,
-            keys=redis_keys,
+        return RedisLocks(
+            RedisLink.open(options.redis_url, redis_keys),
             lease_s=options.lease_s,
             wait_s=options.wait_s,
             describe_key=describe_key,

@@ -119,7 +119,7 @@ def storage_to_core(graph: Graph) -> set[tuple[str, str]]:
 def test_the_graph_sees_type_checking_and_function_level_imports() -> None:
     graph = import_graph()
     assert "core.dialogue.manager" in graph["core.ops.server"]  # under TYPE_CHECKING
-    assert "storage.redis.cache" in graph["core.ops.server"]  # inside a method
+    assert "storage.redis.client" in graph["core.ops.server"]  # inside a method
     assert "core.dialogue.texts" in graph["core.dialogue.uses"]  # `from core.dialogue import texts`
 
 

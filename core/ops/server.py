@@ -175,7 +175,7 @@ class OpsServer:
         return self.platform
 
     async def _ping_redis(self) -> str:
-        from storage.redis.cache import describe_client, redis_client
+        from storage.redis.client import describe_client, redis_client
 
         if self._redis is None:
             assert self.settings.redis_url is not None

@@ -32,11 +32,8 @@ from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from core.messages import ConversationKey, Role, Turn
 from storage.base import (
@@ -44,41 +41,14 @@ from storage.base import (
     Delivery,
     Storage,
     StorageWrapper,
-    mask_url_password,
 )
+from storage.redis.client import REDIS_ERRORS, RedisLink
 from storage.redis.keys import RedisKeyBuilder
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError)
 MAX_REMEMBERED_STALE = 100_000
-
-
-def redis_client(url: str, *, timeout_s: float = 2.0) -> Redis:
-    """A client that fails fast (short timeouts, one retry) so SQL can take over quickly."""
-    return Redis.from_url(
-        url,
-        decode_responses=True,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-    )
-
-
-def describe_client(redis: Redis) -> str:
-    """`Redis at host:port/db` from the client's settings (never its password)."""
-    options = redis.connection_pool.connection_kwargs
-    if options.get("path"):
-        return f"Redis at unix://{options['path']}"
-    host, port = options.get("host", "localhost"), options.get("port", 6379)
-    return f"Redis at {host}:{port}/{options.get('db', 0)}"
-
-
-def describe_redis_error(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    message = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
-    return mask_url_password(message)[:300]
 
 
 def encode_turn(turn: Turn) -> str:
@@ -123,31 +93,23 @@ class RedisCachedStorage(StorageWrapper):
     def __init__(
         self,
         inner: Storage,
-        redis: Redis,
+        link: RedisLink,
         *,
-        keys: RedisKeyBuilder | None = None,
         ttl_s: int = 86400,
         window_turns: int = 80,
         retry_after_s: float = 5.0,
-        owns_redis: bool = False,
     ) -> None:
         super().__init__(inner)
-        self._redis = redis
-        self._keys = keys or RedisKeyBuilder()
+        self._link = link
+        self._redis = link.client
+        self._keys = link.keys
         self._ttl_s = ttl_s
         self._window = window_turns
         self._retry_after_s = retry_after_s
-        self._where = describe_client(redis)
-        self._owns_redis = owns_redis
         self._resting_until = 0.0
-        self._in_outage = False
         self._stale: set[str] = set()
         self._stale_accounts: set[Account] = set()
         self._stale_everything = False
-
-    @classmethod
-    def from_url(cls, inner: Storage, url: str, **options: Any) -> RedisCachedStorage:
-        return cls(inner, redis_client(url), owns_redis=True, **options)
 
     @property
     def keys(self) -> RedisKeyBuilder:
@@ -168,9 +130,7 @@ class RedisCachedStorage(StorageWrapper):
             self._failed(action, error)
             self._remember_stale(stale)
             return UNAVAILABLE
-        if self._in_outage:
-            self._in_outage = False
-            log.info("%s is reachable again; the cache is back in use", self._where)
+        self._link.answered("the cache is back in use")
         return result
 
     async def _usable(self) -> bool:
@@ -187,14 +147,7 @@ class RedisCachedStorage(StorageWrapper):
 
     def _failed(self, action: str, error: BaseException) -> None:
         self._resting_until = time.monotonic() + self._retry_after_s
-        if not self._in_outage:
-            self._in_outage = True
-            log.warning(
-                "%s failed while %s (%s); serving from the database until it is back",
-                self._where,
-                action,
-                describe_redis_error(error),
-            )
+        self._link.lost(action, error, "serving from the database until it is back")
 
     def _remember_stale(self, conversation_ids: Iterable[str]) -> None:
         self._stale.update(conversation_ids)
@@ -518,8 +471,7 @@ class RedisCachedStorage(StorageWrapper):
         try:
             await self._inner.close()
         finally:
-            if self._owns_redis:
-                await self._redis.aclose()
+            await self._link.close()
 
 
 async def _nothing() -> None:

@@ -11,9 +11,7 @@ import contextlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.lock import Lock as RedisLock
 from redis.exceptions import LockError, LockNotOwnedError
 
@@ -26,13 +24,7 @@ from storage.locks import (
     LeaseLost,
     LockTimeout,
 )
-from storage.redis.cache import (
-    REDIS_ERRORS,
-    describe_client,
-    describe_redis_error,
-    redis_client,
-)
-from storage.redis.keys import RedisKeyBuilder
+from storage.redis.client import REDIS_ERRORS, RedisLink, describe_redis_error
 
 log = logging.getLogger(__name__)
 
@@ -114,28 +106,19 @@ class RedisLocks(ConversationLocks):
 
     def __init__(
         self,
-        redis: Redis,
+        link: RedisLink,
         *,
-        keys: RedisKeyBuilder | None = None,
         lease_s: float = 15.0,
         wait_s: float = 300.0,
         poll_s: float = 0.02,
-        owns_redis: bool = False,
         describe_key: Callable[[ConversationKey], str] | None = None,
     ) -> None:
-        self._redis = redis
-        self._keys = keys or RedisKeyBuilder()
+        self._link = link
         self._lease_s = lease_s
         self._wait_s = wait_s
         self._poll_s = poll_s
-        self._owns_redis = owns_redis
         self._describe_key = describe_key or _unnamed
         self._local = InProcessLocks(wait_s)
-        self._in_outage = False
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> RedisLocks:
-        return cls(redis_client(url), owns_redis=True, **options)
 
     @contextlib.asynccontextmanager
     async def lock(self, key: ConversationKey) -> AsyncIterator[Lease]:
@@ -163,8 +146,8 @@ class RedisLocks(ConversationLocks):
             await self._release(key, lock, lease)
 
     def _redis_lock(self, key: ConversationKey) -> RedisLock:
-        return self._redis.lock(
-            self._keys.lock(key), timeout=self._lease_s, sleep=self._poll_s, thread_local=False
+        return self._link.client.lock(
+            self._link.keys.lock(key), timeout=self._lease_s, sleep=self._poll_s, thread_local=False
         )
 
     async def _acquire(self, key: ConversationKey, wait_s: float) -> RedisLock | None:
@@ -177,14 +160,12 @@ class RedisLocks(ConversationLocks):
             await self._forget_token(lock, token)
             raise
         except REDIS_ERRORS as error:
-            self._warn_unavailable(error)
+            self._link.lost("taking a lock", error, "serializing within this process only")
             await self._forget_token(lock, token)
             return None
         if not acquired:
             raise LockTimeout(key, self._wait_s)
-        if self._in_outage:
-            self._in_outage = False
-            log.info("%s is reachable again; conversation locks are shared again", self._where)
+        self._link.answered("conversation locks are shared again")
         return lock
 
     @staticmethod
@@ -207,20 +188,5 @@ class RedisLocks(ConversationLocks):
                 self._lease_s,
             )
 
-    @property
-    def _where(self) -> str:
-        return describe_client(self._redis)
-
-    def _warn_unavailable(self, error: BaseException) -> None:
-        if not self._in_outage:
-            self._in_outage = True
-            log.warning(
-                "%s is unavailable for conversation locks (%s); "
-                "serializing within this process only until it is back",
-                self._where,
-                describe_redis_error(error),
-            )
-
     async def close(self) -> None:
-        if self._owns_redis:
-            await self._redis.aclose()
+        await self._link.close()

@@ -15,7 +15,8 @@ from typing import Any
 
 from core.messages import ConversationKey, Role, Turn
 from storage.base import Storage
-from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.client import RedisLink
 from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage, upgrade_database
@@ -46,8 +47,7 @@ async def append_until_killed(job: dict[str, Any]) -> None:
 async def open_cached(job: dict[str, Any]) -> Storage:
     sql = await SqlStorage.create(job["url"], connect_args=job["connect_args"])
     keys = RedisKeyBuilder(job["prefix"])
-    client = redis_client(job["redis_url"])
-    return RedisCachedStorage(sql, client, keys=keys, window_turns=4, owns_redis=True)
+    return RedisCachedStorage(sql, RedisLink.open(job["redis_url"], keys), window_turns=4)
 
 
 def consistent(history: list[Turn]) -> bool:
@@ -63,8 +63,7 @@ def consistent(history: list[Turn]) -> bool:
 async def lock_cycles(job: dict[str, Any]) -> None:
     storage = await open_cached(job)
     keys = RedisKeyBuilder(job["prefix"])
-    locks = RedisLocks(redis_client(job["redis_url"]), keys=keys, lease_s=30, wait_s=30,
-                       poll_s=0.002, owns_redis=True)  # fmt: skip
+    locks = RedisLocks(RedisLink.open(job["redis_url"], keys), lease_s=30, wait_s=30, poll_s=0.002)
     tag, violations = job["tag"], 0
     await wait_for_go()
     started = time.time()
@@ -83,8 +82,7 @@ async def lock_cycles(job: dict[str, Any]) -> None:
 async def hold_until_killed(job: dict[str, Any]) -> None:
     """Take the conversation's lock (a lease of `lease_s`, renewed) and hold it until killed."""
     keys = RedisKeyBuilder(job["prefix"])
-    locks = RedisLocks(redis_client(job["redis_url"]), keys=keys, lease_s=job["lease_s"],
-                       owns_redis=True)  # fmt: skip
+    locks = RedisLocks(RedisLink.open(job["redis_url"], keys), lease_s=job["lease_s"])
     async with locks.lock(KEY):
         print("held", flush=True)
         await asyncio.sleep(3600)

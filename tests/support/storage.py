@@ -14,7 +14,8 @@ from typing import Any
 from core.messages import Role, Turn
 from storage.base import Storage, StorageWrapper
 from storage.memory import MemoryStorage
-from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.client import RedisLink
 from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.services import REDIS_URL, postgres_schema, redis_key_prefix, require_redis
@@ -110,10 +111,9 @@ async def open_storage(
                 await sql.close()
             return
         async with redis_key_prefix() as prefix:
-            options = {"window_turns": TEST_WINDOW_TURNS, "keys": RedisKeyBuilder(prefix)}
-            cached = RedisCachedStorage(
-                sql, redis_client(REDIS_URL), owns_redis=True, **{**options, **cache_options}
-            )
+            link = RedisLink.open(REDIS_URL, RedisKeyBuilder(prefix))
+            options = {"window_turns": TEST_WINDOW_TURNS, **cache_options}
+            cached = RedisCachedStorage(sql, link, **options)
             try:
                 yield cached
             finally:

@@ -17,7 +17,8 @@ from core.ops.lifecycle import BotServices
 from core.ops.metrics import total
 from core.ops.retention import RetentionPurge
 from storage.base import Storage
-from storage.redis.cache import RedisCachedStorage, redis_client
+from storage.redis.cache import RedisCachedStorage
+from storage.redis.client import RedisLink
 from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.dialogue import make_settings
@@ -54,9 +55,7 @@ async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
         from tests.support.services import redis_key_prefix
 
         async with redis_key_prefix() as prefix:
-            cached = RedisCachedStorage(
-                sql, redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix), owns_redis=True
-            )
+            cached = RedisCachedStorage(sql, RedisLink.open(REDIS_URL, RedisKeyBuilder(prefix)))
             yield cached
             await cached.close()
 

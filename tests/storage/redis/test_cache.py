@@ -19,7 +19,8 @@ from redis.asyncio import Redis
 
 from core.messages import ConversationKey
 from storage.base import Account
-from storage.redis.cache import RedisCachedStorage, proves_recent, redis_client
+from storage.redis.cache import RedisCachedStorage, proves_recent
+from storage.redis.client import RedisLink, redis_client
 from storage.redis.keys import RedisKeyBuilder
 from storage.sql import SqlStorage
 from tests.support.services import REDIS_URL, PostgresSchema, closed_port, delete_redis_keys
@@ -47,8 +48,7 @@ async def spy(pg_schema: PostgresSchema) -> AsyncIterator[SpyStorage]:
 def make_cache(inner: SpyStorage | SqlStorage, client: Redis, prefix: str) -> RedisCachedStorage:
     return RedisCachedStorage(
         inner,
-        client,
-        keys=RedisKeyBuilder(prefix),
+        RedisLink(client, RedisKeyBuilder(prefix)),
         ttl_s=TTL_S,
         window_turns=WINDOW,
         retry_after_s=0.0,
@@ -73,9 +73,8 @@ def cache_through(
     proxy: TcpProxy, spy: SpyStorage, prefix: str, **options: Any
 ) -> RedisCachedStorage:
     """A cache whose own client reaches Redis through `proxy`."""
-    client = redis_client(f"redis://127.0.0.1:{proxy.port}/0")
-    keys = RedisKeyBuilder(prefix)
-    return RedisCachedStorage(spy, client, keys=keys, owns_redis=True, **options)
+    link = RedisLink.open(f"redis://127.0.0.1:{proxy.port}/0", RedisKeyBuilder(prefix))
+    return RedisCachedStorage(spy, link, **options)
 
 
 async def fill(cache: RedisCachedStorage, pairs: int, key: ConversationKey = KEY) -> list[str]:
@@ -301,8 +300,8 @@ async def test_redis_down_serves_from_sql(
     spy: SpyStorage, caplog: pytest.LogCaptureFixture
 ) -> None:
     url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
-    cache = RedisCachedStorage(spy, redis_client(url), owns_redis=True, window_turns=WINDOW)
-    caplog.set_level(logging.WARNING, logger="storage.redis.cache")
+    cache = RedisCachedStorage(spy, RedisLink.open(url), window_turns=WINDOW)
+    caplog.set_level(logging.WARNING, logger="storage.redis.client")
 
     expected = await fill(cache, 2)
     assert texts(await cache.recent(KEY, 10)) == expected

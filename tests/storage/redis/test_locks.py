@@ -23,7 +23,7 @@ from core.settings import Settings
 from storage.factory import build_locks
 from storage.locks import ConversationLocks, InProcessLocks, LeaseLost, LockTimeout
 from storage.memory import MemoryStorage
-from storage.redis.cache import redis_client
+from storage.redis.client import RedisLink, redis_client
 from storage.redis.keys import RedisKeyBuilder
 from storage.redis.locks import RedisLocks
 from storage.sql import SqlStorage
@@ -49,10 +49,8 @@ async def locks(request: pytest.FixtureRequest) -> AsyncIterator[ConversationLoc
         yield InProcessLocks(10)
         return
     async with redis_key_prefix() as prefix:
-        shared = RedisLocks(
-            redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix), lease_s=10, wait_s=10,
-            poll_s=0.005, owns_redis=True,
-        )  # fmt: skip
+        link = RedisLink.open(REDIS_URL, RedisKeyBuilder(prefix))
+        shared = RedisLocks(link, lease_s=10, wait_s=10, poll_s=0.005)
         yield shared
         await shared.close()
 
@@ -116,8 +114,8 @@ async def test_in_process_entries_are_dropped_when_unused() -> None:
 async def test_redis_lock_is_shared_by_separate_clients(redis_prefix: str, redis: Redis) -> None:
     """Two RedisLocks with their own clients behave like two processes."""
     keys = RedisKeyBuilder(redis_prefix)
-    first = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=7, owns_redis=True)
-    second = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=0.05, owns_redis=True)
+    first = RedisLocks(RedisLink.open(REDIS_URL, keys), lease_s=7)
+    second = RedisLocks(RedisLink.open(REDIS_URL, keys), wait_s=0.05)
 
     async with first.lock(KEY):
         assert 0 < await redis.pttl(keys.lock(KEY)) <= 7000
@@ -142,8 +140,8 @@ async def redis(redis_prefix: str) -> AsyncIterator[Redis]:
 
 async def test_a_held_lock_is_renewed_past_its_lease(redis_prefix: str, redis: Redis) -> None:
     keys = RedisKeyBuilder(redis_prefix)
-    holder = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=0.3, owns_redis=True)
-    other = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=0.05, owns_redis=True)
+    holder = RedisLocks(RedisLink.open(REDIS_URL, keys), lease_s=0.3)
+    other = RedisLocks(RedisLink.open(REDIS_URL, keys), wait_s=0.05)
     async with holder.lock(KEY) as lease:
         await asyncio.sleep(1.0)  # more than three leases
         assert 0 < await redis.pttl(keys.lock(KEY)) <= 300
@@ -167,8 +165,9 @@ async def test_a_killed_holders_lock_is_free_within_one_lease(redis_prefix: str)
     worker.kill()
     await worker.wait()
     killed = time.monotonic()
-    locks = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix), wait_s=30,
-                       poll_s=0.01, owns_redis=True)  # fmt: skip
+    locks = RedisLocks(
+        RedisLink.open(REDIS_URL, RedisKeyBuilder(redis_prefix)), wait_s=30, poll_s=0.01
+    )
     async with locks.lock(KEY):
         waited = time.monotonic() - killed
     await locks.close()
@@ -181,8 +180,8 @@ async def test_a_flushed_lock_is_lost_and_said_so(
     """Redis flushed while held: another worker may take the lock; the first one's `confirm`
     fails (so it stores nothing), and no line blames a 300 s timeout."""
     keys = RedisKeyBuilder(redis_prefix)
-    first = RedisLocks(redis_client(REDIS_URL), keys=keys, lease_s=0.3, owns_redis=True)
-    second = RedisLocks(redis_client(REDIS_URL), keys=keys, wait_s=1, owns_redis=True)
+    first = RedisLocks(RedisLink.open(REDIS_URL, keys), lease_s=0.3)
+    second = RedisLocks(RedisLink.open(REDIS_URL, keys), wait_s=1)
     async with first.lock(KEY) as lease:
         await delete_redis_keys(redis_prefix)  # what FLUSHDB does to this bot's keys
         async with second.lock(KEY):
@@ -198,7 +197,7 @@ async def test_a_flushed_lock_is_lost_and_said_so(
 
 async def test_redis_down_falls_back_to_in_process_locks(caplog: pytest.LogCaptureFixture) -> None:
     url = f"redis://:hunter2@127.0.0.1:{closed_port()}/0"
-    locks = RedisLocks(redis_client(url), wait_s=5, owns_redis=True)
+    locks = RedisLocks(RedisLink.open(url), wait_s=5)
 
     events = await critical_sections(locks, [KEY, KEY])
 
@@ -255,8 +254,7 @@ class FlushingBackend(RecordingBackend):
     def __init__(self, inner: GenerationBackend, prefix: str) -> None:
         super().__init__(inner)
         self.prefix = prefix
-        self.other = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(prefix),
-                                owns_redis=True)  # fmt: skip
+        self.other = RedisLocks(RedisLink.open(REDIS_URL, RedisKeyBuilder(prefix)))
         self.storage: MemoryStorage | None = None
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
@@ -278,8 +276,7 @@ async def test_a_turn_whose_lock_was_lost_is_not_stored_over_another(
     backend = FlushingBackend(build_backend(settings), redis_prefix)
     storage = MemoryStorage()
     backend.storage = storage
-    locks = RedisLocks(redis_client(REDIS_URL), keys=RedisKeyBuilder(redis_prefix),
-                       owns_redis=True)  # fmt: skip
+    locks = RedisLocks(RedisLink.open(REDIS_URL, RedisKeyBuilder(redis_prefix)))
     manager = DialogueManager(DialogueServices(settings, storage, backend, locks))
 
     reply = await manager.handle(message("내 질문", message_id="m1"))
