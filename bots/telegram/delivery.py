@@ -9,7 +9,7 @@ import logging
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import partial
 
@@ -52,33 +52,26 @@ def _message_ids(results: list[object]) -> tuple[str, ...]:
     return tuple(str(r.message_id) for r in results if isinstance(r, Message))
 
 
+@dataclass(eq=False, slots=True)
 class Sender:
     """Sends plain text and documents, paced per chat, retrying flood and network errors.
 
     Chat ids appear in its log lines as `ids` shows them (keyed hashes by default)."""
 
-    def __init__(
-        self,
-        bot: Bot,
-        pacer: ChatPacer,
-        attempts: int = 4,
-        backoff_s: float = 0.5,
-        ids: UserIds | None = None,
-    ) -> None:
-        self._bot = bot
-        self._pacer = pacer
-        self._attempts = attempts
-        self._backoff_s = backoff_s
-        self._ids = ids or UserIds()
+    bot: Bot
+    pacer: ChatPacer
+    attempts: int = 4
+    backoff_s: float = 0.5
+    ids: UserIds = field(default_factory=UserIds)
 
     def chat(self, target: Target) -> str:
         """The chat as log lines show it."""
-        return self._ids("telegram", str(target.chat_id))
+        return self.ids("telegram", str(target.chat_id))
 
     async def send_chunks(self, target: Target, chunks: list[str]) -> Sent:
         """Send the chunks in order, in one lane turn, stopping at the first that fails."""
         results: list[object] = []
-        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
+        async with self.pacer.lane(target.chat_id, target.is_group) as lane:
             for chunk in chunks:
                 outcome = await self._attempt(lane, target, self._keep(results, target, chunk))
                 if outcome is not Outcome.SENT:
@@ -104,10 +97,10 @@ class Sender:
         """One paced edit of a sent message (a streamed reply). A flood limit or a network error
         raises FloodWait, so the caller retries later with newer text; a message that cannot
         be edited raises EditFailed. Telegram's "message is not modified" counts as done."""
-        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
-            await self._pacer.wait_turn(lane)
+        async with self.pacer.lane(target.chat_id, target.is_group) as lane:
+            await self.pacer.wait_turn(lane)
             try:
-                await self._bot.edit_message_text(
+                await self.bot.edit_message_text(
                     text,
                     chat_id=target.chat_id,
                     message_id=message_id,
@@ -120,17 +113,17 @@ class Sender:
                     raise EditFailed(f"chat {self.chat(target)}: {error}") from None
             except NetworkError as error:
                 log.warning("editing in chat %s failed: %s", self.chat(target), error)
-                raise FloodWait(self._backoff_s) from None
+                raise FloodWait(self.backoff_s) from None
             except TelegramError as error:
                 raise EditFailed(f"chat {self.chat(target)}: {error}") from None
 
     async def send_document(self, target: Target, attachment: Attachment, caption: str) -> bool:
-        async with self._pacer.lane(target.chat_id, target.is_group) as lane:
+        async with self.pacer.lane(target.chat_id, target.is_group) as lane:
             send = partial(self._document, target, attachment, caption)
             return await self._attempt(lane, target, send) is Outcome.SENT
 
     def _text(self, target: Target, text: str) -> Awaitable[object]:
-        return self._bot.send_message(
+        return self.bot.send_message(
             chat_id=target.chat_id,
             text=text,
             message_thread_id=target.thread_id,
@@ -139,7 +132,7 @@ class Sender:
         )
 
     def _document(self, target: Target, attachment: Attachment, caption: str) -> Awaitable[object]:
-        return self._bot.send_document(
+        return self.bot.send_document(
             chat_id=target.chat_id,
             document=InputFile(attachment.data, filename=attachment.filename),
             caption=caption or None,
@@ -148,8 +141,8 @@ class Sender:
         )
 
     async def _attempt(self, lane: Lane, target: Target, send: Send) -> Outcome:
-        for attempt in range(1, self._attempts + 1):
-            await self._pacer.wait_turn(lane)
+        for attempt in range(1, self.attempts + 1):
+            await self.pacer.wait_turn(lane)
             try:
                 await send()
                 return Outcome.SENT
@@ -163,21 +156,21 @@ class Sender:
             except TelegramError as error:
                 log.warning("sending to chat %s failed: %s", self.chat(target), error)
                 return Outcome.FAILED
-        log.error("gave up sending to chat %s after %d attempts", self.chat(target), self._attempts)
+        log.error("gave up sending to chat %s after %d attempts", self.chat(target), self.attempts)
         return Outcome.FAILED
 
     async def _after_flood(self, target: Target, error: RetryAfter, attempt: int) -> None:
         seconds = retry_seconds(error)
         log.warning("flood control in chat %s: retrying in %.1fs", self.chat(target), seconds)
-        if attempt < self._attempts:
+        if attempt < self.attempts:
             await asyncio.sleep(seconds)
 
     async def _after_network_error(
         self, target: Target, error: TelegramError, attempt: int
     ) -> None:
         log.warning("sending to chat %s failed (attempt %d): %s", self.chat(target), attempt, error)
-        if attempt < self._attempts:
-            await asyncio.sleep(self._backoff_s * 2 ** (attempt - 1))
+        if attempt < self.attempts:
+            await asyncio.sleep(self.backoff_s * 2 ** (attempt - 1))
 
 
 def _quote(target: Target) -> ReplyParameters | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 
 from core.dialogue.context import ContextStarts
 from core.dialogue.prompt import PromptBuilder
@@ -48,6 +49,7 @@ def sampling_params(settings: Settings) -> SamplingParams:
     )
 
 
+@dataclass(eq=False)
 class DialogueServices:
     """The parts a dialogue runs on, and the operations on them that turns share.
 
@@ -55,22 +57,17 @@ class DialogueServices:
     `backend` is there for its tokenizer, window and scoring; generate through `generate`;
     lock through `lock`; the model commands use these operations, not `storage` or `locks`."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        storage: Storage,
-        backend: GenerationBackend,
-        locks: ConversationLocks,
-    ) -> None:
-        self.settings = settings
-        self.storage = storage
-        self.backend = backend
-        self.locks = locks
-        self.params = sampling_params(settings)
-        self.budget = token_budget(backend.info().n_positions, settings.max_new_tokens)
-        self.context_starts = ContextStarts()
-        self._prompts = PromptBuilder(backend.tokenizer)
-        self._replies = ReplyGuard.from_settings(settings)
+    settings: Settings
+    storage: Storage
+    backend: GenerationBackend
+    locks: ConversationLocks
+    context_starts: ContextStarts = field(default_factory=ContextStarts, init=False)
+
+    def __post_init__(self) -> None:
+        self.params = sampling_params(self.settings)
+        self.budget = token_budget(self.backend.info().n_positions, self.settings.max_new_tokens)
+        self._prompts = PromptBuilder(self.backend.tokenizer)
+        self._replies = ReplyGuard.from_settings(self.settings)
 
     def key_for(self, message: IncomingMessage) -> ConversationKey:
         return ConversationKey.for_message(message, self.settings.context_scope)

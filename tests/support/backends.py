@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +49,13 @@ def close_now(backend: ReplyBackend) -> None:
     asyncio.run(backend.close())
 
 
+@dataclass(eq=False)
 class Wrapping(GenerationBackend):
     """A real backend (`inner`) behind the three required methods; streaming, scoring, health
     and stats are GenerationBackend's defaults (a subclass's `generate` streams as one chunk), and
     `close` leaves `inner` open, so one model serves many tests."""
 
-    def __init__(self, inner: GenerationBackend) -> None:
-        self.inner = inner
+    inner: GenerationBackend
 
     @property
     def tokenizer(self) -> TokenCounter:
