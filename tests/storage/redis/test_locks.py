@@ -37,7 +37,7 @@ from tests.support.services import (
     delete_redis_keys,
     redis_key_prefix,
 )
-from tests.support.storage import ai, finish, start_together, start_worker, user
+from tests.support.storage import TcpProxy, ai, finish, start_together, start_worker, user
 
 KEY = ConversationKey("telegram", "c1", "u1")
 OTHER = ConversationKey("telegram", "c2", "u1")
@@ -206,6 +206,34 @@ async def test_redis_down_falls_back_to_in_process_locks(caplog: pytest.LogCaptu
     assert len(warnings) == 1 and "in this process only" in warnings[0].getMessage()
     assert "hunter2" not in caplog.text
     await locks.close()
+
+
+async def test_an_outage_is_reported_once_and_its_end_too(
+    redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Down: one warning however many turns lock meanwhile; back: one note, and locks are
+    shared again; the next outage is reported afresh."""
+    proxy = TcpProxy("127.0.0.1", 6379)
+    await proxy.start()
+    link = RedisLink.open(f"redis://127.0.0.1:{proxy.port}/0", RedisKeyBuilder(redis_prefix))
+    locks = RedisLocks(link, wait_s=5)
+    caplog.set_level(logging.INFO, logger="storage.redis.client")
+
+    def reports() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records if "Redis at" in r.getMessage()]
+
+    for outage in range(2):
+        await proxy.stop()
+        await critical_sections(locks, [KEY, OTHER, KEY])
+        assert link.in_outage
+        await proxy.start()
+        async with locks.lock(KEY):
+            assert await link.client.exists(link.keys.lock(KEY)) == 1
+        levels = [level for level, _ in reports()]
+        assert levels == [logging.WARNING, logging.INFO] * (outage + 1)
+    assert reports()[-1][1].endswith("is reachable again; conversation locks are shared again")
+    await locks.close()
+    await proxy.stop()
 
 
 async def test_build_locks_follows_the_settings() -> None:
