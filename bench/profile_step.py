@@ -10,11 +10,8 @@ and the wall time per step.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -43,6 +40,7 @@ def main() -> None:
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true", help="only the wall times")
+    parser.add_argument("--shapes", action="store_true", help="one row per op and input shape")
     parser.add_argument("--decode-pool", choices=["off", "on"], default="on")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -86,16 +84,17 @@ def main() -> None:
         if args.no_profile:
             prof = None
         else:
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
                 for _ in range(args.steps):
                     step()
     print(
         f"batch {args.batch}, {args.prompt}-token prompts, {forward.dtype}, quant {args.quant}: "
         f"{1000 * wall:.1f} ms per decode step (unprofiled median; min {1000 * min(times):.1f}), "
-        f"{os.getloadavg()[0]:.2f} load"
+        f"{os.getloadavg()[0]:.2f} load, OMP_WAIT_POLICY {os.getenv('OMP_WAIT_POLICY', 'unset')}"
     )
     if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+        table = prof.key_averages(group_by_input_shape=args.shapes)
+        print(table.table(sort_by="self_cpu_time_total", row_limit=args.rows))
 
 
 if __name__ == "__main__":

@@ -21,9 +21,11 @@ comparison. The last line gives the engine's ratio to the best other arm run.
 
 Both arms sample with kobot's default settings and generate exactly --max-new-tokens per reply
 (EOS banned, stop strings off), so tokens/s compare like for like. Both run with the same torch
-threads and OMP_WAIT_POLICY=PASSIVE (unless set otherwise): on a CPU shared with other processes,
-OpenMP threads that spin at every join steal the very cores they wait for (both arms measured
-several times slower with spinning under load).
+threads and OpenMP as the environment sets it: unset, as the bot runs, unless you set
+OMP_WAIT_POLICY. On a quiet CPU that is the faster choice: with OMP_WAIT_POLICY=PASSIVE every
+parallel op waits for a sleeping thread to wake (`bench/profile_step.py`, 2 cores, bf16: 18–21 ms
+a decode step at batch 1 against 11–14 unset, 37–41 against 25–29 at batch 32). On a CPU busy
+with other processes, PASSIVE keeps spinning threads from stealing the cores they wait for.
 
     python bench/serve.py --users 32 --turns 3 [--history 0-20] [--device cuda] [--threads 1]
     python bench/serve.py --burst --users 32 --arms naive,hf-batch,ct2,engine
@@ -32,15 +34,12 @@ several times slower with spinning under load).
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP (see above)
-
 import argparse
 import asyncio
 import contextlib
 import csv
 import hashlib
+import os
 import random
 import statistics
 import sys
@@ -541,7 +540,7 @@ def print_header(bench: Bench) -> None:
     print(
         f"model: kogpt2-base-v2 config, random weights, {dtype} on {args.device} "
         f"({torch.get_num_threads()} threads, OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY', '')}) | {args.users} users × {args.turns} turns, "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}) | {args.users} users × {args.turns} turns, "
         f"prior history {args.history} exchanges, history window "
         f"{bench.settings.history_turns} turns | {bench.params}",
         flush=True,
