@@ -12,9 +12,13 @@ The AI turn stored in the history is the data set's answer, so both arms see the
   with the whole history each time (the KoGPT2 model card's way).
 - hf-batch: Hugging Face `model.generate` on a left-padded batch of every message waiting when
   the previous batch ends (static batching, same dtype as the engine, no KV reuse).
-- ct2: CTranslate2 int8 (`Generator.generate_batch`, the same static batching), the model
-  converted once into a cache folder (`--cache-dir`); needs `pip install -e .[bench]`.
+- ct2: CTranslate2 int8 (`Generator.generate_batch`, the same static batching) in a process of
+  its own (`bench/ct2_peer.py` says why), the model converted once into a cache folder
+  (`--cache-dir`); needs `pip install -e .[bench]`.
 - engine: kobot's `Engine` (continuous batching, chunked prefill, per-conversation KV reuse).
+
+The model is built, and the engine set up, on threads that end (`core.generation.threads`), as
+the bot does; each arm's torch work runs on the arm's own thread.
 
 `--burst` sends every user's first message at once with no history (one turn each): the peer
 comparison. The last line gives the engine's ratio to the best other arm run.
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import csv
 import hashlib
 import os
@@ -48,6 +51,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from transformers import (
@@ -59,6 +63,8 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.ct2_peer import Ct2Peer
+from bench.memory import peak_rss_mb, reset_peak_rss
 from bench.shared_data import shared_dir
 from core.dialogue.context import ContextStarts
 from core.dialogue.prompt import PromptBuilder
@@ -69,6 +75,7 @@ from core.generation.cpu_features import auto_dtype
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, EngineStats
 from core.generation.hf_decoder import generation_config
+from core.generation.threads import on_a_fresh_thread
 from core.generation.tokenizer import KoGPT2Tokenizer, load_tokenizer
 from core.messages import ConversationKey, Role, Turn
 from core.settings import Settings
@@ -342,59 +349,35 @@ def ct2_model_dir(bench: Bench) -> Path:
     if (target / "model.bin").exists():
         return target
     source = bench.args.cache_dir / f"hf-{digest}"
-    build_model(bench.args.model_config, "cpu", torch.float32, bench.args.seed).save_pretrained(
-        source
-    )
-    bench.tokenizer.hf.save_pretrained(source)
-    ctranslate2.converters.TransformersConverter(str(source)).convert(
-        str(target), quantization="int8", force=True
-    )
+
+    def convert() -> None:
+        model = build_model(bench.args.model_config, "cpu", torch.float32, bench.args.seed)
+        model.save_pretrained(source)
+        bench.tokenizer.hf.save_pretrained(source)
+        converter = ctranslate2.converters.TransformersConverter(str(source))
+        converter.convert(str(target), quantization="int8", force=True)
+
+    on_a_fresh_thread(convert)
     return target
 
 
-def ct2_runner(bench: Bench) -> Callable[[list[tuple[int, ...]]], list[int]]:
-    """CTranslate2's `generate_batch` with kobot's sampling settings (EOS banned by min_length)."""
-    import ctranslate2
-
-    threads = torch.get_num_threads()
-    generator = ctranslate2.Generator(
-        str(ct2_model_dir(bench)), device="cpu", compute_type="int8", intra_threads=threads
-    )
-    params, hf = bench.params, bench.tokenizer.hf
-
-    def run(prompts: list[tuple[int, ...]]) -> list[int]:
-        results = generator.generate_batch(
-            [hf.convert_ids_to_tokens(list(ids)) for ids in prompts],
-            max_batch_size=len(prompts),
-            max_length=params.max_new_tokens,
-            min_length=params.max_new_tokens,
-            sampling_topk=params.top_k,
-            sampling_topp=params.top_p,
-            sampling_temperature=params.temperature,
-            repetition_penalty=params.repetition_penalty,
-            no_repeat_ngram_size=params.no_repeat_ngram_size,
-            include_prompt_in_result=False,
-        )
-        return [len(result.sequences_ids[0]) for result in results]
-
-    return run
+def start_ct2(bench: Bench) -> Ct2Peer:
+    """CTranslate2's `generate_batch` in its own process (`bench/ct2_peer.py`), with kobot's
+    sampling settings (EOS banned by min_length)."""
+    params = bench.params
+    options = {
+        "max_length": params.max_new_tokens,
+        "min_length": params.max_new_tokens,
+        "sampling_topk": params.top_k,
+        "sampling_topp": params.top_p,
+        "sampling_temperature": params.temperature,
+        "repetition_penalty": params.repetition_penalty,
+        "no_repeat_ngram_size": params.no_repeat_ngram_size,
+    }
+    return Ct2Peer(str(ct2_model_dir(bench)), torch.get_num_threads(), options)
 
 
 # --- measuring ---------------------------------------------------------------------------------
-
-
-def reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):  # Linux: reset VmHWM, the peak RSS
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_model(config_dir: Path, device: str, dtype: torch.dtype, seed: int) -> GPT2LMHeadModel:
@@ -529,7 +512,9 @@ def setup(argv: Sequence[str] | None) -> Bench:
         tokenizer=load_tokenizer(str(args.model_config)),
         settings=settings,
         params=sampling_params(settings),
-        model=build_model(args.model_config, args.device, dtype, args.seed),
+        model=on_a_fresh_thread(
+            lambda: build_model(args.model_config, args.device, dtype, args.seed)
+        ),
         pairs=load_pairs(args.data),
     )
 
@@ -569,7 +554,8 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
         prefill_chunk=args.prefill_chunk,
         decode_pool=args.decode_pool,
     )
-    engine = Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
+    forward = on_a_fresh_thread(lambda: GPT2Forward(bench.model, args.compile, args.quant))
+    engine = on_a_fresh_thread(lambda: Engine(forward, config))
     try:
         arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
         await warm_up(arm.generate, bench.warm_up_ids)
@@ -587,10 +573,12 @@ async def run_batched(
     bench: Bench,
     prompts: Prompts,
     run_batch: Callable[[list[tuple[int, ...]]], list[int]],
+    before_measuring: Callable[[], None] = lambda: None,
 ) -> ArmResult:
     arm = BatchedArm(run_batch, bench.args.max_batch or 32)
     try:
         await warm_up(arm.generate, bench.warm_up_ids)
+        before_measuring()
         return await measure(name, bench.users(), prompts, arm.generate)
     finally:
         arm.executor.shutdown()
@@ -603,7 +591,19 @@ async def run_hf_batch(bench: Bench, prompts: Prompts) -> ArmResult:
 
 
 async def run_ct2(bench: Bench, prompts: Prompts) -> ArmResult:
-    return await run_batched("ct2", bench, prompts, ct2_runner(bench))
+    peer = start_ct2(bench)
+    hf = bench.tokenizer.hf
+
+    def run(batch: list[tuple[int, ...]]) -> list[int]:
+        tokens = [hf.convert_ids_to_tokens(list(ids)) for ids in batch]
+        return peer.run(cast(list[list[str]], tokens))  # a list of ids gives a list of tokens
+
+    try:
+        result = await run_batched("ct2", bench, prompts, run, peer.reset_peak_rss)
+        result.peak_rss_mb = peer.peak_rss_mb
+        return result
+    finally:
+        peer.close()
 
 
 def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:

@@ -77,7 +77,14 @@ def _openai_decoder(settings: Settings) -> Decoder:
 
 def local_decoder(settings: Settings) -> Decoder:
     """The local model on the continuous-batching engine; Hugging Face `generate` for a model
-    the engine refuses (not a plain GPT-2)."""
+    the engine refuses (not a plain GPT-2). Loaded on a thread that ends (`core.generation.threads`:
+    afterwards only the decoder's own thread runs torch)."""
+    from core.generation.threads import on_a_fresh_thread
+
+    return on_a_fresh_thread(lambda: _load_local_decoder(settings))
+
+
+def _load_local_decoder(settings: Settings) -> Decoder:
     from core.generation.device import load_local_model
     from core.generation.engine.decoder import EngineDecoder, start_engine
     from core.generation.engine.forward import UnsupportedModelError

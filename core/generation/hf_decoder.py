@@ -35,7 +35,7 @@ from core.generation.base import (
 from core.generation.device import LoadedModel, free_cuda_cache
 from core.generation.engine.decoder import AttemptHook
 from core.generation.engine.sampling import LogitsHook
-from core.generation.scoring import score_pairs
+from core.generation.scoring import scoring_job
 from core.generation.stopping import StopRule, stop_rules, stopped_candidates
 from core.generation.tokenizer import KoGPT2Tokenizer
 
@@ -152,7 +152,8 @@ class HFGenerateDecoder:
     async def score(
         self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
     ) -> list[float]:
-        return await score_pairs(self.loaded, prompts, continuations)
+        job = scoring_job(self.loaded, prompts, continuations)
+        return await asyncio.wrap_future(self._executor.submit(job))
 
     def stats(self) -> dict[str, float]:
         return {}

@@ -8,8 +8,7 @@ logits for a batch would cost hundreds of megabytes for a handful of useful rows
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -44,10 +43,11 @@ def continuation_log_probs(
     return [float(total) for total in totals.tolist()]
 
 
-async def score_pairs(
+def scoring_job(
     loaded: LoadedModel, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
-) -> list[float]:
-    """`continuation_log_probs` of the pairs on `loaded`, off the event loop."""
+) -> Callable[[], list[float]]:
+    """`continuation_log_probs` of the pairs on `loaded`, as work for the thread that serves the
+    model (the engine's, or the Hugging Face decoder's worker: `core.generation.threads`)."""
     pairs = [(list(p), list(c)) for p, c in zip(prompts, continuations, strict=True)]
 
     def run() -> list[float]:
@@ -56,4 +56,4 @@ async def score_pairs(
                 loaded.model, pairs, loaded.tokenizer.pad_id, loaded.device
             )
 
-    return await asyncio.to_thread(run)
+    return run

@@ -36,7 +36,7 @@ from core.generation.engine.scheduler import (
 )
 from core.generation.errors import ModelLoadError, describe, timeout_error
 from core.generation.reply_text import candidate_from_ids
-from core.generation.scoring import score_pairs
+from core.generation.scoring import scoring_job
 from core.generation.stopping import StopRule
 from core.generation.tokenizer import KoGPT2Tokenizer
 
@@ -113,7 +113,8 @@ class EngineDecoder:
     async def score(
         self, prompts: Sequence[Sequence[int]], continuations: Sequence[Sequence[int]]
     ) -> list[float]:
-        return await score_pairs(self.loaded, prompts, continuations)
+        job = scoring_job(self.loaded, prompts, continuations)
+        return await asyncio.wrap_future(self.engine.call(job))
 
     def stats(self) -> dict[str, float]:
         """The engine's counters and its KV arena's use."""

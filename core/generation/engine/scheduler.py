@@ -15,6 +15,9 @@ it finishes, its KV (prompt + reply) is kept for the next turn. Each request res
 its prompt plus `max_new_tokens` when admitted, so admitted requests always finish and the
 arena never holds more than the budget.
 
+Other torch work on the model (scoring) runs on the same thread, between two steps (`call`), so
+that one thread runs every torch op of it (`core.generation.threads` says why).
+
 Errors: a failure in a forward pass or in sampling fails the requests of that step with the
 classified `GenerationError` (errors.classify_error: OOM, device, internal); the engine keeps
 serving the others.
@@ -32,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any, TypeVar
 
 import torch
 
@@ -58,6 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MB = 1024 * 1024
+T = TypeVar("T")
 StopCheck = Callable[[Sequence[int]], bool]
 """Called with the new ids after each token; True ends the request (a stop string, say)."""
 
@@ -235,6 +240,7 @@ class Engine:
         self.max_batch = self.config.max_batch or auto_max_batch(self.arena.capacity)
         self.stats = EngineStats()
         self._queue: deque[EngineHandle] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._running: list[_Running] = []
         self._wake = threading.Condition()
         self._closed = False
@@ -264,6 +270,18 @@ class Engine:
             handle.cancel()
             self.wake()
             raise
+
+    def call(self, work: Callable[[], T]) -> Future[T]:
+        """Run `work()` on the engine thread, between two steps (under `inference_mode`): other
+        torch work on the model goes here, so that one thread runs all of it
+        (`core.generation.threads`). GenerationError UNAVAILABLE once closed."""
+        future: Future[T] = Future()
+        with self._wake:
+            if self._closed:
+                raise GenerationError(GenerationErrorKind.UNAVAILABLE, "the engine is closed")
+            self._calls.append((work, future))
+            self._wake.notify()
+        return future
 
     def wake(self) -> None:
         """Let the scheduler look at its queue and cache now (after a cancel, say)."""
@@ -300,6 +318,7 @@ class Engine:
         try:
             while self._wait_for_work():
                 with torch.inference_mode():
+                    self._run_calls()
                     self._guarded_step()
         finally:
             self._shut_down()
@@ -307,10 +326,21 @@ class Engine:
     def _wait_for_work(self) -> bool:
         """False once closed; otherwise wait (dropping idle conversations) until work exists."""
         with self._wake:
-            while not self._closed and not self._queue and not self._running:
+            while not (self._closed or self._queue or self._running or self._calls):
                 self.cache.drop_idle()
                 self._wake.wait(self.config.idle_poll_s)
             return not self._closed
+
+    def _run_calls(self) -> None:
+        with self._wake:
+            calls, self._calls = list(self._calls), deque()
+        for work, future in calls:
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller stopped waiting
+            try:
+                future.set_result(work())
+            except Exception as error:
+                future.set_exception(error)
 
     def _guarded_step(self) -> None:
         """The error boundary: a failing step fails its requests, never the engine."""
@@ -531,8 +561,12 @@ class Engine:
         with self._wake:
             self._closed = True
             waiting, self._queue = list(self._queue), deque()
+            calls, self._calls = list(self._calls), deque()
         for handle in waiting:
             handle.fail(closed)
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(closed)
         self.cache.clear()
 
 

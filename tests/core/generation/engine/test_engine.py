@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -355,6 +356,54 @@ async def test_close_fails_running_and_later_requests(model: GPT2LMHeadModel) ->
     assert running.value.kind is GenerationErrorKind.UNAVAILABLE
     with pytest.raises(GenerationError) as later:
         closing.submit(endless)
+    assert later.value.kind is GenerationErrorKind.UNAVAILABLE
+
+
+async def test_calls_run_on_the_engine_thread_between_steps(engine: Engine) -> None:
+    """Other torch work on the model (scoring) runs where the steps run, while requests go on."""
+    endless = request(ids(10, 81), dataclasses.replace(PLAIN_GREEDY, max_new_tokens=300))
+    handle = engine.submit(endless)
+    await asyncio.to_thread(wait_until, lambda: engine.running == 1)
+    steps_before = engine.stats.steps
+
+    def where() -> tuple[str, bool, int]:
+        return threading.current_thread().name, torch.is_inference_mode_enabled(), engine.running
+
+    assert await asyncio.wrap_future(engine.call(where)) == ("kobot-engine", True, 1)
+    with pytest.raises(ZeroDivisionError):
+        await asyncio.wrap_future(engine.call(lambda: 1 // 0))
+    output = await asyncio.wrap_future(handle.future)
+    assert len(output.ids) == 300 and engine.stats.steps > steps_before
+
+
+async def test_a_call_left_waiting_at_close_fails_and_later_calls_are_refused(
+    model: GPT2LMHeadModel,
+) -> None:
+    closing = start(model)
+    release = threading.Event()
+    blocking = closing.call(release.wait)
+    await asyncio.to_thread(wait_until, blocking.running)
+    queued = closing.call(lambda: "never")
+    abandoned = closing.call(lambda: "nobody waits")
+    assert abandoned.cancel()
+
+    def refuses_calls() -> bool:
+        try:
+            closing.call(lambda: None)
+        except GenerationError:
+            return True
+        return False
+
+    closer = asyncio.create_task(asyncio.to_thread(closing.close))
+    await asyncio.to_thread(wait_until, refuses_calls)
+    release.set()
+    await closer
+    assert blocking.result() is True
+    with pytest.raises(GenerationError) as waiting:
+        queued.result()
+    assert waiting.value.kind is GenerationErrorKind.UNAVAILABLE
+    with pytest.raises(GenerationError) as later:
+        closing.call(lambda: "too late")
     assert later.value.kind is GenerationErrorKind.UNAVAILABLE
 
 
