@@ -399,8 +399,10 @@ async def measure(name: str, users: list[User], prompts: Prompts, generate: Gene
     return result
 
 
-async def warm_up(generate: Generate, ids: tuple[int, ...]) -> None:
-    await generate("warm-up", ids)
+async def warm_up(generate: Generate, ids: tuple[int, ...], copies: int = 1) -> None:
+    """`copies` messages at once: a batching arm meets the measured batch size before it is
+    measured (its allocations made, its memory touched), as it would after a minute of traffic."""
+    await asyncio.gather(*(generate(f"warm-up-{copy}", ids) for copy in range(copies)))
 
 
 def report(arm: ArmResult) -> None:
@@ -494,6 +496,11 @@ class Bench:
         return Prompts(self.tokenizer, self.settings, int(self.model.config.n_positions))
 
     @property
+    def warm_up_batch(self) -> int:
+        """How many warm-up messages a batching arm gets at once (the naive loop gets one)."""
+        return min(self.args.users, self.args.max_batch or 32)
+
+    @property
     def warm_up_ids(self) -> tuple[int, ...]:
         return tuple(self.tokenizer.encode_text("안녕하세요\nAI:"))
 
@@ -558,7 +565,7 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     engine = on_a_fresh_thread(lambda: Engine(forward, config))
     try:
         arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
-        await warm_up(arm.generate, bench.warm_up_ids)
+        await warm_up(arm.generate, bench.warm_up_ids, bench.warm_up_batch)
         engine.cache.clear()
         engine.stats = EngineStats()
         result = await measure("engine", bench.users(), prompts, arm.generate)
@@ -577,7 +584,7 @@ async def run_batched(
 ) -> ArmResult:
     arm = BatchedArm(run_batch, bench.args.max_batch or 32)
     try:
-        await warm_up(arm.generate, bench.warm_up_ids)
+        await warm_up(arm.generate, bench.warm_up_ids, bench.warm_up_batch)
         before_measuring()
         return await measure(name, bench.users(), prompts, arm.generate)
     finally:
