@@ -2,13 +2,14 @@
 
 In the bench's process a CTranslate2 `Generator` slowed torch for the rest of the run, even once
 deleted: a KoGPT2-base decode step on the engine's thread went from 9–11 ms to 13–16 at batch 1
-and from 25–29 to 30–39 ms at batch 32 (2 cores). A bot never runs the two side by side, so the
+and from 25–29 to 28–39 ms at batch 32 (2 cores). A bot never runs the two side by side, so the
 peer runs in a child process (spawned: it imports CTranslate2 and nothing of torch) and the arms
 no longer slow each other. Its peak RSS is the child's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 from multiprocessing.connection import Connection
 from typing import Any
@@ -62,7 +63,8 @@ class Ct2Peer:
         return list(counts)
 
     def close(self) -> None:
-        self._conn.send(None)
+        with contextlib.suppress(OSError):  # the child may be gone already (it failed)
+            self._conn.send(None)
         self._process.join(timeout=30)
         if self._process.is_alive():
             self._process.kill()

@@ -561,8 +561,11 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
         prefill_chunk=args.prefill_chunk,
         decode_pool=args.decode_pool,
     )
-    forward = on_a_fresh_thread(lambda: GPT2Forward(bench.model, args.compile, args.quant))
-    engine = on_a_fresh_thread(lambda: Engine(forward, config))
+
+    def start() -> Engine:
+        return Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
+
+    engine = on_a_fresh_thread(start)
     try:
         arm = EngineArm(engine, bench.params, bench.tokenizer.eos_id)
         await warm_up(arm.generate, bench.warm_up_ids, bench.warm_up_batch)

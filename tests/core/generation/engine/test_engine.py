@@ -364,7 +364,6 @@ async def test_calls_run_on_the_engine_thread_between_steps(engine: Engine) -> N
     endless = request(ids(10, 81), dataclasses.replace(PLAIN_GREEDY, max_new_tokens=300))
     handle = engine.submit(endless)
     await asyncio.to_thread(wait_until, lambda: engine.running == 1)
-    steps_before = engine.stats.steps
 
     def where() -> tuple[str, bool, int]:
         return threading.current_thread().name, torch.is_inference_mode_enabled(), engine.running
@@ -373,7 +372,7 @@ async def test_calls_run_on_the_engine_thread_between_steps(engine: Engine) -> N
     with pytest.raises(ZeroDivisionError):
         await asyncio.wrap_future(engine.call(lambda: 1 // 0))
     output = await asyncio.wrap_future(handle.future)
-    assert len(output.ids) == 300 and engine.stats.steps > steps_before
+    assert len(output.ids) == 300  # a failing call fails only its caller
 
 
 async def test_a_call_left_waiting_at_close_fails_and_later_calls_are_refused(
