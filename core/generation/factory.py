@@ -9,6 +9,7 @@ async code call it as `backend = await asyncio.to_thread(build_backend, settings
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from core.generation.base import Decoder
 from core.generation.errors import ModelLoadError
@@ -97,6 +98,8 @@ def _load_local_decoder(settings: Settings) -> Decoder:
         kv_idle_s=settings.engine_kv_idle_s,
         prefill_chunk=settings.engine_prefill_chunk,
         quant=settings.engine_quant,
+        kernels=settings.engine_kernels,
+        kernel_dir=Path(settings.engine_kernel_dir) if settings.engine_kernel_dir else None,
     )
     try:
         return EngineDecoder(loaded, start_engine(loaded, config, settings.engine_compile))

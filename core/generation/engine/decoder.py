@@ -54,7 +54,9 @@ _ENDED = {FinishKind.EOS: FinishReason.EOS, FinishKind.STOP: FinishReason.STOP}
 def start_engine(loaded: LoadedModel, config: EngineConfig, compile_mode: CompileMode) -> Engine:
     """The engine over `loaded`; UnsupportedModelError when it is not a plain GPT-2,
     ModelLoadError when the KV budget cannot be reserved."""
-    forward = GPT2Forward(loaded.model, compile_mode, config.quant)
+    forward = GPT2Forward(
+        loaded.model, compile_mode, config.quant, config.kernels, config.kernel_dir
+    )
     try:
         return Engine(forward, config)
     except (RuntimeError, ValueError) as error:

@@ -15,12 +15,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from core.generation.engine.kernels.decode_attention import KernelMode, load_decode_attention
 from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
@@ -160,7 +162,14 @@ class GPT2Forward:
     dense kernels are the model dtype's fastest here (`linear.choose_kind`).
     """
 
-    def __init__(self, model: Any, compile_mode: CompileMode = "off", quant: str = "off") -> None:
+    def __init__(
+        self,
+        model: Any,
+        compile_mode: CompileMode = "off",
+        quant: str = "off",
+        kernels: KernelMode = "auto",
+        kernel_dir: Path | None = None,
+    ) -> None:
         config = model.config
         check_supported(config)
         self.dims = dims_of(config)
@@ -187,7 +196,10 @@ class GPT2Forward:
         self.linears = [layer_linears(self.linear_kind, w, self.act, act_name) for w in self.layers]
         self._head = prepare_head(self.linear_kind, self.wte)
         d = self.dims
-        self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
+        kernel = None
+        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
+            kernel = load_decode_attention(kernels, kernel_dir)
+        self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype, kernel=kernel)
         """Batched decode attention's KV pool; off (0 bytes) until the engine sizes it."""
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention

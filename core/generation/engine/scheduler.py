@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -42,6 +43,7 @@ import torch
 from core.generation.base import GenerationError, GenerationErrorKind, ModelLimits, SamplingParams
 from core.generation.device import free_cuda_cache
 from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.kernels.decode_attention import KernelMode
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
 from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
 from core.generation.errors import classify_error
@@ -89,6 +91,11 @@ class EngineConfig:
     quant: str = "off"
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
+    kernels: KernelMode = "auto"
+    """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention on a CPU;
+    `off` keeps torch's matmuls (the forward's option too)."""
+    kernel_dir: Path | None = None
+    """KOBOT_ENGINE_KERNEL_DIR: where the built kernels are kept (None: `~/.cache/kobot`)."""
 
 
 DECODE_POOL_SHARE = 1 / 3

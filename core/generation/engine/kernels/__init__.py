@@ -1,0 +1,1 @@
+"""The engine's native kernels: C++ torch operators built on this machine (`build`)."""

@@ -1,0 +1,216 @@
+// kobot::decode_attention: one query per (sequence, head) over that sequence's first `length`
+// keys of a dense KV pool, in one pass per row with float32 accumulation. Registered as a torch
+// operator (torch.ops.kobot.decode_attention); built by kernels/build.py.
+//
+// The decode step is bound by reading the keys and values: torch's bf16 batched matmuls read
+// them at a fraction of the memory bandwidth and read the padded keys too; this kernel reads
+// each row's own keys once for the scores and its values once for the sum.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial, relative error ~1e-7), written so that the
+// compiler vectorizes a loop of it; below -87 it gives 0.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+template <typename T>
+void scores_generic(const float* q, const T* k, int64_t stride, int64_t n, int64_t dim,
+                    float* out) {
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = k + l * stride;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < dim; ++i) acc += q[i] * to_float(row[i]);
+    out[l] = acc;
+  }
+}
+
+template <typename T>
+void weighted_sum_generic(const float* p, const T* v, int64_t stride, int64_t n, int64_t dim,
+                          float* out) {
+  std::fill(out, out + dim, 0.f);
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = v + l * stride;
+    const float a = p[l];
+#pragma omp simd
+    for (int64_t i = 0; i < dim; ++i) out[i] += a * to_float(row[i]);
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// head_dim 64 (GPT-2's): the query and the sum live in four registers each.
+template <typename T>
+void scores64(const float* q, const T* k, int64_t stride, int64_t n, float* out) {
+  const __m512 q0 = load16(q), q1 = load16(q + 16), q2 = load16(q + 32), q3 = load16(q + 48);
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = k + l * stride;
+    __m512 s = _mm512_mul_ps(q0, load16(row));
+    s = _mm512_fmadd_ps(q1, load16(row + 16), s);
+    s = _mm512_fmadd_ps(q2, load16(row + 32), s);
+    s = _mm512_fmadd_ps(q3, load16(row + 48), s);
+    out[l] = _mm512_reduce_add_ps(s);
+  }
+}
+
+template <typename T>
+void weighted_sum64(const float* p, const T* v, int64_t stride, int64_t n, float* out) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  for (int64_t l = 0; l < n; ++l) {
+    const T* row = v + l * stride;
+    const __m512 w = _mm512_set1_ps(p[l]);
+    a0 = _mm512_fmadd_ps(w, load16(row), a0);
+    a1 = _mm512_fmadd_ps(w, load16(row + 16), a1);
+    a2 = _mm512_fmadd_ps(w, load16(row + 32), a2);
+    a3 = _mm512_fmadd_ps(w, load16(row + 48), a3);
+  }
+  _mm512_storeu_ps(out, a0);
+  _mm512_storeu_ps(out + 16, a1);
+  _mm512_storeu_ps(out + 32, a2);
+  _mm512_storeu_ps(out + 48, a3);
+}
+#endif
+
+template <typename T>
+void scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t dim, float* out) {
+#if defined(__AVX512F__)
+  if (dim == 64) return scores64(q, k, stride, n, out);
+#endif
+  scores_generic(q, k, stride, n, dim, out);
+}
+
+template <typename T>
+void weighted_sum(const float* p, const T* v, int64_t stride, int64_t n, int64_t dim,
+                  float* out) {
+#if defined(__AVX512F__)
+  if (dim == 64) return weighted_sum64(p, v, stride, n, out);
+#endif
+  weighted_sum_generic(p, v, stride, n, dim, out);
+}
+
+// softmax of p[0, n) in place; returns 1 / its sum.
+inline float softmax_unnormalized(float* p, int64_t n) {
+  float top = p[0];
+  for (int64_t l = 1; l < n; ++l) top = std::max(top, p[l]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t l = 0; l < n; ++l) {
+    p[l] = exp_nonpositive(p[l] - top);
+    total += p[l];
+  }
+  return 1.0f / total;
+}
+
+template <typename T>
+void attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
+            const int64_t* slots, const int64_t* lengths, float scale, at::Tensor& out) {
+  const int64_t heads = query.size(1), dim = query.size(2);
+  const T* q_base = query.data_ptr<T>();
+  const T* k_base = keys.data_ptr<T>();
+  const T* v_base = values.data_ptr<T>();
+  T* o_base = out.data_ptr<T>();
+  const int64_t k_slot = keys.stride(0), k_head = keys.stride(1), k_pos = keys.stride(2);
+  const int64_t v_slot = values.stride(0), v_head = values.stride(1), v_pos = values.stride(2);
+  at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q(dim), sum(dim), p;
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / heads, h = row % heads, n = lengths[b];
+      const T* q_row = q_base + row * dim;
+      for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
+      p.resize(n);
+      scores(q.data(), k_base + slots[b] * k_slot + h * k_head, k_pos, n, dim, p.data());
+      const float inverse = softmax_unnormalized(p.data(), n);
+      weighted_sum(p.data(), v_base + slots[b] * v_slot + h * v_head, v_pos, n, dim, sum.data());
+      T* o_row = o_base + row * dim;
+      for (int64_t i = 0; i < dim; ++i) o_row[i] = static_cast<T>(sum[i] * inverse);
+    }
+  });
+}
+
+// query [B, H, D] (contiguous); keys, values [S, H, L, D] (D contiguous); slots[b]: the pool
+// row of query b; lengths[b]: its keys (1..L). Returns [B, H, D] in the query's dtype.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
+                            const at::Tensor& values, const at::Tensor& slots,
+                            const at::Tensor& lengths, double scale) {
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && values.dim() == 4,
+              "decode_attention: query [B, H, D], keys and values [S, H, L, D]");
+  TORCH_CHECK(query.is_contiguous(), "decode_attention: query must be contiguous");
+  TORCH_CHECK(keys.sizes() == values.sizes(), "decode_attention: keys and values differ in shape");
+  TORCH_CHECK(keys.size(1) == query.size(1) && keys.size(3) == query.size(2),
+              "decode_attention: keys' heads or head_dim differ from the query's");
+  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1,
+              "decode_attention: head_dim must be contiguous");
+  TORCH_CHECK(keys.scalar_type() == query.scalar_type() &&
+                  values.scalar_type() == query.scalar_type(),
+              "decode_attention: query, keys and values must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong,
+              "decode_attention: slots and lengths must be int64");
+  TORCH_CHECK(slots.numel() == query.size(0) && lengths.numel() == query.size(0),
+              "decode_attention: one slot and one length per query row");
+  const at::Tensor slots_c = slots.contiguous(), lengths_c = lengths.contiguous();
+  const int64_t* s = slots_c.data_ptr<int64_t>();
+  const int64_t* n = lengths_c.data_ptr<int64_t>();
+  for (int64_t b = 0; b < query.size(0); ++b) {
+    TORCH_CHECK(s[b] >= 0 && s[b] < keys.size(0), "decode_attention: slot out of range");
+    TORCH_CHECK(n[b] >= 1 && n[b] <= keys.size(2), "decode_attention: length out of range");
+  }
+  at::Tensor out = at::empty_like(query);
+  const float scale_f = static_cast<float>(scale);
+  if (query.scalar_type() == at::kFloat) {
+    attend<float>(query, keys, values, s, n, scale_f, out);
+  } else if (query.scalar_type() == at::kBFloat16) {
+    attend<c10::BFloat16>(query, keys, values, s, n, scale_f, out);
+  } else {
+    TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(kobot, m) {
+  m.def(
+      "decode_attention(Tensor query, Tensor keys, Tensor values, Tensor slots, Tensor lengths, "
+      "float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kobot, CPU, m) { m.impl("decode_attention", &decode_attention); }
