@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
+    parser.add_argument("--kernels", choices=["auto", "off"], default="auto")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true", help="only the wall times")
     parser.add_argument("--shapes", action="store_true", help="one row per op and input shape")
@@ -46,8 +47,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, "cpu")
     model = build_model(SHARED / "kogpt2-base-v2", "cpu", dtype, 0)
-    options = {"quant": args.quant} if args.quant != "off" else {}
-    forward = GPT2Forward(model, **options)
+    forward = GPT2Forward(model, quant=args.quant, kernels=args.kernels)
     if args.decode_pool == "on":  # batched decode attention (the engine default)
         forward.decode_slots.max_bytes = 1 << 30
     arena = KVArena(forward.dims, 1024 * 1024 * 1024, "cpu", forward.dtype)

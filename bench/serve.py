@@ -448,6 +448,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument(
+        "--kernels", choices=["auto", "off"], default="auto", help="KOBOT_ENGINE_KERNELS"
+    )
+    parser.add_argument(
         "--decode-pool", choices=["auto", "on", "off"], default="auto", help="EngineConfig"
     )
     parser.add_argument(
@@ -563,7 +566,8 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     )
 
     def start() -> Engine:
-        return Engine(GPT2Forward(bench.model, args.compile, args.quant), config)
+        forward = GPT2Forward(bench.model, args.compile, args.quant, args.kernels)
+        return Engine(forward, config)
 
     engine = on_a_fresh_thread(start)
     try:
@@ -623,6 +627,7 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
         "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
         "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
         "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
+        "decode attention": "kernel" if engine.forward.decode_kernel else "torch",
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
         f"of {arena.budget_bytes / MB:.0f} MB"

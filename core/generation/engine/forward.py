@@ -22,7 +22,11 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from core.generation.engine.kernels.decode_attention import KernelMode, load_decode_attention
+from core.generation.engine.kernels.decode_attention import (
+    DecodeAttention,
+    KernelMode,
+    load_decode_attention,
+)
 from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
@@ -196,11 +200,13 @@ class GPT2Forward:
         self.linears = [layer_linears(self.linear_kind, w, self.act, act_name) for w in self.layers]
         self._head = prepare_head(self.linear_kind, self.wte)
         d = self.dims
-        kernel = None
+        self.decode_kernel: DecodeAttention | None = None
+        """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""
         if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
-            kernel = load_decode_attention(kernels, kernel_dir)
-        self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype, kernel=kernel)
-        """Batched decode attention's KV pool; off (0 bytes) until the engine sizes it."""
+            self.decode_kernel = load_decode_attention(kernels, kernel_dir)
+        self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
+        """Batched decode attention's KV pool without the kernel; off (0 bytes) until the engine
+        sizes it."""
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
         if compile_mode == "compile":
@@ -241,7 +247,7 @@ class GPT2Forward:
         decode = self._decode_plan(chunks, kv_buffer)
         writer = None
         if kv_buffer is not None:
-            pooled = decode.row_set if decode is not None else frozenset()
+            pooled = decode.row_set if decode is not None and decode.pooled else frozenset()
             writer = KVWriter(chunks, bounds, pooled, kv_buffer, self.dims)
         if decode is not None:
             decode.locate(bounds, self.device)
@@ -261,11 +267,19 @@ class GPT2Forward:
     def _decode_plan(
         self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None
     ) -> DecodeRows | None:
-        """The one-token chunks' batched attention, when their blocks are in the arena and
-        the pool may hold them (`decode_slots.max_bytes`)."""
-        if kv_buffer is None or self.decode_slots.max_bytes <= 0:
+        """The one-token chunks' batched attention, when their blocks are in the arena: the
+        kernel reads them there; without it, the pool when it may hold them
+        (`decode_slots.max_bytes`)."""
+        if kv_buffer is None:
             return None
         rows = [i for i, chunk in enumerate(chunks) if len(chunk.ids) == 1]
+        if self.decode_kernel is not None and rows:
+            in_place = ArenaDecode(
+                self.decode_kernel, [chunks[i] for i in rows], kv_buffer, self.dims
+            )
+            return DecodeRows(in_place, rows, len(chunks), self.device, pooled=False)
+        if self.decode_slots.max_bytes <= 0:
+            return None
         if not rows:
             self.decode_slots.release_others(set())
             return None
@@ -371,13 +385,56 @@ class GPT2Forward:
         return attended[0].to(rows.dtype)
 
 
-class DecodeRows:
-    """A step's one-token chunks (`rows`, chunk indices) and their `DecodePlan`."""
+class ArenaDecode:
+    """One step's decode attention by the kernel, over each sequence's arena block in place
+    (its new K/V written there first, by `KVWriter`)."""
 
     def __init__(
-        self, plan: DecodePlan, rows: list[int], n_chunks: int, device: torch.device
+        self,
+        kernel: DecodeAttention,
+        chunks: Sequence[SeqChunk],
+        kv_buffer: torch.Tensor,
+        dims: GPT2Dims,
+    ) -> None:
+        self.kernel = kernel
+        self.flat = kv_buffer.view(-1)
+        origin = kv_buffer.storage_offset()
+        as_tensor = partial(torch.tensor, dtype=torch.long, device=kv_buffer.device)
+        capacity = as_tensor([chunk.kv.shape[3] for chunk in chunks])
+        self.head_strides = capacity * dims.head_dim
+        kv_shift = dims.n_head * self.head_strides
+        self.layer_step = 2 * kv_shift
+        self.keys = as_tensor([chunk.kv.storage_offset() - origin for chunk in chunks])
+        """Layer 0's key offsets; layer l's add `l * layer_step`, its values `kv_shift` more."""
+        self.values = self.keys + kv_shift
+        self.lengths = as_tensor([chunk.start + 1 for chunk in chunks])
+
+    def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
+        """`split` `[B, 3, heads, head_dim]` (these sequences' rows, in order) -> `[B, n_embd]`."""
+        batch, _, heads, head_dim = split.shape
+        query = split[:, 0].to(self.flat.dtype).contiguous()
+        shift = self.layer_step * layer
+        attended = self.kernel(
+            query, self.flat, self.keys + shift, self.values + shift, self.head_strides,
+            self.lengths, scale,
+        )  # fmt: skip
+        return attended.reshape(batch, heads * head_dim).to(split.dtype)
+
+
+class DecodeRows:
+    """A step's one-token chunks (`rows`, chunk indices) and their batched attention: a
+    `DecodePlan` over the pool (`pooled`: their K/V go to the pool only) or an `ArenaDecode`."""
+
+    def __init__(
+        self,
+        plan: DecodePlan | ArenaDecode,
+        rows: list[int],
+        n_chunks: int,
+        device: torch.device,
+        pooled: bool = True,
     ) -> None:
         self.plan = plan
+        self.pooled = pooled
         self.rows = rows
         self.row_set = frozenset(rows)
         self.leading = rows == list(range(len(rows)))

@@ -85,9 +85,10 @@ class EngineConfig:
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
     decode_pool: str = "auto"
-    """`auto`/`on`: decoding sequences attend in one batched call per layer over a dense KV pool
-    (`engine.slots`, `DECODE_POOL_SHARE` of the KV budget; the arena gets the rest); `off`:
-    one attention call per sequence, the arena gets the whole budget."""
+    """Where the C++ decode kernel does not run (`GPT2Forward.decode_kernel`: CUDA, or no
+    compiler): `auto`/`on`: decoding sequences attend in one batched call per layer over a dense
+    KV pool (`engine.slots`, `DECODE_POOL_SHARE` of the KV budget; the arena gets the rest);
+    `off`: one attention call per sequence. With the kernel the arena gets the whole budget."""
     quant: str = "off"
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
@@ -106,10 +107,10 @@ REQUEST_TOKENS = 256
 MAX_BATCH = 256
 
 
-def use_decode_pool(mode: str, device: torch.device) -> bool:
-    """Everywhere unless `off` (the same code on CPU and CUDA; `device` for a future split)."""
-    del device
-    return mode != "off"
+def use_decode_pool(mode: str, forward: GPT2Forward) -> bool:
+    """Unless `off`, wherever the decode kernel does not attend in the arena itself (CUDA, or a
+    CPU where it could not be built)."""
+    return mode != "off" and forward.decode_kernel is None
 
 
 def auto_max_batch(capacity_tokens: int) -> int:
@@ -239,7 +240,7 @@ class Engine:
         self.config = config or EngineConfig()
         budget = int(self.config.kv_budget_mb * MB)
         pool_bytes = 0
-        if use_decode_pool(self.config.decode_pool, forward.device):
+        if use_decode_pool(self.config.decode_pool, forward):
             pool_bytes = int(budget * DECODE_POOL_SHARE)
             forward.decode_slots.max_bytes = pool_bytes
         self.arena = KVArena(forward.dims, budget - pool_bytes, forward.device, forward.dtype)

@@ -29,8 +29,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from core.generation.engine.kernels.decode_attention import DecodeAttention
-
 __all__ = ["LENGTH_BUCKET", "DecodeSlots"]
 
 LENGTH_BUCKET = 64
@@ -53,19 +51,11 @@ class DecodeSlots:
     """The working KV pool of the decoding sequences (see the module docstring)."""
 
     def __init__(
-        self,
-        n_layer: int,
-        n_head: int,
-        head_dim: int,
-        dtype: torch.dtype,
-        max_bytes: int = 0,
-        kernel: DecodeAttention | None = None,
+        self, n_layer: int, n_head: int, head_dim: int, dtype: torch.dtype, max_bytes: int = 0
     ) -> None:
         self.shape = (n_layer, n_head, head_dim)
         self.dtype = dtype
         self.max_bytes = max_bytes
-        self.kernel = kernel
-        """`kobot::decode_attention` for the CPU steps (None: torch matmuls)."""
         self.pool: torch.Tensor | None = None  # [n_layer, 2, slots, heads, length, head_dim]
         self._flat: torch.Tensor | None = None
         """The storage `pool` views; `_spare`: the previous one, kept for the next re-layout."""
@@ -238,10 +228,6 @@ class DecodePlan:
         self.rows = self.first[None, :] + layer_offsets
         """`rows[layer]`: the pool rows this step's K/V go to, every layer's computed at once."""
         self.rows2d = self.pool.view(-1, head_dim)
-        self.kernel = owner.kernel if device.type == "cpu" else None
-        self.lengths = start + 1
-        if self.kernel is not None:
-            return
         lengths = torch.ones(self.used, dtype=torch.long, device=device)  # idle slots: 1 key
         lengths[slot] = start + 1
         positions = torch.arange(self.bucket, device=device)
@@ -257,11 +243,6 @@ class DecodePlan:
         batch, _, heads, head_dim = split.shape
         new_kv = split[:, 1:].reshape(-1, head_dim).to(self.pool.dtype)
         self.rows2d.index_copy_(0, self.rows[layer], new_kv)
-        if self.kernel is not None:
-            query = split[:, 0].to(self.pool.dtype).contiguous()
-            pool = self.pool[layer]
-            attended = self.kernel(query, pool[0], pool[1], self.slot, self.lengths, scale)
-            return attended.reshape(batch, heads * head_dim).to(split.dtype)
         keys = self.pool[layer, 0, : self.used, :, : self.bucket]
         values = self.pool[layer, 1, : self.used, :, : self.bucket]
         query = split[:, 0].unsqueeze(2).to(self.pool.dtype)  # [B, heads, 1, head_dim]

@@ -1,10 +1,11 @@
-// kobot::decode_attention: one query per (sequence, head) over that sequence's first `length`
-// keys of a dense KV pool, in one pass per row with float32 accumulation. Registered as a torch
-// operator (torch.ops.kobot.decode_attention); built by kernels/build.py.
+// kobot::decode_attention: one query per (sequence, head) over that sequence's keys where they
+// lie in the engine's KV arena, float32 accumulation. Registered as a torch operator
+// (torch.ops.kobot.decode_attention); built by kernels/build.py.
 //
-// The decode step is bound by reading the keys and values: torch's bf16 batched matmuls read
-// them at a fraction of the memory bandwidth and read the padded keys too; this kernel reads
-// each row's own keys once for the scores and its values once for the sum.
+// Decode attention is bound by reading the keys and values. Torch's bf16 batched matmuls read
+// them at a fraction of the memory bandwidth, and only from one dense padded tensor, which the
+// engine had to keep as a copy of the arena (a decode pool). This kernel reads each sequence's
+// own keys once for the scores and its values once for the sum, in place.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -141,15 +142,13 @@ inline float softmax_unnormalized(float* p, int64_t n) {
 }
 
 template <typename T>
-void attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& values,
-            const int64_t* slots, const int64_t* lengths, float scale, at::Tensor& out) {
+void attend(const at::Tensor& query, const at::Tensor& buffer, const int64_t* key_offsets,
+            const int64_t* value_offsets, const int64_t* head_strides, const int64_t* lengths,
+            float scale, at::Tensor& out) {
   const int64_t heads = query.size(1), dim = query.size(2);
   const T* q_base = query.data_ptr<T>();
-  const T* k_base = keys.data_ptr<T>();
-  const T* v_base = values.data_ptr<T>();
+  const T* kv = buffer.data_ptr<T>();
   T* o_base = out.data_ptr<T>();
-  const int64_t k_slot = keys.stride(0), k_head = keys.stride(1), k_pos = keys.stride(2);
-  const int64_t v_slot = values.stride(0), v_head = values.stride(1), v_pos = values.stride(2);
   at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dim), sum(dim), p;
     for (int64_t row = begin; row < end; ++row) {
@@ -157,48 +156,54 @@ void attend(const at::Tensor& query, const at::Tensor& keys, const at::Tensor& v
       const T* q_row = q_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
       p.resize(n);
-      scores(q.data(), k_base + slots[b] * k_slot + h * k_head, k_pos, n, dim, p.data());
+      scores(q.data(), kv + key_offsets[b] + h * head_strides[b], dim, n, dim, p.data());
       const float inverse = softmax_unnormalized(p.data(), n);
-      weighted_sum(p.data(), v_base + slots[b] * v_slot + h * v_head, v_pos, n, dim, sum.data());
+      weighted_sum(p.data(), kv + value_offsets[b] + h * head_strides[b], dim, n, dim,
+                   sum.data());
       T* o_row = o_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) o_row[i] = static_cast<T>(sum[i] * inverse);
     }
   });
 }
 
-// query [B, H, D] (contiguous); keys, values [S, H, L, D] (D contiguous); slots[b]: the pool
-// row of query b; lengths[b]: its keys (1..L). Returns [B, H, D] in the query's dtype.
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
-                            const at::Tensor& values, const at::Tensor& slots,
-                            const at::Tensor& lengths, double scale) {
-  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4 && values.dim() == 4,
-              "decode_attention: query [B, H, D], keys and values [S, H, L, D]");
-  TORCH_CHECK(query.is_contiguous(), "decode_attention: query must be contiguous");
-  TORCH_CHECK(keys.sizes() == values.sizes(), "decode_attention: keys and values differ in shape");
-  TORCH_CHECK(keys.size(1) == query.size(1) && keys.size(3) == query.size(2),
-              "decode_attention: keys' heads or head_dim differ from the query's");
-  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1,
-              "decode_attention: head_dim must be contiguous");
-  TORCH_CHECK(keys.scalar_type() == query.scalar_type() &&
-                  values.scalar_type() == query.scalar_type(),
-              "decode_attention: query, keys and values must share a dtype");
-  TORCH_CHECK(slots.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong,
-              "decode_attention: slots and lengths must be int64");
-  TORCH_CHECK(slots.numel() == query.size(0) && lengths.numel() == query.size(0),
-              "decode_attention: one slot and one length per query row");
-  const at::Tensor slots_c = slots.contiguous(), lengths_c = lengths.contiguous();
-  const int64_t* s = slots_c.data_ptr<int64_t>();
-  const int64_t* n = lengths_c.data_ptr<int64_t>();
-  for (int64_t b = 0; b < query.size(0); ++b) {
-    TORCH_CHECK(s[b] >= 0 && s[b] < keys.size(0), "decode_attention: slot out of range");
-    TORCH_CHECK(n[b] >= 1 && n[b] <= keys.size(2), "decode_attention: length out of range");
+const int64_t* int64_data(const at::Tensor& t, int64_t rows, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 1,
+              "decode_attention: ", name, " must be a contiguous int64 vector");
+  TORCH_CHECK(t.numel() == rows, "decode_attention: one entry of ", name, " per query row");
+  return t.data_ptr<int64_t>();
+}
+
+// query [B, H, D] (contiguous). Row b's keys for head h are `lengths[b]` rows of D contiguous
+// values at buffer[key_offsets[b] + h * head_strides[b]], its values likewise from
+// value_offsets[b]: the engine's KV arena blocks [n_layer, 2, H, capacity, D], read in place.
+// Returns [B, H, D] in the query's dtype.
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& buffer,
+                            const at::Tensor& key_offsets, const at::Tensor& value_offsets,
+                            const at::Tensor& head_strides, const at::Tensor& lengths,
+                            double scale) {
+  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(),
+              "decode_attention: query must be a contiguous [B, H, D]");
+  TORCH_CHECK(buffer.is_contiguous(), "decode_attention: the KV buffer must be contiguous");
+  TORCH_CHECK(buffer.scalar_type() == query.scalar_type(),
+              "decode_attention: query and KV buffer must share a dtype");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t* k = int64_data(key_offsets, rows, "key_offsets");
+  const int64_t* v = int64_data(value_offsets, rows, "value_offsets");
+  const int64_t* stride = int64_data(head_strides, rows, "head_strides");
+  const int64_t* n = int64_data(lengths, rows, "lengths");
+  const int64_t size = buffer.numel();
+  for (int64_t b = 0; b < rows; ++b) {
+    TORCH_CHECK(n[b] >= 1 && stride[b] >= n[b] * dim, "decode_attention: length out of range");
+    const int64_t span = (heads - 1) * stride[b] + n[b] * dim;
+    TORCH_CHECK(k[b] >= 0 && v[b] >= 0 && k[b] + span <= size && v[b] + span <= size,
+                "decode_attention: keys or values outside the KV buffer");
   }
   at::Tensor out = at::empty_like(query);
   const float scale_f = static_cast<float>(scale);
   if (query.scalar_type() == at::kFloat) {
-    attend<float>(query, keys, values, s, n, scale_f, out);
+    attend<float>(query, buffer, k, v, stride, n, scale_f, out);
   } else if (query.scalar_type() == at::kBFloat16) {
-    attend<c10::BFloat16>(query, keys, values, s, n, scale_f, out);
+    attend<c10::BFloat16>(query, buffer, k, v, stride, n, scale_f, out);
   } else {
     TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
   }
@@ -209,8 +214,8 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& keys,
 
 TORCH_LIBRARY(kobot, m) {
   m.def(
-      "decode_attention(Tensor query, Tensor keys, Tensor values, Tensor slots, Tensor lengths, "
-      "float scale) -> Tensor");
+      "decode_attention(Tensor query, Tensor buffer, Tensor key_offsets, Tensor value_offsets, "
+      "Tensor head_strides, Tensor lengths, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kobot, CPU, m) { m.impl("decode_attention", &decode_attention); }

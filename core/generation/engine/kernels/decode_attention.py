@@ -1,4 +1,5 @@
-"""`kobot::decode_attention` (decode_attention.cpp) for the engine's CPU decode step.
+"""`kobot::decode_attention` (decode_attention.cpp): the engine's CPU decode attention, read
+straight from the KV arena (no decode pool).
 
 `load_decode_attention` builds or loads it once; where it cannot (no C++ compiler, say) the
 engine keeps torch's matmuls and the log says why, once.
@@ -23,10 +24,13 @@ logger = logging.getLogger(__name__)
 
 KernelMode = Literal["auto", "off"]
 DecodeAttention = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+    torch.Tensor,
 ]
-"""`(query [B, H, D], keys [S, H, L, D], values, slots [B], lengths [B], scale) -> [B, H, D]`:
-row b attends over the first `lengths[b]` keys of pool row `slots[b]` (int64 index tensors)."""
+"""`(query [B, H, D], buffer, key_offsets [B], value_offsets [B], head_strides [B], lengths [B],
+scale) -> [B, H, D]`: row b, head h attends over the `lengths[b]` keys (rows of D values) at
+`buffer[key_offsets[b] + h * head_strides[b]]` and the values at `value_offsets[b] + …` (the
+KV arena's blocks, read in place; int64 vectors, a flat contiguous buffer)."""
 
 
 def load_decode_attention(

@@ -89,7 +89,9 @@ def test_the_default_batch_bound_is_what_the_kv_budget_holds() -> None:
     assert auto_max_batch(3) == 1
     assert auto_max_batch(10**9) == MAX_BATCH
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100)
-    engine = Engine(GPT2Forward(GPT2LMHeadModel(config).eval()), EngineConfig(kv_budget_mb=16))
+    engine = Engine(
+        GPT2Forward(GPT2LMHeadModel(config).eval(), kernels="off"), EngineConfig(kv_budget_mb=16)
+    )
     try:
         assert engine.max_batch == auto_max_batch(engine.arena.capacity) > 1
     finally:
@@ -106,7 +108,9 @@ def test_the_default_batch_bound_is_what_the_kv_budget_holds() -> None:
 def test_the_arena_and_the_decode_pool_share_the_kv_budget() -> None:
     config = GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100)
     budget = 16 * 1024 * 1024
-    pooled = Engine(GPT2Forward(GPT2LMHeadModel(config).eval()), EngineConfig(kv_budget_mb=16))
+    pooled = Engine(
+        GPT2Forward(GPT2LMHeadModel(config).eval(), kernels="off"), EngineConfig(kv_budget_mb=16)
+    )
     alone = Engine(
         GPT2Forward(GPT2LMHeadModel(config).eval()),
         EngineConfig(kv_budget_mb=16, decode_pool="off"),
@@ -125,7 +129,7 @@ def test_the_arena_and_the_decode_pool_share_the_kv_budget() -> None:
 
 
 def pooled_forward(hf: GPT2LMHeadModel) -> GPT2Forward:
-    forward = GPT2Forward(hf)
+    forward = GPT2Forward(hf, kernels="off")
     forward.decode_slots.max_bytes = 1 << 26
     return forward
 
@@ -162,7 +166,10 @@ def test_decode_pool_logits_match_hugging_face_in_any_chunk_order() -> None:
 def test_decoded_kv_lives_in_the_pool_until_the_block_is_retired() -> None:
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
-    pooled, plain = pooled_forward(hf), GPT2Forward(hf)  # plain: every write into the arena
+    pooled, plain = (
+        pooled_forward(hf),
+        GPT2Forward(hf, kernels="off"),
+    )  # plain: every write into the arena
     arenas = [KVArena(pooled.dims, 1 << 22, "cpu", torch.float32) for _ in range(2)]
     ids = list(range(10, 40))
     views = []
@@ -184,7 +191,7 @@ def test_decoded_kv_lives_in_the_pool_until_the_block_is_retired() -> None:
 def test_a_pool_too_small_falls_back_to_per_sequence_attention() -> None:
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
-    forward = GPT2Forward(hf)
+    forward = GPT2Forward(hf, kernels="off")
     forward.decode_slots.max_bytes = 1024  # holds no slot
     arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
     block = arena.allocate(64)
@@ -212,7 +219,7 @@ async def test_the_engine_on_the_decode_pool_gives_hugging_face_greedy_replies()
             )
         return tuple(out[0, len(prompt) :].tolist())
 
-    engine = Engine(GPT2Forward(hf), EngineConfig(kv_budget_mb=4, decode_pool="on"))
+    engine = Engine(GPT2Forward(hf, kernels="off"), EngineConfig(kv_budget_mb=4, decode_pool="on"))
     try:
         prompts = [tuple(range(5 + i, 5 + i + n)) for i, n in enumerate((12, 30, 7))]
         requests = [EngineRequest(p, greedy, cache_key=f"c{i}") for i, p in enumerate(prompts)]

@@ -3,6 +3,7 @@ its argument checks, and how it is built, reused and done without."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.kernels.build import (
     KernelBuildError,
@@ -23,6 +25,7 @@ from core.generation.engine.kernels.decode_attention import (
     DecodeAttention,
     load_decode_attention,
 )
+from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
 
 needs_compiler = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
@@ -38,78 +41,84 @@ def kernel() -> DecodeAttention:
 
 
 def reference(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    slots: list[int],
-    lengths: list[int],
-    scale: float,
+    query: torch.Tensor, blocks: list[torch.Tensor], lengths: list[int], scale: float
 ) -> torch.Tensor:
-    """Row b: softmax attention over the first lengths[b] keys of pool row slots[b], in float64."""
+    """Row b: softmax attention over the first lengths[b] keys of block b (`[2, H, cap, D]`),
+    in float64."""
     rows = []
-    for b, (slot, n) in enumerate(zip(slots, lengths, strict=True)):
-        k, v = keys[slot, :, :n].double(), values[slot, :, :n].double()
+    for b, (block, n) in enumerate(zip(blocks, lengths, strict=True)):
+        k, v = block[0, :, :n].double(), block[1, :, :n].double()
         scores = torch.einsum("hd,hld->hl", query[b].double(), k) * scale
         rows.append(torch.einsum("hl,hld->hd", scores.softmax(-1), v))
     return torch.stack(rows)
 
 
-def random_case(
-    dtype: torch.dtype, head_dim: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], list[int]]:
+Layout = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+"""The kernel's key_offsets, value_offsets, head_strides and lengths."""
+Case = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Layout, list[int]]
+
+
+def random_case(dtype: torch.dtype, head_dim: int, seed: int) -> Case:
+    """Four blocks of different capacities in one buffer, out of order, with gaps between."""
     generator = torch.Generator().manual_seed(seed)
-    pool = torch.randn(2, 7, 4, 48, head_dim, generator=generator).mul(2).to(dtype)
-    slots = [5, 0, 3, 6]  # not in order, and pool rows 1, 2, 4 idle
-    lengths = [1, 48, 17, 33]
-    query = torch.randn(4, 4, head_dim, generator=generator).to(dtype)
-    return query, pool[0], pool[1], slots, lengths
+    heads, capacities, lengths = 4, [16, 48, 32, 40], [1, 48, 17, 33]
+    starts = [x * head_dim for x in (670, 2, 400, 810)]
+    buffer = torch.randn(1150 * head_dim, generator=generator).mul(2).to(dtype)
+    blocks = []
+    for start, capacity in zip(starts, capacities, strict=True):
+        size = 2 * heads * capacity * head_dim
+        blocks.append(buffer[start : start + size].view(2, heads, capacity, head_dim))
+    query = torch.randn(4, heads, head_dim, generator=generator).to(dtype)
+    value_offsets = [s + heads * c * head_dim for s, c in zip(starts, capacities, strict=True)]
+    args = (
+        torch.tensor(starts),
+        torch.tensor(value_offsets),
+        torch.tensor([c * head_dim for c in capacities]),
+        torch.tensor(lengths),
+    )
+    return query, buffer, blocks, args, lengths
 
 
 @pytest.mark.parametrize("head_dim", [64, 40])  # GPT-2's (hand-vectorized) and any other
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_each_row_attends_over_its_own_slot_and_length_only(
+def test_each_row_attends_over_its_own_block_and_length_only(
     kernel: DecodeAttention, head_dim: int, dtype: torch.dtype, tolerance: float
 ) -> None:
-    query, keys, values, slots, lengths = random_case(dtype, head_dim, seed=head_dim)
-    got = kernel(query, keys, values, torch.tensor(slots), torch.tensor(lengths), 0.125)
-    expected = reference(query, keys, values, slots, lengths, 0.125)
+    query, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
+    got = kernel(query, buffer, *args, 0.125)
     assert got.dtype == dtype and got.shape == query.shape
+    expected = reference(query, blocks, lengths, 0.125)
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
-    keys[slots[2], :, lengths[2] :] = 1e4  # keys past a row's length are never read
-    again = kernel(query, keys, values, torch.tensor(slots), torch.tensor(lengths), 0.125)
-    torch.testing.assert_close(again, got, atol=0, rtol=0)
-
-
-def test_strided_views_of_the_pool_are_read_in_place(kernel: DecodeAttention) -> None:
-    query, keys, values, slots, lengths = random_case(torch.float32, 64, seed=3)
-    wide_keys = torch.zeros(7, 4, 64, 64).index_copy_(2, torch.arange(48), keys)[:, :, :48]
-    wide_values = torch.zeros(7, 4, 64, 64).index_copy_(2, torch.arange(48), values)[:, :, :48]
-    assert not wide_keys.is_contiguous()
-    args = (torch.tensor(slots), torch.tensor(lengths), 0.125)
-    torch.testing.assert_close(
-        kernel(query, wide_keys, wide_values, *args), kernel(query, keys, values, *args)
-    )
+    blocks[2][:, :, lengths[2] :] = 1e4  # a block's positions past its length are never read
+    buffer[: 2 * head_dim] = float("nan")  # nor anything outside the blocks
+    torch.testing.assert_close(kernel(query, buffer, *args, 0.125), got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
-    ("slots", "lengths", "message"),
-    [([0, 1], [0, 5], "length out of range"), ([0, 1], [5, 49], "length out of range"),
-     ([0, 7], [5, 5], "slot out of range"), ([0], [5], "one slot and one length")],
+    ("which", "row", "value", "message"),
+    [(3, 0, 0, "length out of range"), (3, 1, 49, "length out of range"),
+     (0, 3, 1140 * 64, "outside the KV buffer"), (1, 2, -1, "outside the KV buffer"),
+     (0, 0, None, "one entry of key_offsets per query row")],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_anything_is_read(
-    kernel: DecodeAttention, slots: list[int], lengths: list[int], message: str
+    kernel: DecodeAttention, which: int, row: int, value: int | None, message: str
 ) -> None:
-    query, keys, values, _, _ = random_case(torch.float32, 64, seed=4)
+    query, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
+    args = list(layout)
+    if value is None:
+        args[which] = args[which][:2]
+    else:
+        args[which][row] = value
     with pytest.raises(RuntimeError, match=message):
-        kernel(query[:2], keys, values, torch.tensor(slots), torch.tensor(lengths), 0.125)
+        kernel(query, buffer, args[0], args[1], args[2], args[3], 0.125)
 
 
 @needs_compiler
 def test_the_forward_on_a_cpu_decodes_with_the_kernel_unless_told_not_to() -> None:
     config = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
     model = GPT2LMHeadModel(config).eval()
-    assert GPT2Forward(model).decode_slots.kernel is not None
-    assert GPT2Forward(model, kernels="off").decode_slots.kernel is None
+    assert GPT2Forward(model).decode_kernel is not None
+    assert GPT2Forward(model, kernels="off").decode_kernel is None
 
 
 @needs_compiler
@@ -140,3 +149,28 @@ def test_without_a_compiler_the_engine_keeps_torch_and_says_why(
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     with pytest.raises(ValueError, match="KOBOT_ENGINE_KERNELS"):
         load_decode_attention("fast", tmp_path)  # type: ignore[arg-type]
+
+
+@needs_compiler
+async def test_the_engine_decodes_in_the_arena_with_the_whole_kv_budget() -> None:
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
+    engine = Engine(GPT2Forward(hf), EngineConfig(kv_budget_mb=4))
+    prompts = [torch.randint(0, 300, (n,)).tolist() for n in (3, 40, 17)]
+    params = SamplingParams(
+        max_new_tokens=12, do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0
+    )
+    try:
+        assert engine.forward.decode_kernel is not None
+        assert engine.arena.budget_bytes == 4 * 1024 * 1024  # no decode pool taken from it
+        requests = [EngineRequest(tuple(p), params) for p in prompts]
+        outputs = await asyncio.gather(*(engine.generate(r) for r in requests))
+        assert engine.forward.decode_slots.pool is None
+    finally:
+        engine.close()
+    for prompt, output in zip(prompts, outputs, strict=True):
+        with torch.no_grad():
+            expected = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        assert list(output.ids) == expected
