@@ -31,6 +31,10 @@ COPY storage ./storage
 # torch is installed already, so pip keeps that build (CPU or CUDA) and adds the rest from PyPI
 RUN pip install . \
     && python -c "import torch, bots.cli; print('torch', torch.__version__)"
+# the engine's C++ kernels, built here for every x86-64 level (AVX-512, AVX2, plain), so the
+# runtime image needs no compiler and runs on whichever CPU it lands on
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
+    && cd / && python -m core.generation.engine.kernels.build /opt/kobot/kernels
 
 # --- runtime: the environment only, as an unprivileged user -------------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime
@@ -44,7 +48,8 @@ ENV PATH=/opt/kobot/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/data/hf \
     KOBOT_METRICS_PORT=9100 \
-    KOBOT_METRICS_HOST=0.0.0.0
+    KOBOT_METRICS_HOST=0.0.0.0 \
+    KOBOT_ENGINE_KERNEL_DIR=/opt/kobot/kernels
 # The Hugging Face cache (the model, downloaded once) lives on a volume; so does SQLite's
 # kobot.db when no KOBOT_DATABASE_URL is given (relative to the working directory /data).
 VOLUME ["/data/hf"]

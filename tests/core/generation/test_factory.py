@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +48,25 @@ def test_unknown_backend_names_the_variable() -> None:
 def test_missing_model_folder_fails(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="KOBOT_MODEL"):
         build_backend(settings(model=str(tmp_path / "nothing"), device="cpu"))
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+async def test_the_engine_builds_its_kernel_into_the_configured_folder(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "kernels"
+    chosen = settings(model=str(tiny_model_dir), device="cpu", engine_kernel_dir=str(folder))
+    backend = await asyncio.to_thread(build_backend, chosen)
+    try:
+        assert isinstance(backend.decoder, EngineDecoder)
+        assert backend.decoder.engine.forward.decode_kernel is not None
+        assert [path.suffix for path in folder.iterdir()] == [".so"]
+    finally:
+        await backend.close()
+    off = settings(model=str(tiny_model_dir), device="cpu", engine_kernels="off")
+    backend = await asyncio.to_thread(build_backend, off)
+    try:
+        assert isinstance(backend.decoder, EngineDecoder)
+        assert backend.decoder.engine.forward.decode_kernel is None
+    finally:
+        await backend.close()

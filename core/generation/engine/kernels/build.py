@@ -10,12 +10,12 @@ built one is loaded without a compiler (the Docker image builds them at image bu
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from core.generation.cpu_features import cpu_flags
 __all__ = [
     "ISA_FLAGS",
     "KernelBuildError",
+    "build_all",
     "build_library",
     "default_kernel_dir",
     "isa_level",
@@ -43,6 +44,7 @@ ISA_FLAGS = {
 }
 """Compiler flags by instruction-set level: AVX-512 (the kernels' hand-vectorized path),
 AVX2 + FMA, and whatever the compiler targets by default (other CPUs)."""
+X86_MACHINES = ("x86_64", "AMD64")
 V4_FLAGS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"})
 V3_FLAGS = frozenset({"avx2", "fma", "bmi2", "f16c", "movbe"})
 COMMON_FLAGS = ("-O3", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++20")
@@ -69,7 +71,7 @@ class Toolchain:
 def isa_level(flags: frozenset[str] | None = None, machine: str | None = None) -> str:
     """The highest `ISA_FLAGS` level this CPU runs."""
     machine = machine or platform.machine()
-    if machine not in ("x86_64", "AMD64"):
+    if machine not in X86_MACHINES:
         return "generic"
     flags = cpu_flags() if flags is None else flags
     if flags >= V4_FLAGS:
@@ -123,18 +125,49 @@ def build_library(name: str, target: Path, toolchain: Toolchain) -> None:
 
 
 def load_library(name: str, directory: Path | None = None, compiler: str | None = None) -> Path:
-    """Load kernel `name`'s operators into torch, building it first when this machine has no
-    build of it; the library's path. KernelBuildError when it cannot be built."""
+    """Load kernel `name`'s operators into torch, building it first when `directory` has no
+    build of it for this CPU and torch; the library's path. KernelBuildError when it cannot be
+    built. A process loads each kernel once (torch refuses a second registration): a build in
+    another folder is only made, the one loaded first serves."""
     directory = directory or default_kernel_dir()
     toolchain = Toolchain(compiler or os.environ.get("CXX") or "c++", isa_level())
     path = library_path(name, directory, toolchain.isa)
     with _build_lock:
         if not path.is_file():
             build_library(name, path, toolchain)
-        _load_once(str(path))
+        if name not in _loaded:
+            torch.ops.load_library(str(path))
+            _loaded[name] = path
     return path
 
 
-@functools.cache
-def _load_once(path: str) -> None:
-    torch.ops.load_library(path)
+_loaded: dict[str, Path] = {}
+
+
+def build_all(directory: Path, compiler: str | None = None) -> list[Path]:
+    """Every kernel for every instruction-set level this compiler targets on this machine
+    (x86-64: v4, v3 and generic), so that an image runs on whichever CPU it lands on."""
+    compiler = compiler or os.environ.get("CXX") or "c++"
+    levels = list(ISA_FLAGS) if platform.machine() in X86_MACHINES else ["generic"]
+    built = []
+    for source in sorted(SOURCES.glob("*.cpp")):
+        for isa in levels:
+            path = library_path(source.stem, directory, isa)
+            if not path.is_file():
+                build_library(source.stem, path, Toolchain(compiler, isa))
+            built.append(path)
+    return built
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m core.generation.engine.kernels.build [DIR]`: build every kernel ahead of time
+    into DIR (default: KOBOT_ENGINE_KERNEL_DIR, else the cache folder)."""
+    args = sys.argv[1:] if argv is None else argv
+    fallback = os.environ.get("KOBOT_ENGINE_KERNEL_DIR") or default_kernel_dir()
+    directory = Path(args[0] if args else fallback)
+    for path in build_all(directory):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
