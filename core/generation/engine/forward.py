@@ -4,8 +4,10 @@ It runs the weights of a loaded `GPT2LMHeadModel` (shared, not copied) with the 
 model uses (`addmm` for Conv1D, the same activation, SDPA, tied LM head), so its logits match
 Hugging Face's within float rounding. One call (`last_hidden`) advances any number of sequences
 by any number of tokens each: the dense parts (layer norms, projections, MLP) run once over all
-the step's tokens packed together, with no padding; attention runs per sequence over that
-sequence's own KV block, so a 900-token history and a 30-token one never pad each other.
+the step's tokens packed together, with no padding; attention runs over each sequence's own KV
+block, so a 900-token history and a 30-token one never pad each other: prompt chunks one SDPA
+call each, the decoding sequences (one token each) all in one call per layer, by the C++ kernel
+reading their blocks in place on a CPU (`ArenaDecode`), else over a dense pool (`slots`).
 
 A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `kv.KVArena`).
 """
