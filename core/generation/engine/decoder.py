@@ -119,7 +119,8 @@ class EngineDecoder:
         return await asyncio.wrap_future(self.engine.call(job))
 
     def stats(self) -> dict[str, float]:
-        """The engine's counters and its KV arena's use."""
+        """The engine's counters, its KV arena's use, and whether the C++ decode attention runs
+        (1) or torch's (0)."""
         stats, arena = self.engine.stats, self.engine.arena
         figures = {
             "engine_steps_total": stats.steps,
@@ -131,6 +132,7 @@ class EngineDecoder:
             "kv_cache_used_bytes": arena.used_bytes,
             "kv_cache_capacity_bytes": arena.budget_bytes,
             "kv_decode_pool_bytes": self.engine.forward.decode_slots.pool_bytes,
+            "decode_kernel": self.engine.forward.decode_kernel is not None,
         }
         return {name: float(value) for name, value in figures.items()}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -185,6 +186,9 @@ async def test_a_conversation_reuses_its_kv_on_the_next_turn(
     assert backend.stats()["engine_reused_tokens_total"] - reused_before >= len(prompt_ids)
     assert second == await hf_backend.generate(request(turn2, GREEDY))
     assert backend.stats()["kv_cache_used_bytes"] > 0
+    if shutil.which("c++"):  # decoded with the C++ kernel, in the arena: no pool was made
+        assert backend.stats()["decode_kernel"] == 1.0
+        assert backend.stats()["kv_decode_pool_bytes"] == 0.0
 
 
 async def test_candidates_run_as_separate_engine_requests(
