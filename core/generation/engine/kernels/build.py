@@ -63,9 +63,18 @@ class Toolchain:
     compiler: str
     isa: str
 
+    @classmethod
+    def for_isa(cls, isa: str, compiler: str | None = None) -> Toolchain:
+        """`compiler`, else `CXX`, else `c++`, targeting `isa`."""
+        return cls(compiler or os.environ.get("CXX") or "c++", isa)
+
     @property
     def flags(self) -> tuple[str, ...]:
-        return (*COMMON_FLAGS, *ISA_FLAGS[self.isa])
+        return compiler_flags(self.isa)
+
+
+def compiler_flags(isa: str) -> tuple[str, ...]:
+    return (*COMMON_FLAGS, *ISA_FLAGS[isa])
 
 
 def isa_level(flags: frozenset[str] | None = None, machine: str | None = None) -> str:
@@ -91,7 +100,7 @@ def library_path(name: str, directory: Path, isa: str) -> Path:
     digest = hashlib.sha256()
     digest.update((SOURCES / f"{name}.cpp").read_bytes())
     digest.update(torch.__version__.encode())
-    digest.update(" ".join((*COMMON_FLAGS, *ISA_FLAGS[isa])).encode())
+    digest.update(" ".join(compiler_flags(isa)).encode())
     return directory / f"{name}-{isa}-{digest.hexdigest()[:16]}.so"
 
 
@@ -130,7 +139,7 @@ def load_library(name: str, directory: Path | None = None, compiler: str | None 
     built. A process loads each kernel once (torch refuses a second registration): a build in
     another folder is only made, the one loaded first serves."""
     directory = directory or default_kernel_dir()
-    toolchain = Toolchain(compiler or os.environ.get("CXX") or "c++", isa_level())
+    toolchain = Toolchain.for_isa(isa_level(), compiler)
     path = library_path(name, directory, toolchain.isa)
     with _build_lock:
         if not path.is_file():
@@ -147,14 +156,13 @@ _loaded: dict[str, Path] = {}
 def build_all(directory: Path, compiler: str | None = None) -> list[Path]:
     """Every kernel for every instruction-set level this compiler targets on this machine
     (x86-64: v4, v3 and generic), so that an image runs on whichever CPU it lands on."""
-    compiler = compiler or os.environ.get("CXX") or "c++"
     levels = list(ISA_FLAGS) if platform.machine() in X86_MACHINES else ["generic"]
     built = []
     for source in sorted(SOURCES.glob("*.cpp")):
         for isa in levels:
             path = library_path(source.stem, directory, isa)
             if not path.is_file():
-                build_library(source.stem, path, Toolchain(compiler, isa))
+                build_library(source.stem, path, Toolchain.for_isa(isa, compiler))
             built.append(path)
     return built
 
