@@ -49,10 +49,9 @@ inline float exp_nonpositive(float x) {
 }
 
 template <typename T>
-void scores_generic(const float* q, const T* k, int64_t stride, int64_t n, int64_t dim,
-                    float* out) {
+void scores_generic(const float* q, const T* k, int64_t n, int64_t dim, float* out) {
   for (int64_t l = 0; l < n; ++l) {
-    const T* row = k + l * stride;
+    const T* row = k + l * dim;
     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
     for (int64_t i = 0; i < dim; ++i) acc += q[i] * to_float(row[i]);
@@ -61,11 +60,10 @@ void scores_generic(const float* q, const T* k, int64_t stride, int64_t n, int64
 }
 
 template <typename T>
-void weighted_sum_generic(const float* p, const T* v, int64_t stride, int64_t n, int64_t dim,
-                          float* out) {
+void weighted_sum_generic(const float* p, const T* v, int64_t n, int64_t dim, float* out) {
   std::fill(out, out + dim, 0.f);
   for (int64_t l = 0; l < n; ++l) {
-    const T* row = v + l * stride;
+    const T* row = v + l * dim;
     const float a = p[l];
 #pragma omp simd
     for (int64_t i = 0; i < dim; ++i) out[i] += a * to_float(row[i]);
@@ -79,12 +77,13 @@ inline __m512 load16(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// head_dim 64 (GPT-2's): the query and the sum live in four registers each.
+// head_dim 64 (GPT-2's): the query and the sum live in four registers each. Keys and values
+// are rows of `dim` contiguous values (the arena's [capacity, head_dim] per head).
 template <typename T>
-void scores64(const float* q, const T* k, int64_t stride, int64_t n, float* out) {
+void scores64(const float* q, const T* k, int64_t n, float* out) {
   const __m512 q0 = load16(q), q1 = load16(q + 16), q2 = load16(q + 32), q3 = load16(q + 48);
   for (int64_t l = 0; l < n; ++l) {
-    const T* row = k + l * stride;
+    const T* row = k + l * 64;
     __m512 s = _mm512_mul_ps(q0, load16(row));
     s = _mm512_fmadd_ps(q1, load16(row + 16), s);
     s = _mm512_fmadd_ps(q2, load16(row + 32), s);
@@ -94,10 +93,10 @@ void scores64(const float* q, const T* k, int64_t stride, int64_t n, float* out)
 }
 
 template <typename T>
-void weighted_sum64(const float* p, const T* v, int64_t stride, int64_t n, float* out) {
+void weighted_sum64(const float* p, const T* v, int64_t n, float* out) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t l = 0; l < n; ++l) {
-    const T* row = v + l * stride;
+    const T* row = v + l * 64;
     const __m512 w = _mm512_set1_ps(p[l]);
     a0 = _mm512_fmadd_ps(w, load16(row), a0);
     a1 = _mm512_fmadd_ps(w, load16(row + 16), a1);
@@ -112,20 +111,19 @@ void weighted_sum64(const float* p, const T* v, int64_t stride, int64_t n, float
 #endif
 
 template <typename T>
-void scores(const float* q, const T* k, int64_t stride, int64_t n, int64_t dim, float* out) {
+void scores(const float* q, const T* k, int64_t n, int64_t dim, float* out) {
 #if defined(__AVX512F__)
-  if (dim == 64) return scores64(q, k, stride, n, out);
+  if (dim == 64) return scores64(q, k, n, out);
 #endif
-  scores_generic(q, k, stride, n, dim, out);
+  scores_generic(q, k, n, dim, out);
 }
 
 template <typename T>
-void weighted_sum(const float* p, const T* v, int64_t stride, int64_t n, int64_t dim,
-                  float* out) {
+void weighted_sum(const float* p, const T* v, int64_t n, int64_t dim, float* out) {
 #if defined(__AVX512F__)
-  if (dim == 64) return weighted_sum64(p, v, stride, n, out);
+  if (dim == 64) return weighted_sum64(p, v, n, out);
 #endif
-  weighted_sum_generic(p, v, stride, n, dim, out);
+  weighted_sum_generic(p, v, n, dim, out);
 }
 
 // softmax of p[0, n) in place; returns 1 / its sum.
@@ -156,10 +154,9 @@ void attend(const at::Tensor& query, const at::Tensor& buffer, const int64_t* ke
       const T* q_row = q_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
       p.resize(n);
-      scores(q.data(), kv + key_offsets[b] + h * head_strides[b], dim, n, dim, p.data());
+      scores(q.data(), kv + key_offsets[b] + h * head_strides[b], n, dim, p.data());
       const float inverse = softmax_unnormalized(p.data(), n);
-      weighted_sum(p.data(), kv + value_offsets[b] + h * head_strides[b], dim, n, dim,
-                   sum.data());
+      weighted_sum(p.data(), kv + value_offsets[b] + h * head_strides[b], n, dim, sum.data());
       T* o_row = o_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) o_row[i] = static_cast<T>(sum[i] * inverse);
     }
