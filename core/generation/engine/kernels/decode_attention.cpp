@@ -71,6 +71,11 @@ void weighted_sum_generic(const float* p, const T* v, int64_t n, int64_t dim, fl
 }
 
 #if defined(__AVX512F__)
+// Each (sequence, head) reads two short streams (~n x 128 bytes), too short for the hardware
+// prefetcher to ramp up; from DRAM the kernel ran at half the bandwidth it now reaches.
+// Prefetched: keys and values PREFETCH_ROWS ahead into L1, the values into L2 while the scores
+// are computed, and the next row's keys into L2 while the values are summed.
+constexpr int64_t PREFETCH_ROWS = 8;
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -79,11 +84,21 @@ inline __m512 load16(const c10::BFloat16* p) {
 
 // head_dim 64 (GPT-2's): the query and the sum live in four registers each. Keys and values
 // are rows of `dim` contiguous values (the arena's [capacity, head_dim] per head).
+template <int Hint, typename T>
+inline void prefetch_row(const T* row) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (size_t line = 0; line < 64 * sizeof(T); line += 64) {
+    _mm_prefetch(bytes + line, static_cast<_mm_hint>(Hint));
+  }
+}
+
 template <typename T>
-void scores64(const float* q, const T* k, int64_t n, float* out) {
+void scores64(const float* q, const T* k, int64_t n, float* out, const T* values_next) {
   const __m512 q0 = load16(q), q1 = load16(q + 16), q2 = load16(q + 32), q3 = load16(q + 48);
   for (int64_t l = 0; l < n; ++l) {
     const T* row = k + l * 64;
+    if (l + PREFETCH_ROWS < n) prefetch_row<_MM_HINT_T0>(row + PREFETCH_ROWS * 64);
+    prefetch_row<_MM_HINT_T1>(values_next + l * 64);
     __m512 s = _mm512_mul_ps(q0, load16(row));
     s = _mm512_fmadd_ps(q1, load16(row + 16), s);
     s = _mm512_fmadd_ps(q2, load16(row + 32), s);
@@ -93,10 +108,13 @@ void scores64(const float* q, const T* k, int64_t n, float* out) {
 }
 
 template <typename T>
-void weighted_sum64(const float* p, const T* v, int64_t n, float* out) {
+void weighted_sum64(const float* p, const T* v, int64_t n, float* out, const T* next_k,
+                    int64_t next_n) {
   __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   for (int64_t l = 0; l < n; ++l) {
     const T* row = v + l * 64;
+    if (l + PREFETCH_ROWS < n) prefetch_row<_MM_HINT_T0>(row + PREFETCH_ROWS * 64);
+    if (l < next_n) prefetch_row<_MM_HINT_T1>(next_k + l * 64);
     const __m512 w = _mm512_set1_ps(p[l]);
     a0 = _mm512_fmadd_ps(w, load16(row), a0);
     a1 = _mm512_fmadd_ps(w, load16(row + 16), a1);
@@ -111,17 +129,19 @@ void weighted_sum64(const float* p, const T* v, int64_t n, float* out) {
 #endif
 
 template <typename T>
-void scores(const float* q, const T* k, int64_t n, int64_t dim, float* out) {
+void scores(const float* q, const T* k, int64_t n, int64_t dim, float* out,
+            const T* values_next) {
 #if defined(__AVX512F__)
-  if (dim == 64) return scores64(q, k, n, out);
+  if (dim == 64) return scores64(q, k, n, out, values_next);
 #endif
   scores_generic(q, k, n, dim, out);
 }
 
 template <typename T>
-void weighted_sum(const float* p, const T* v, int64_t n, int64_t dim, float* out) {
+void weighted_sum(const float* p, const T* v, int64_t n, int64_t dim, float* out,
+                  const T* next_k, int64_t next_n) {
 #if defined(__AVX512F__)
-  if (dim == 64) return weighted_sum64(p, v, n, out);
+  if (dim == 64) return weighted_sum64(p, v, n, out, next_k, next_n);
 #endif
   weighted_sum_generic(p, v, n, dim, out);
 }
@@ -147,16 +167,25 @@ void attend(const at::Tensor& query, const at::Tensor& buffer, const int64_t* ke
   const T* q_base = query.data_ptr<T>();
   const T* kv = buffer.data_ptr<T>();
   T* o_base = out.data_ptr<T>();
+  const auto keys_of = [&](int64_t row) {
+    return kv + key_offsets[row / heads] + (row % heads) * head_strides[row / heads];
+  };
+  const auto values_of = [&](int64_t row) {
+    return kv + value_offsets[row / heads] + (row % heads) * head_strides[row / heads];
+  };
   at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dim), sum(dim), p;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / heads, h = row % heads, n = lengths[b];
+      const int64_t n = lengths[row / heads];
       const T* q_row = q_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
       p.resize(n);
-      scores(q.data(), kv + key_offsets[b] + h * head_strides[b], n, dim, p.data());
+      const T* values = values_of(row);
+      scores(q.data(), keys_of(row), n, dim, p.data(), values);
       const float inverse = softmax_unnormalized(p.data(), n);
-      weighted_sum(p.data(), kv + value_offsets[b] + h * head_strides[b], n, dim, sum.data());
+      const bool last = row + 1 == end;
+      weighted_sum(p.data(), values, n, dim, sum.data(), last ? values : keys_of(row + 1),
+                   last ? 0 : lengths[(row + 1) / heads]);
       T* o_row = o_base + row * dim;
       for (int64_t i = 0; i < dim; ++i) o_row[i] = static_cast<T>(sum[i] * inverse);
     }
