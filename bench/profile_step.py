@@ -66,7 +66,8 @@ def main() -> None:
     def step() -> None:
         pairs = zip(views, states, strict=True)
         chunks = [SeqChunk(v, len(s.ids) - 1, s.ids[-1:]) for v, s in pairs]
-        tokens = choose_tokens(forward.lm_head(forward.last_hidden(chunks, arena.buffer)), states)
+        logits = forward.lm_head(forward.last_hidden(chunks, arena.buffer))
+        tokens = choose_tokens(logits, states, forward.top_k)
         for state, token in zip(states, tokens, strict=True):
             state.append(token)
 

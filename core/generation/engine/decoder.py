@@ -26,6 +26,7 @@ from core.generation.base import (
 )
 from core.generation.device import LoadedModel, free_cuda_cache
 from core.generation.engine.forward import GPT2Forward
+from core.generation.engine.kernels.top_k import torch_top_k
 from core.generation.engine.sampling import LogitsHook
 from core.generation.engine.scheduler import (
     Engine,
@@ -133,6 +134,7 @@ class EngineDecoder:
             "kv_cache_capacity_bytes": arena.budget_bytes,
             "kv_decode_pool_bytes": self.engine.forward.decode_slots.pool_bytes,
             "decode_kernel": self.engine.forward.decode_kernel is not None,
+            "top_k_kernel": self.engine.forward.top_k is not torch_top_k,
         }
         return {name: float(value) for name, value in figures.items()}
 

@@ -29,6 +29,7 @@ from core.generation.engine.kernels.decode_attention import (
     KernelMode,
     load_decode_attention,
 )
+from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
@@ -204,6 +205,10 @@ class GPT2Forward:
         d = self.dims
         self.decode_kernel: DecodeAttention | None = None
         """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""
+        self.top_k: TopK = torch_top_k
+        """The sampler's candidate selection: the C++ kernel on a CPU (where it builds)."""
+        if self.device.type == "cpu":
+            self.top_k = load_top_k(kernels, kernel_dir) or torch_top_k
         if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
             self.decode_kernel = load_decode_attention(kernels, kernel_dir)
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from core.generation.base import SamplingParams, is_greedy
+from core.generation.engine.kernels.top_k import TopK, torch_top_k
 
 __all__ = [
     "LogitsHook",
@@ -158,17 +159,21 @@ def apply_hooks(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
 
 
 def top_candidates(
-    scores: torch.Tensor, params: Sequence[SamplingParams], width: int | None = None
+    scores: torch.Tensor,
+    params: Sequence[SamplingParams],
+    width: int | None = None,
+    top_k: TopK = torch_top_k,
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """For rows with top-k on: `(probabilities [R, W], token ids [R, W], tie_rows)` after
     temperature, top-k and top-p (probability 0 outside the kept set), over each row's `W`
     best scores (`W` = the largest k + 1 unless given). Top-k keeps every score at least the
     k-th, as Hugging Face does; `tie_rows` are rows whose tie at the k-th score may reach past
-    the `W` columns, so their result is not valid (`tied_candidates` widens them)."""
+    the `W` columns, so their result is not valid (`tied_candidates` widens them). `top_k`
+    selects the candidates (the C++ kernel on a CPU, where the engine has it)."""
     vocab = scores.shape[-1]
     ks = [min(p.top_k, vocab) for p in params]
     width = min(width or max(ks) + 1, vocab)
-    values, indices = torch.topk(scores, width, dim=-1)
+    values, indices = top_k(scores.contiguous(), width)
     k_index = torch.tensor([k - 1 for k in ks], device=scores.device)[:, None]
     kth = values.gather(1, k_index)
     tie_rows = _tied_rows(values, kth) if width < vocab else []
@@ -188,14 +193,14 @@ def candidate_width(params: Sequence[SamplingParams]) -> int:
 
 
 def tied_candidates(
-    scores: torch.Tensor, params: Sequence[SamplingParams]
+    scores: torch.Tensor, params: Sequence[SamplingParams], top_k: TopK = torch_top_k
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`top_candidates` wide enough for every row's tie at its k-th score (all tied kept)."""
     vocab = scores.shape[-1]
     ks = torch.tensor([min(p.top_k, vocab) for p in params], device=scores.device)
-    kth = torch.topk(scores, int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
+    kth = top_k(scores.contiguous(), int(ks.max()))[0].gather(1, (ks - 1)[:, None])
     width = int((scores >= kth).sum(dim=-1).max()) + 1
-    probs, ids, _ = top_candidates(scores, params, width)
+    probs, ids, _ = top_candidates(scores, params, width, top_k)
     return probs, ids
 
 
@@ -261,8 +266,11 @@ def draw_rows(probabilities: torch.Tensor, generators: Sequence[torch.Generator]
 # --- the whole choice -------------------------------------------------------------------------
 
 
-def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
-    """The next token of every row of float32 `logits [B, vocab]` (modified in place)."""
+def choose_tokens(
+    logits: torch.Tensor, states: Sequence[SamplerState], top_k: TopK = torch_top_k
+) -> list[int]:
+    """The next token of every row of float32 `logits [B, vocab]` (modified in place); `top_k`
+    selects the sampled rows' candidates."""
     apply_repetition_penalty(logits, states)
     apply_bans(logits, states)
     apply_hooks(logits, states)
@@ -273,7 +281,7 @@ def choose_tokens(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[
         for row, token in zip(greedy, picked, strict=True):
             chosen[row] = int(token)
     sampled = [i for i, s in enumerate(states) if not s.greedy]
-    for row, token in zip(sampled, _sample_rows(logits, states, sampled), strict=True):
+    for row, token in zip(sampled, _sample_rows(logits, states, sampled, top_k), strict=True):
         chosen[row] = token
     return chosen
 
@@ -286,7 +294,7 @@ def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 
 def _sample_rows(
-    logits: torch.Tensor, states: Sequence[SamplerState], rows: list[int]
+    logits: torch.Tensor, states: Sequence[SamplerState], rows: list[int], top_k: TopK
 ) -> list[int]:
     """Rows with top-k on draw among their top-k candidates, all rows in a few batched ops
     (rows tied at the k-th score among candidates wide enough for the tie); rows without
@@ -296,14 +304,15 @@ def _sample_rows(
     if fast:
         picked = _rows(logits, fast)
         params = [states[i].params for i in fast]
-        probs, ids, ties = top_candidates(picked, params, candidate_width(params))
+        probs, ids, ties = top_candidates(picked, params, candidate_width(params), top_k)
         untied = [p for p in range(len(fast)) if p not in set(ties)]
         if untied:
             _draw_into(
                 tokens, [fast[p] for p in untied], _rows(probs, untied), _rows(ids, untied), states
             )
         if ties:
-            wide_probs, wide_ids = tied_candidates(_rows(picked, ties), [params[p] for p in ties])
+            tied_params = [params[p] for p in ties]
+            wide_probs, wide_ids = tied_candidates(_rows(picked, ties), tied_params, top_k)
             _draw_into(tokens, [fast[p] for p in ties], wide_probs, wide_ids, states)
     for row in rows:
         if row not in tokens:

@@ -412,7 +412,7 @@ class Engine:
 
     def _sample(self, batch: list[_Running], hidden: torch.Tensor) -> None:
         logits = self.forward.lm_head(hidden)
-        tokens = choose_tokens(logits, [running.sampler for running in batch])
+        tokens = choose_tokens(logits, [running.sampler for running in batch], self.forward.top_k)
         now = time.monotonic()
         for running, token in zip(batch, tokens, strict=True):
             running.sampler.append(token)

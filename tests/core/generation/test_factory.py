@@ -11,6 +11,7 @@ import pytest
 
 from core.generation.cpu_features import fast_bf16_cpu
 from core.generation.engine.decoder import EngineDecoder
+from core.generation.engine.kernels.top_k import torch_top_k
 from core.generation.errors import ModelLoadError
 from core.generation.factory import UnknownBackendError, build_backend
 from core.settings import Settings
@@ -51,7 +52,7 @@ def test_missing_model_folder_fails(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
-async def test_the_engine_builds_its_kernel_into_the_configured_folder(
+async def test_the_engine_builds_its_kernels_into_the_configured_folder(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     folder = tmp_path / "kernels"
@@ -60,7 +61,9 @@ async def test_the_engine_builds_its_kernel_into_the_configured_folder(
     try:
         assert isinstance(backend.decoder, EngineDecoder)
         assert backend.decoder.engine.forward.decode_kernel is not None
-        assert [path.suffix for path in folder.iterdir()] == [".so"]
+        assert backend.decoder.engine.forward.top_k is not torch_top_k
+        built = sorted(path.name.split("-")[0] for path in folder.iterdir())
+        assert built == ["decode_attention", "top_k"]
     finally:
         await backend.close()
     off = settings(model=str(tiny_model_dir), device="cpu", engine_kernels="off")
@@ -68,5 +71,6 @@ async def test_the_engine_builds_its_kernel_into_the_configured_folder(
     try:
         assert isinstance(backend.decoder, EngineDecoder)
         assert backend.decoder.engine.forward.decode_kernel is None
+        assert backend.decoder.engine.forward.top_k is torch_top_k
     finally:
         await backend.close()

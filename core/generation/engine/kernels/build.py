@@ -1,8 +1,8 @@
 """Building the engine's C++ kernels into torch operators, once per machine, and loading them.
 
 A kernel is one `.cpp` file beside this module that registers its operators with
-`TORCH_LIBRARY(kobot, …)`. It is compiled with the machine's C++ compiler (`CXX`, else `c++`)
-against the installed torch, for the instruction set this CPU has (`isa_level`), into
+`TORCH_LIBRARY_FRAGMENT(kobot, …)`. It is compiled with the machine's C++ compiler (`CXX`,
+else `c++`) against the installed torch, for the instruction set this CPU has (`isa_level`), into
 `KOBOT_ENGINE_KERNEL_DIR` (default `~/.cache/kobot/kernels`). The library's name holds a digest
 of the source, the torch version and the flags, so a changed kernel or torch builds anew and a
 built one is loaded without a compiler (the Docker image builds them at image build time).

@@ -238,7 +238,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& buffer,
 
 }  // namespace
 
-TORCH_LIBRARY(kobot, m) {
+TORCH_LIBRARY_FRAGMENT(kobot, m) {
   m.def(
       "decode_attention(Tensor query, Tensor buffer, Tensor key_offsets, Tensor value_offsets, "
       "Tensor head_strides, Tensor lengths, float scale) -> Tensor");

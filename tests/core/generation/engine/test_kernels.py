@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,7 @@ from core.generation.engine.kernels.decode_attention import (
     load_decode_attention,
 )
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
-
-needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler"
-)
+from tests.support.kernels import needs_compiler
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +141,7 @@ def test_without_a_compiler_the_engine_keeps_torch_and_says_why(
     monkeypatch.setenv("CXX", "no-such-c++")
     with caplog.at_level(logging.WARNING):
         assert load_decode_attention("auto", tmp_path / "empty") is None
-    assert "decode attention kernel unavailable" in caplog.text and "CXX" in caplog.text
+    assert "decode_attention kernel unavailable" in caplog.text and "CXX" in caplog.text
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     with pytest.raises(ValueError, match="KOBOT_ENGINE_KERNELS"):
         load_decode_attention("fast", tmp_path)  # type: ignore[arg-type]
