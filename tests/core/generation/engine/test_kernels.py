@@ -25,15 +25,12 @@ from core.generation.engine.kernels.decode_attention import (
     load_decode_attention,
 )
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
-from tests.support.kernels import needs_compiler
+from tests.support.kernels import built_or_skip, needs_compiler
 
 
 @pytest.fixture(scope="module")
 def kernel() -> DecodeAttention:
-    loaded = load_decode_attention("auto")
-    if loaded is None:
-        pytest.skip("the kernel cannot be built here (no C++ compiler)")
-    return loaded
+    return built_or_skip(load_decode_attention("auto"))
 
 
 def reference(

@@ -13,15 +13,12 @@ from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.sampling import SamplerState, choose_tokens, top_candidates
-from tests.support.kernels import needs_compiler
+from tests.support.kernels import built_or_skip, needs_compiler
 
 
 @pytest.fixture(scope="module")
 def kernel() -> TopK:
-    loaded = load_top_k("auto")
-    if loaded is None:
-        pytest.skip("the kernel cannot be built here (no C++ compiler)")
-    return loaded
+    return built_or_skip(load_top_k("auto"))
 
 
 def reference(row: list[float], k: int) -> list[int]:
