@@ -24,11 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
-from core.generation.engine.kernels.decode_attention import (
-    DecodeAttention,
-    KernelMode,
-    load_decode_attention,
-)
+from core.generation.engine.kernels.decode_attention import DecodeAttention, load_decode_attention
+from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.linear import (
     TANH_GELU,
@@ -209,8 +206,8 @@ class GPT2Forward:
         """The sampler's candidate selection: the C++ kernel on a CPU (where it builds)."""
         if self.device.type == "cpu":
             self.top_k = load_top_k(kernels, kernel_dir) or torch_top_k
-        if self.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16):
-            self.decode_kernel = load_decode_attention(kernels, kernel_dir)
+            if self.dtype in (torch.float32, torch.bfloat16):
+                self.decode_kernel = load_decode_attention(kernels, kernel_dir)
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
         """Batched decode attention's KV pool without the kernel; off (0 bytes) until the engine
         sizes it."""

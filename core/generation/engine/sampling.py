@@ -173,7 +173,7 @@ def top_candidates(
     vocab = scores.shape[-1]
     ks = [min(p.top_k, vocab) for p in params]
     width = min(width or max(ks) + 1, vocab)
-    values, indices = top_k(scores.contiguous(), width)
+    values, indices = top_k(scores, width)
     k_index = torch.tensor([k - 1 for k in ks], device=scores.device)[:, None]
     kth = values.gather(1, k_index)
     tie_rows = _tied_rows(values, kth) if width < vocab else []
@@ -198,7 +198,7 @@ def tied_candidates(
     """`top_candidates` wide enough for every row's tie at its k-th score (all tied kept)."""
     vocab = scores.shape[-1]
     ks = torch.tensor([min(p.top_k, vocab) for p in params], device=scores.device)
-    kth = top_k(scores.contiguous(), int(ks.max()))[0].gather(1, (ks - 1)[:, None])
+    kth = top_k(scores, int(ks.max()))[0].gather(1, (ks - 1)[:, None])
     width = int((scores >= kth).sum(dim=-1).max()) + 1
     probs, ids, _ = top_candidates(scores, params, width, top_k)
     return probs, ids

@@ -43,7 +43,7 @@ import torch
 from core.generation.base import GenerationError, GenerationErrorKind, ModelLimits, SamplingParams
 from core.generation.device import free_cuda_cache
 from core.generation.engine.forward import GPT2Forward, SeqChunk
-from core.generation.engine.kernels.decode_attention import KernelMode
+from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
 from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
 from core.generation.errors import classify_error
@@ -93,8 +93,8 @@ class EngineConfig:
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
     kernels: KernelMode = "auto"
-    """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention on a CPU;
-    `off` keeps torch's matmuls (the forward's option too)."""
+    """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention and top-k on
+    a CPU; `off` keeps torch's ops (the forward's option too)."""
     kernel_dir: Path | None = None
     """KOBOT_ENGINE_KERNEL_DIR: where the built kernels are kept (None: `~/.cache/kobot`)."""
 

@@ -14,7 +14,7 @@ import torch
 
 from core.generation.engine.kernels.loading import KernelMode, load_operator
 
-__all__ = ["DecodeAttention", "KernelMode", "load_decode_attention"]
+__all__ = ["DecodeAttention", "load_decode_attention"]
 
 DecodeAttention = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],

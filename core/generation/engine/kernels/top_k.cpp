@@ -2,7 +2,8 @@
 // id first; NaN above everything, as torch.topk orders it), with their token ids. Registered as
 // a torch operator (torch.ops.kobot.top_k); built by kernels/build.py.
 //
-// The sampler needs the ~100 best of 51,200 logits per row. torch.topk copies every row into a
+// Rows of any layout are read contiguous (a copy only where they are not). The sampler needs
+// the ~100 best of 51,200 logits per row. torch.topk copies every row into a
 // scratch buffer of (value, index) pairs before selecting. This kernel makes two vector passes
 // over the row: the maxima of k chunks (their smallest is at most the k-th best score), then
 // the few scores at least that smallest maximum, of which it sorts the k best. Scores are
@@ -47,8 +48,8 @@ int32_t max_key(const float* row, int64_t n) {
   return top;
 }
 
-void collect_at_least(const float* row, int64_t begin, int64_t n, int32_t floor,
-                      std::vector<uint64_t>& out) {
+void collect_from(const float* row, int64_t begin, int64_t n, int32_t floor,
+                  std::vector<uint64_t>& out) {
   for (int64_t i = begin; i < n; ++i) {
     const int32_t key = order_key(row[i]);
     if (key >= floor) out.push_back(candidate(key, i));
@@ -61,36 +62,35 @@ constexpr int64_t LANES = 16;
 inline __m512i order_keys(const float* row) {
   const __m512 values = _mm512_loadu_ps(row);
   const __m512i bits = _mm512_castps_si512(values);
-  const __m512i magnitude = _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i magnitude =
+      _mm512_and_si512(_mm512_srai_epi32(bits, 31), _mm512_set1_epi32(0x7FFFFFFF));
   const __mmask16 nan = _mm512_cmp_ps_mask(values, values, _CMP_UNORD_Q);
-  return _mm512_mask_mov_epi32(_mm512_xor_si512(bits, magnitude), nan, _mm512_set1_epi32(INT32_MAX));
-}
-
-inline int32_t max_key16(const float* row, int64_t n) {  // n: a multiple of 16
-  __m512i top = _mm512_set1_epi32(INT32_MIN);
-  for (int64_t i = 0; i < n; i += LANES) top = _mm512_max_epi32(top, order_keys(row + i));
-  return _mm512_reduce_max_epi32(top);
+  return _mm512_mask_mov_epi32(_mm512_xor_si512(bits, magnitude), nan,
+                               _mm512_set1_epi32(INT32_MAX));
 }
 #endif
 
-// The k-th largest of the maxima of at least k chunks: at most the row's k-th best key.
-int32_t floor_key(const float* row, int64_t n, int64_t k, std::vector<int32_t>& maxima) {
-  maxima.clear();
+int32_t chunk_max(const float* row, int64_t n) {
 #if defined(__AVX512F__)
-  const int64_t vector_size = n / k / LANES * LANES;  // chunks of whole vectors, still >= k
-  if (vector_size > 0) {
-    int64_t begin = 0;
-    for (; begin + vector_size <= n; begin += vector_size) {
-      maxima.push_back(max_key16(row + begin, vector_size));
-    }
-    if (begin < n) maxima.push_back(max_key(row + begin, n - begin));
+  if (n % LANES == 0) {
+    __m512i top = _mm512_set1_epi32(INT32_MIN);
+    for (int64_t i = 0; i < n; i += LANES) top = _mm512_max_epi32(top, order_keys(row + i));
+    return _mm512_reduce_max_epi32(top);
   }
 #endif
-  if (maxima.empty()) {
-    const int64_t size = n / k;
-    for (int64_t begin = 0; begin < n; begin += size) {
-      maxima.push_back(max_key(row + begin, std::min(size, n - begin)));
-    }
+  return max_key(row, n);
+}
+
+// The k-th largest of the maxima of at least k chunks: at most the row's k-th best key. The
+// chunks are at most n / k long (whole vectors where that is one or more).
+int32_t floor_key(const float* row, int64_t n, int64_t k, std::vector<int32_t>& maxima) {
+  int64_t size = n / k;
+#if defined(__AVX512F__)
+  if (size >= LANES) size = size / LANES * LANES;
+#endif
+  maxima.clear();
+  for (int64_t begin = 0; begin < n; begin += size) {
+    maxima.push_back(chunk_max(row + begin, std::min(size, n - begin)));
   }
   std::nth_element(maxima.begin(), maxima.begin() + (k - 1), maxima.end(), std::greater<>());
   return maxima[static_cast<size_t>(k - 1)];
@@ -114,12 +114,13 @@ void collect_at_least(const float* row, int64_t n, int32_t floor, std::vector<ui
     }
   }
 #endif
-  collect_at_least(row, i, n, floor, out);
+  collect_from(row, i, n, floor, out);
 }
 
-std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& scores, int64_t k) {
-  TORCH_CHECK(scores.dim() == 2 && scores.is_contiguous() && scores.scalar_type() == at::kFloat,
-              "top_k: scores must be a contiguous float32 [rows, vocab]");
+std::tuple<at::Tensor, at::Tensor> top_k(const at::Tensor& input, int64_t k) {
+  TORCH_CHECK(input.dim() == 2 && input.scalar_type() == at::kFloat,
+              "top_k: scores must be float32 [rows, vocab]");
+  const at::Tensor scores = input.contiguous();
   const int64_t rows = scores.size(0), vocab = scores.size(1);
   TORCH_CHECK(k >= 1 && k <= vocab, "top_k: k must be in [1, vocab]");
   TORCH_CHECK(vocab <= INT32_MAX, "top_k: at most 2^31 - 1 scores a row");

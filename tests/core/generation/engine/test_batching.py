@@ -166,10 +166,8 @@ def test_decode_pool_logits_match_hugging_face_in_any_chunk_order() -> None:
 def test_decoded_kv_lives_in_the_pool_until_the_block_is_retired() -> None:
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300)).eval()
-    pooled, plain = (
-        pooled_forward(hf),
-        GPT2Forward(hf, kernels="off"),
-    )  # plain: every write into the arena
+    pooled = pooled_forward(hf)
+    plain = GPT2Forward(hf, kernels="off")  # every write into the arena
     arenas = [KVArena(pooled.dims, 1 << 22, "cpu", torch.float32) for _ in range(2)]
     ids = list(range(10, 40))
     views = []
