@@ -454,6 +454,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--decode-pool", choices=["auto", "on", "off"], default="auto", help="EngineConfig"
     )
     parser.add_argument(
+        "--graphs", choices=["auto", "off", "static"], default="auto", help="KOBOT_ENGINE_GRAPHS"
+    )
+    parser.add_argument(
         "--cache-dir",
         type=Path,
         default=Path(os.environ.get("KOBOT_BENCH_CACHE", Path.home() / ".cache" / "kobot-bench")),
@@ -566,7 +569,9 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
     )
 
     def start() -> Engine:
-        forward = GPT2Forward(bench.model, args.compile, args.quant, args.kernels)
+        forward = GPT2Forward(
+            bench.model, args.compile, args.quant, args.kernels, graphs=args.graphs
+        )
         return Engine(forward, config)
 
     engine = on_a_fresh_thread(start)
@@ -628,11 +633,19 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
         "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
         "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
         "decode attention": "kernel" if engine.forward.decode_kernel else "torch",
+        "static decode steps": static_steps(engine.forward),
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
         f"of {arena.budget_bytes / MB:.0f} MB"
         + f" (+ decode pool {engine.forward.decode_slots.pool_bytes / MB:.0f} MB)",
     }
+
+
+def static_steps(forward: GPT2Forward) -> str:
+    graphs = forward.decode_graphs
+    if graphs is None:
+        return "off"
+    return f"{graphs.steps} ({graphs.captured} CUDA graphs captured)"
 
 
 async def main(argv: Sequence[str] | None = None) -> None:

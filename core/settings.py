@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     engine_quant: Literal["off", "int8"] = "off"
     engine_kernels: Literal["auto", "off"] = "auto"
     engine_kernel_dir: str | None = Field(None, min_length=1)
+    engine_graphs: Literal["auto", "off", "static"] = "auto"
 
     # Dialogue
     context_scope: ContextScope = ContextScope.USER_IN_CHAT

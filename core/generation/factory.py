@@ -100,6 +100,7 @@ def _load_local_decoder(settings: Settings) -> Decoder:
         quant=settings.engine_quant,
         kernels=settings.engine_kernels,
         kernel_dir=Path(settings.engine_kernel_dir) if settings.engine_kernel_dir else None,
+        graphs=settings.engine_graphs,
     )
     try:
         return EngineDecoder(loaded, start_engine(loaded, config, settings.engine_compile))

@@ -56,7 +56,7 @@ def start_engine(loaded: LoadedModel, config: EngineConfig, compile_mode: Compil
     """The engine over `loaded`; UnsupportedModelError when it is not a plain GPT-2,
     ModelLoadError when the KV budget cannot be reserved."""
     forward = GPT2Forward(
-        loaded.model, compile_mode, config.quant, config.kernels, config.kernel_dir
+        loaded.model, compile_mode, config.quant, config.kernels, config.kernel_dir, config.graphs
     )
     try:
         return Engine(forward, config)
@@ -123,6 +123,7 @@ class EngineDecoder:
         """The engine's counters, its KV arena's use, and whether the C++ decode attention runs
         (1) or torch's (0)."""
         stats, arena = self.engine.stats, self.engine.arena
+        graphs = self.engine.forward.decode_graphs
         figures = {
             "engine_steps_total": stats.steps,
             "engine_finished_total": stats.finished,
@@ -135,6 +136,8 @@ class EngineDecoder:
             "kv_decode_pool_bytes": self.engine.forward.decode_slots.pool_bytes,
             "decode_kernel": self.engine.forward.decode_kernel is not None,
             "top_k_kernel": self.engine.forward.top_k is not torch_top_k,
+            "decode_graphs_captured": graphs.captured if graphs is not None else 0,
+            "decode_graph_steps_total": graphs.steps if graphs is not None else 0,
         }
         return {name: float(value) for name, value in figures.items()}
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from core.generation.engine.graphs import DecodeGraphs, GraphMode, graph_capture
 from core.generation.engine.kernels.decode_attention import DecodeAttention, load_decode_attention
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
@@ -37,7 +38,7 @@ from core.generation.engine.linear import (
     prepare_linear,
     prepare_residual,
 )
-from core.generation.engine.slots import DecodePlan, DecodeSlots
+from core.generation.engine.slots import BlockKey, DecodePlan, DecodeSlots
 
 __all__ = ["GPT2Dims", "GPT2Forward", "LayerWeights", "SeqChunk", "UnsupportedModelError"]
 
@@ -163,7 +164,8 @@ class GPT2Forward:
     """The forward pass of a `GPT2LMHeadModel`, over ragged sequences with external KV.
 
     `quant="int8"` runs every projection and the LM head on int8 weights (CPU); otherwise the
-    dense kernels are the model dtype's fastest here (`linear.choose_kind`).
+    dense kernels are the model dtype's fastest here (`linear.choose_kind`). `graphs`: decode
+    steps over the pool at static shapes, captured in CUDA graphs on a GPU (`graphs`).
     """
 
     def __init__(
@@ -173,6 +175,7 @@ class GPT2Forward:
         quant: str = "off",
         kernels: KernelMode = "auto",
         kernel_dir: Path | None = None,
+        graphs: GraphMode = "auto",
     ) -> None:
         config = model.config
         check_supported(config)
@@ -211,6 +214,11 @@ class GPT2Forward:
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
         """Batched decode attention's KV pool without the kernel; off (0 bytes) until the engine
         sizes it."""
+        capture = graph_capture(graphs, self.device)
+        self.decode_graphs: DecodeGraphs | None = None
+        """Decode-only steps over the pool at static shapes (CUDA graphs on a GPU)."""
+        if capture is not None and self.decode_kernel is None:
+            self.decode_graphs = DecodeGraphs(self.static_decode, self.device, capture)
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
         if compile_mode == "compile":
@@ -247,6 +255,9 @@ class GPT2Forward:
         one-token chunks the decode pool holds write theirs into the pool only (`slots`: the
         engine calls `retire` before it caches or frees such a block).
         """
+        static = self._graph_step(chunks, kv_buffer)
+        if static is not None:
+            return static
         ids, positions, bounds = self._packed_inputs(chunks)
         decode = self._decode_plan(chunks, kv_buffer)
         writer = None
@@ -255,18 +266,59 @@ class GPT2Forward:
             writer = KVWriter(chunks, bounds, pooled, kv_buffer, self.dims)
         if decode is not None:
             decode.locate(bounds, self.device)
-        x = (self.wte[ids] + self.wpe[positions]).to(self.activation_dtype)
-        for index, layer in enumerate(self.layers):
-            qkv = self._pre(x, layer, self.linears[index])
-            split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
+
+        def attend(index: int, split: torch.Tensor) -> torch.Tensor:
             if writer is not None:
                 writer.write(index, split)
-            attended = self._attention(index, split, chunks, bounds, writer is None, decode)
-            x = self._post(x, attended, layer, self.linears[index])
+            return self._attention(index, split, chunks, bounds, writer is None, decode)
+
+        x = self._layers(self._embed(ids, positions), attend)
         if len(bounds) == x.shape[0]:
             return x
         last = torch.tensor([end - 1 for _, end in bounds], device=self.device)
         return x.index_select(0, last)
+
+    def static_decode(self, inputs: torch.Tensor, span: int) -> torch.Tensor:
+        """A decode step over the pool at static shapes, with no host data (what a CUDA graph
+        captures): `inputs` `[3, batch]` holds each row's token, position and pool slot; every
+        slot of the pool is attended over `span` positions. Hidden states `[batch, n_embd]`."""
+        tokens, positions, slots = inputs.unbind(0)
+        pool = self.decode_slots.pool
+        assert pool is not None
+        plan = DecodePlan(pool, slots, positions, used=pool.shape[2], span=span)
+        return self._layers(
+            self._embed(tokens, positions),
+            lambda index, split: plan.attend(index, split, self.scale),
+        )
+
+    def _graph_step(
+        self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """A decode-only step over the pool by `decode_graphs`; None when it does not apply."""
+        graphs, slots = self.decode_graphs, self.decode_slots
+        if graphs is None or kv_buffer is None or slots.max_bytes <= 0:
+            return None
+        if any(len(chunk.ids) != 1 for chunk in chunks):
+            return None
+        starts = [chunk.start for chunk in chunks]
+        assigned = slots.assign(self._pool_keys(chunks, kv_buffer), [c.kv for c in chunks], starts)
+        if assigned is None or slots.pool is None:
+            return None
+        tokens = [chunk.ids[0] for chunk in chunks]
+        return graphs.run(
+            slots.pool, tokens, starts, assigned, slots.spare_slot, slots.span(starts)
+        )
+
+    def discard_decode(self) -> None:
+        """Forget every decoding sequence (their blocks are being freed: a failed step, a
+        shutdown): pool slots freed without copying back, graphs dropped."""
+        self.decode_slots.discard()
+        if self.decode_graphs is not None:
+            self.decode_graphs.clear()
+
+    def _pool_keys(self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor) -> list[BlockKey]:
+        origin = kv_buffer.storage_offset()
+        return [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in chunks]
 
     def _decode_plan(
         self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None
@@ -287,9 +339,8 @@ class GPT2Forward:
         if not rows:
             self.decode_slots.release_others(set())
             return None
-        origin = kv_buffer.storage_offset()
         picked = [chunks[i] for i in rows]
-        keys = [(int(c.kv.storage_offset() - origin), int(c.kv.shape[3])) for c in picked]
+        keys = self._pool_keys(picked, kv_buffer)
         plan = self.decode_slots.prepare(keys, [c.kv for c in picked], [c.start for c in picked])
         return None if plan is None else DecodeRows(plan, rows, len(chunks), self.device)
 
@@ -322,6 +373,20 @@ class GPT2Forward:
             bounds.append((begin, len(ids)))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=self.device)  # noqa: E731
         return as_tensor(ids), as_tensor(positions), bounds
+
+    def _embed(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return (self.wte[ids] + self.wpe[positions]).to(self.activation_dtype)
+
+    def _layers(
+        self, x: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Every block over the packed rows `x`; `attend(layer, qkv [rows, 3, heads, head_dim])`
+        gives each layer's attention output `[rows, n_embd]`."""
+        for index, layer in enumerate(self.layers):
+            qkv = self._pre(x, layer, self.linears[index])
+            split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
+            x = self._post(x, attend(index, split), layer, self.linears[index])
+        return x
 
     def _pre_attention(
         self, x: torch.Tensor, layer: LayerWeights, linears: LayerLinears

@@ -43,6 +43,7 @@ import torch
 from core.generation.base import GenerationError, GenerationErrorKind, ModelLimits, SamplingParams
 from core.generation.device import free_cuda_cache
 from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.graphs import GraphMode
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
 from core.generation.engine.sampling import LogitsHook, SamplerState, choose_tokens
@@ -97,6 +98,10 @@ class EngineConfig:
     a CPU; `off` keeps torch's ops (the forward's option too)."""
     kernel_dir: Path | None = None
     """KOBOT_ENGINE_KERNEL_DIR: where the built kernels are kept (None: `~/.cache/kobot`)."""
+    graphs: GraphMode = "auto"
+    """KOBOT_ENGINE_GRAPHS: decode-only steps over the decode pool at static shapes, captured
+    in CUDA graphs (`auto`, on CUDA) or run eagerly (`static`); `off`: the eager step
+    (`engine.graphs`; the forward's option too)."""
 
 
 DECODE_POOL_SHARE = 1 / 3
@@ -360,7 +365,7 @@ class Engine:
             logger.error("engine step failed: %s", mapped, exc_info=error)
             if mapped.kind is GenerationErrorKind.OUT_OF_MEMORY:
                 free_cuda_cache()
-            self.forward.decode_slots.discard()  # the running blocks are freed below
+            self.forward.discard_decode()  # the running blocks are freed below
             for running in self._running:
                 self.arena.free(running.block)
                 running.handle.fail(mapped)
@@ -561,7 +566,7 @@ class Engine:
 
     def _shut_down(self) -> None:
         closed = GenerationError(GenerationErrorKind.UNAVAILABLE, "the engine is closed")
-        self.forward.decode_slots.discard()
+        self.forward.discard_decode()
         for running in list(self._running):
             self.arena.free(running.block)
             running.handle.fail(closed)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LENGTH_BUCKET", "DecodeSlots"]
+__all__ = ["LENGTH_BUCKET", "BlockKey", "DecodePlan", "DecodeSlots", "pool_rows"]
 
 LENGTH_BUCKET = 64
 ATTEND_BUCKET_CPU = 16
@@ -80,6 +80,11 @@ class DecodeSlots:
         return 0 if self.pool is None else self.pool.shape[2]
 
     @property
+    def spare_slot(self) -> int | None:
+        """A slot no sequence holds now (where a static-shape step pads), if any."""
+        return self.free[-1] if self.free else None
+
+    @property
     def length(self) -> int:
         return 0 if self.pool is None else self.pool.shape[4]
 
@@ -91,8 +96,17 @@ class DecodeSlots:
     def prepare(
         self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], starts: Sequence[int]
     ) -> DecodePlan | None:
-        """Slots for these sequences (block key, block view, position of the new token), their
-        missing KV copied in; None when the pool would exceed `max_bytes`."""
+        """This step's plan over the pool (`assign`); None when the pool would exceed
+        `max_bytes`."""
+        slots = self.assign(keys, blocks, starts)
+        return None if slots is None else DecodePlan.of(self, slots, starts)
+
+    def assign(
+        self, keys: Sequence[BlockKey], blocks: Sequence[torch.Tensor], starts: Sequence[int]
+    ) -> list[int] | None:
+        """The slots of these sequences (block key, block view, position of the new token),
+        their missing KV copied in; every other slot released. None (and no slot kept) when the
+        pool would exceed `max_bytes`."""
         self.release_others(set(keys))
         new_keys = sum(key not in self.slot_of for key in keys)
         if not self._fit(new_keys, max(starts) + 1, device=blocks[0].device):
@@ -112,7 +126,14 @@ class DecodeSlots:
             self.filled[key] = start + 1
             self.synced[key] = min(self.synced[key], start)
             slots.append(slot)
-        return DecodePlan(self, slots, list(starts))
+        return slots
+
+    def span(self, starts: Sequence[int]) -> int:
+        """The positions a step attends over: its longest sequence's, rounded up to the device's
+        granule (`LENGTH_BUCKET` on CUDA, the static shapes of a graph), within the pool."""
+        assert self.pool is not None
+        granule = LENGTH_BUCKET if self.pool.device.type == "cuda" else ATTEND_BUCKET_CPU
+        return min(round_up(max(starts) + 1, granule), self.length)
 
     def release_others(self, present: set[BlockKey]) -> None:
         """Release the slots of blocks not decoding this step (their KV copied back first)."""
@@ -202,41 +223,49 @@ class DecodeSlots:
 
 
 class DecodePlan:
-    """One step's use of the pool: each sequence's slot and new position."""
+    """One step's use of the pool: which slot each sequence's token goes to, and at which
+    position, as device tensors; built with no host data (`DecodePlan(...)`, what a CUDA graph
+    captures) or from lists (`of`)."""
 
-    def __init__(self, owner: DecodeSlots, slots: list[int], starts: list[int]) -> None:
-        assert owner.pool is not None
-        self.pool = owner.pool
-        _, heads, head_dim = owner.shape
-        device = self.pool.device
-        self.used = max(slots) + 1
-        granule = LENGTH_BUCKET if device.type == "cuda" else ATTEND_BUCKET_CPU
-        self.bucket = min(round_up(max(starts) + 1, granule), owner.length)
-        slot = torch.tensor(slots, device=device)
-        start = torch.tensor(starts, device=device)
+    def __init__(
+        self,
+        pool: torch.Tensor,
+        slot: torch.Tensor,
+        start: torch.Tensor,
+        used: int,
+        span: int,
+        scatter: bool = True,
+    ) -> None:
+        """`slot`, `start`: each sequence's slot and new position; attention runs over the
+        first `used` slots and `span` positions; `scatter`: the sequences' rows are not slots
+        `0…used-1` in order (their queries are scattered into the slots, the results gathered)."""
+        self.pool = pool
         self.slot = slot
-        total_slots, length = owner.slots, owner.length
-        kind = torch.arange(2, device=device)[None, :, None]
-        head = torch.arange(heads, device=device)[None, None, :]
-        # row (of head_dim values) of (sequence, k/v, head) in layer 0 of the pool
-        self.first = (
-            ((kind * total_slots + slot[:, None, None]) * heads + head) * length
-            + start[:, None, None]
-        ).flatten()
-        n_layer = self.pool.shape[0]
-        layer_offsets = torch.arange(n_layer, device=device)[:, None] * (
-            2 * total_slots * heads * length
-        )
-        self.rows = self.first[None, :] + layer_offsets
+        self.used = used
+        self.span = span
+        self.scatter = scatter
+        n_layer, _, total_slots, heads, length, _ = pool.shape
+        first = pool_rows(slot, start, total_slots, heads, length)
+        layer_offsets = torch.arange(n_layer, device=pool.device)[:, None]
+        self.rows = first[None, :] + layer_offsets * (2 * total_slots * heads * length)
         """`rows[layer]`: the pool rows this step's K/V go to, every layer's computed at once."""
-        self.rows2d = self.pool.view(-1, head_dim)
-        lengths = torch.ones(self.used, dtype=torch.long, device=device)  # idle slots: 1 key
-        lengths[slot] = start + 1
-        positions = torch.arange(self.bucket, device=device)
+        self.rows2d = pool.view(-1, pool.shape[-1])
+        lengths = torch.ones(used, dtype=torch.long, device=pool.device)  # idle slots: 1 key
+        lengths.index_copy_(0, slot, start + 1)
+        positions = torch.arange(span, device=pool.device)
         self.mask = (positions[None, :] < lengths[:, None])[:, None, None, :]
-        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=device)
+        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=pool.device)
         self.bias.masked_fill_(~self.mask, float("-inf"))
-        self.identity = slots == list(range(len(slots)))
+
+    @classmethod
+    def of(cls, owner: DecodeSlots, slots: list[int], starts: Sequence[int]) -> DecodePlan:
+        """The plan of `owner.assign`'s slots, attending over the slots in use only."""
+        assert owner.pool is not None
+        device = owner.pool.device
+        used = max(slots) + 1
+        scatter = slots != list(range(used))
+        slot, start = (torch.tensor(values, device=device) for values in (slots, list(starts)))
+        return cls(owner.pool, slot, start, used, owner.span(starts), scatter)
 
     def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
         """`split` `[B, 3, heads, head_dim]` (these sequences' rows, in order): write their K/V
@@ -245,13 +274,13 @@ class DecodePlan:
         batch, _, heads, head_dim = split.shape
         new_kv = split[:, 1:].reshape(-1, head_dim).to(self.pool.dtype)
         self.rows2d.index_copy_(0, self.rows[layer], new_kv)
-        keys = self.pool[layer, 0, : self.used, :, : self.bucket]
-        values = self.pool[layer, 1, : self.used, :, : self.bucket]
+        keys = self.pool[layer, 0, : self.used, :, : self.span]
+        values = self.pool[layer, 1, : self.used, :, : self.span]
         query = split[:, 0].unsqueeze(2).to(self.pool.dtype)  # [B, heads, 1, head_dim]
-        if not self.identity or self.used != batch:
+        if self.scatter:
             query = query.new_zeros(self.used, heads, 1, head_dim).index_copy_(0, self.slot, query)
         attended = self._attention(query, keys, values, scale)
-        if not self.identity or self.used != batch:
+        if self.scatter:
             attended = attended.index_select(0, self.slot)
         return attended.reshape(batch, heads * head_dim).to(split.dtype)
 
@@ -268,3 +297,15 @@ class DecodePlan:
             )
         scores = torch.matmul(query, keys.transpose(-1, -2)).float().mul_(scale).add_(self.bias)
         return torch.matmul(scores.softmax(-1).to(values.dtype), values)
+
+
+def pool_rows(
+    slot: torch.Tensor, start: torch.Tensor, total_slots: int, heads: int, length: int
+) -> torch.Tensor:
+    """The rows (of `head_dim` values) in layer 0 of a pool `[n_layer, 2, total_slots, heads,
+    length, head_dim]` of each sequence's new key and value in every head, `[B * 2 * heads]`."""
+    device = slot.device
+    kind = torch.arange(2, device=device)[None, :, None]
+    head = torch.arange(heads, device=device)[None, None, :]
+    rows = ((kind * total_slots + slot[:, None, None]) * heads + head) * length
+    return (rows + start[:, None, None]).flatten()

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core.generation.base import GenerationRequest, SamplingParams
 from core.generation.cpu_features import fast_bf16_cpu
 from core.generation.engine.decoder import EngineDecoder
 from core.generation.engine.kernels.top_k import torch_top_k
@@ -72,5 +73,24 @@ async def test_the_engine_builds_its_kernels_into_the_configured_folder(
         assert isinstance(backend.decoder, EngineDecoder)
         assert backend.decoder.engine.forward.decode_kernel is None
         assert backend.decoder.engine.forward.top_k is torch_top_k
+    finally:
+        await backend.close()
+
+
+async def test_static_decode_steps_are_configured_by_the_graphs_setting(
+    tiny_model_dir: Path,
+) -> None:
+    chosen = settings(
+        model=str(tiny_model_dir), device="cpu", engine_kernels="off", engine_graphs="static"
+    )
+    backend = await asyncio.to_thread(build_backend, chosen)
+    try:
+        assert isinstance(backend.decoder, EngineDecoder)
+        graphs = backend.decoder.engine.forward.decode_graphs
+        assert graphs is not None and not graphs.capture
+        params = SamplingParams(max_new_tokens=6, temperature=0.0)
+        reply = await backend.generate(GenerationRequest((5, 6, 7, 8), params))
+        assert reply.new_tokens >= 2 and graphs.steps >= 1
+        assert backend.stats()["decode_graph_steps_total"] == graphs.steps
     finally:
         await backend.close()
