@@ -251,10 +251,10 @@ class GPT2Forward:
         `ln_f`) of each chunk's last token, `[len(chunks), n_embd]`.
 
         When every block is a view of the flat tensor `kv_buffer` (the engine's arena), each
-        layer writes all new K/V with one indexed copy instead of one copy per chunk; the
-        one-token chunks the decode pool holds write theirs into the pool only (`slots`: the
-        engine calls `retire` before it caches or frees such a block).
-        """
+        layer writes all new K/V with one indexed copy instead of one copy per chunk, but for
+        the one-token chunks of a batched decode: the kernel writes theirs into the arena, the
+        decode pool into the pool only (`slots`: the engine calls `retire` before it caches or
+        frees such a block)."""
         static = self._graph_step(chunks, kv_buffer)
         if static is not None:
             return static
@@ -262,8 +262,8 @@ class GPT2Forward:
         decode = self._decode_plan(chunks, kv_buffer)
         writer = None
         if kv_buffer is not None:
-            pooled = decode.row_set if decode is not None and decode.pooled else frozenset()
-            writer = KVWriter(chunks, bounds, pooled, kv_buffer, self.dims)
+            written = decode.row_set if decode is not None else frozenset()
+            writer = KVWriter(chunks, bounds, written, kv_buffer, self.dims)
         if decode is not None:
             decode.locate(bounds, self.device)
 
@@ -333,7 +333,7 @@ class GPT2Forward:
             in_place = ArenaDecode(
                 self.decode_kernel, [chunks[i] for i in rows], kv_buffer, self.dims
             )
-            return DecodeRows(in_place, rows, len(chunks), self.device, pooled=False)
+            return DecodeRows(in_place, rows, len(chunks), self.device)
         if self.decode_slots.max_bytes <= 0:
             return None
         if not rows:
@@ -456,7 +456,7 @@ class GPT2Forward:
 
 class ArenaDecode:
     """One step's decode attention by the kernel, over each sequence's arena block in place
-    (its new K/V written there first, by `KVWriter`)."""
+    (the kernel writes the new K/V there first)."""
 
     def __init__(
         self,
@@ -481,29 +481,23 @@ class ArenaDecode:
     def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
         """`split` `[B, 3, heads, head_dim]` (these sequences' rows, in order) -> `[B, n_embd]`."""
         batch, _, heads, head_dim = split.shape
-        query = split[:, 0].to(self.flat.dtype).contiguous()
         shift = self.layer_step * layer
         attended = self.kernel(
-            query, self.flat, self.keys + shift, self.values + shift, self.head_strides,
-            self.lengths, scale,
+            split.to(self.flat.dtype), self.flat, self.keys + shift, self.values + shift,
+            self.head_strides, self.lengths, scale,
         )  # fmt: skip
         return attended.reshape(batch, heads * head_dim).to(split.dtype)
 
 
 class DecodeRows:
-    """A step's one-token chunks (`rows`, chunk indices) and their batched attention: a
-    `DecodePlan` over the pool (`pooled`: their K/V go to the pool only) or an `ArenaDecode`."""
+    """A step's one-token chunks (`rows`, chunk indices) and their batched attention, which
+    also writes their new K/V: a `DecodePlan` into the pool (only), an `ArenaDecode` into the
+    arena."""
 
     def __init__(
-        self,
-        plan: DecodePlan | ArenaDecode,
-        rows: list[int],
-        n_chunks: int,
-        device: torch.device,
-        pooled: bool = True,
+        self, plan: DecodePlan | ArenaDecode, rows: list[int], n_chunks: int, device: torch.device
     ) -> None:
         self.plan = plan
-        self.pooled = pooled
         self.rows = rows
         self.row_set = frozenset(rows)
         self.leading = rows == list(range(len(rows)))

@@ -160,12 +160,14 @@ inline float softmax_unnormalized(float* p, int64_t n) {
 }
 
 template <typename T>
-void attend(const at::Tensor& query, const at::Tensor& buffer, const int64_t* key_offsets,
+void attend(const at::Tensor& qkv, at::Tensor& buffer, const int64_t* key_offsets,
             const int64_t* value_offsets, const int64_t* head_strides, const int64_t* lengths,
             float scale, at::Tensor& out) {
-  const int64_t heads = query.size(1), dim = query.size(2);
-  const T* q_base = query.data_ptr<T>();
-  const T* kv = buffer.data_ptr<T>();
+  const int64_t heads = qkv.size(2), dim = qkv.size(3);
+  const int64_t row_stride = qkv.stride(0), part_stride = qkv.stride(1);
+  const int64_t head_stride = qkv.stride(2);
+  const T* qkv_base = qkv.data_ptr<T>();
+  T* kv = buffer.data_ptr<T>();
   T* o_base = out.data_ptr<T>();
   const auto keys_of = [&](int64_t row) {
     return kv + key_offsets[row / heads] + (row % heads) * head_strides[row / heads];
@@ -173,15 +175,19 @@ void attend(const at::Tensor& query, const at::Tensor& buffer, const int64_t* ke
   const auto values_of = [&](int64_t row) {
     return kv + value_offsets[row / heads] + (row % heads) * head_strides[row / heads];
   };
-  at::parallel_for(0, query.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, qkv.size(0) * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> q(dim), sum(dim), p;
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = lengths[row / heads];
-      const T* q_row = q_base + row * dim;
+      const T* q_row = qkv_base + (row / heads) * row_stride + (row % heads) * head_stride;
+      T* keys = keys_of(row);
+      T* values = values_of(row);
+      // The new token's key and value go to position n - 1 first: it attends to itself.
+      std::copy(q_row + part_stride, q_row + part_stride + dim, keys + (n - 1) * dim);
+      std::copy(q_row + 2 * part_stride, q_row + 2 * part_stride + dim, values + (n - 1) * dim);
       for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
       p.resize(n);
-      const T* values = values_of(row);
-      scores(q.data(), keys_of(row), n, dim, p.data(), values);
+      scores(q.data(), keys, n, dim, p.data(), values);
       const float inverse = softmax_unnormalized(p.data(), n);
       const bool last = row + 1 == end;
       weighted_sum(p.data(), values, n, dim, sum.data(), last ? values : keys_of(row + 1),
@@ -199,20 +205,21 @@ const int64_t* int64_data(const at::Tensor& t, int64_t rows, const char* name) {
   return t.data_ptr<int64_t>();
 }
 
-// query [B, H, D] (contiguous). Row b's keys for head h are `lengths[b]` rows of D contiguous
-// values at buffer[key_offsets[b] + h * head_strides[b]], its values likewise from
-// value_offsets[b]: the engine's KV arena blocks [n_layer, 2, H, capacity, D], read in place.
-// Returns [B, H, D] in the query's dtype.
-at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& buffer,
+// qkv [B, 3, H, D] (each row of D contiguous): the new token's query, key and value of each
+// sequence b. Row b's keys for head h are `lengths[b]` rows of D contiguous values at
+// buffer[key_offsets[b] + h * head_strides[b]], its values likewise from value_offsets[b]: the
+// engine's KV arena blocks [n_layer, 2, H, capacity, D], read in place. The new key and value
+// are written at position lengths[b] - 1 first. Returns [B, H, D] in qkv's dtype.
+at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
                             const at::Tensor& key_offsets, const at::Tensor& value_offsets,
                             const at::Tensor& head_strides, const at::Tensor& lengths,
                             double scale) {
-  TORCH_CHECK(query.dim() == 3 && query.is_contiguous(),
-              "decode_attention: query must be a contiguous [B, H, D]");
+  TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3 && qkv.stride(3) == 1,
+              "decode_attention: qkv must be [B, 3, H, D] with rows of D contiguous values");
   TORCH_CHECK(buffer.is_contiguous(), "decode_attention: the KV buffer must be contiguous");
-  TORCH_CHECK(buffer.scalar_type() == query.scalar_type(),
-              "decode_attention: query and KV buffer must share a dtype");
-  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(2);
+  TORCH_CHECK(buffer.scalar_type() == qkv.scalar_type(),
+              "decode_attention: qkv and KV buffer must share a dtype");
+  const int64_t rows = qkv.size(0), heads = qkv.size(2), dim = qkv.size(3);
   const int64_t* k = int64_data(key_offsets, rows, "key_offsets");
   const int64_t* v = int64_data(value_offsets, rows, "value_offsets");
   const int64_t* stride = int64_data(head_strides, rows, "head_strides");
@@ -224,12 +231,12 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& buffer,
     TORCH_CHECK(k[b] >= 0 && v[b] >= 0 && k[b] + span <= size && v[b] + span <= size,
                 "decode_attention: keys or values outside the KV buffer");
   }
-  at::Tensor out = at::empty_like(query);
+  at::Tensor out = at::empty({rows, heads, dim}, qkv.options());
   const float scale_f = static_cast<float>(scale);
-  if (query.scalar_type() == at::kFloat) {
-    attend<float>(query, buffer, k, v, stride, n, scale_f, out);
-  } else if (query.scalar_type() == at::kBFloat16) {
-    attend<c10::BFloat16>(query, buffer, k, v, stride, n, scale_f, out);
+  if (qkv.scalar_type() == at::kFloat) {
+    attend<float>(qkv, buffer, k, v, stride, n, scale_f, out);
+  } else if (qkv.scalar_type() == at::kBFloat16) {
+    attend<c10::BFloat16>(qkv, buffer, k, v, stride, n, scale_f, out);
   } else {
     TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
   }
@@ -240,7 +247,7 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& buffer,
 
 TORCH_LIBRARY_FRAGMENT(kobot, m) {
   m.def(
-      "decode_attention(Tensor query, Tensor buffer, Tensor key_offsets, Tensor value_offsets, "
+      "decode_attention(Tensor qkv, Tensor(a!) buffer, Tensor key_offsets, Tensor value_offsets, "
       "Tensor head_strides, Tensor lengths, float scale) -> Tensor");
 }
 

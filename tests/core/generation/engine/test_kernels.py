@@ -1,5 +1,6 @@
-"""The C++ decode attention (`kobot::decode_attention`): its results against softmax attention,
-its argument checks, and how it is built, reused and done without."""
+"""The C++ decode attention (`kobot::decode_attention`): its writes of the new K/V and its
+results against softmax attention, its argument checks, and how it is built, reused and done
+without."""
 
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ Case = tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], Layout, list[int]]
 
 
 def random_case(dtype: torch.dtype, head_dim: int, seed: int) -> Case:
-    """Four blocks of different capacities in one buffer, out of order, with gaps between."""
+    """Four blocks of different capacities in one buffer, out of order, with gaps between, and
+    each row's query, key and value `[4, 3, heads, head_dim]`, strided as the engine's are (a
+    slice of a wider packed batch)."""
     generator = torch.Generator().manual_seed(seed)
     heads, capacities, lengths = 4, [16, 48, 32, 40], [1, 48, 17, 33]
     starts = [x * head_dim for x in (670, 2, 400, 810)]
@@ -61,7 +64,8 @@ def random_case(dtype: torch.dtype, head_dim: int, seed: int) -> Case:
     for start, capacity in zip(starts, capacities, strict=True):
         size = 2 * heads * capacity * head_dim
         blocks.append(buffer[start : start + size].view(2, heads, capacity, head_dim))
-    query = torch.randn(4, heads, head_dim, generator=generator).to(dtype)
+    packed = torch.randn(6, 3, heads, head_dim, generator=generator).to(dtype)
+    qkv = packed[1:5]
     value_offsets = [s + heads * c * head_dim for s, c in zip(starts, capacities, strict=True)]
     args = (
         torch.tensor(starts),
@@ -69,22 +73,30 @@ def random_case(dtype: torch.dtype, head_dim: int, seed: int) -> Case:
         torch.tensor([c * head_dim for c in capacities]),
         torch.tensor(lengths),
     )
-    return query, buffer, blocks, args, lengths
+    return qkv, buffer, blocks, args, lengths
 
 
 @pytest.mark.parametrize("head_dim", [64, 40])  # GPT-2's (hand-vectorized) and any other
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_each_row_attends_over_its_own_block_and_length_only(
+def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_only(
     kernel: DecodeAttention, head_dim: int, dtype: torch.dtype, tolerance: float
 ) -> None:
-    query, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
-    got = kernel(query, buffer, *args, 0.125)
-    assert got.dtype == dtype and got.shape == query.shape
-    expected = reference(query, blocks, lengths, 0.125)
+    qkv, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
+    before = buffer.clone()
+    got = kernel(qkv, buffer, *args, 0.125)
+    assert got.dtype == dtype and got.shape == (4, qkv.shape[2], head_dim)
+    undone = buffer.clone()
+    for block, row, n in zip(blocks, qkv, lengths, strict=True):
+        assert torch.equal(block[:, :, n - 1], row[1:])  # the new key and value, in place
+        same_in = [t.as_strided(block.shape, block.stride(), block.storage_offset())
+                   for t in (undone, before)]  # fmt: skip
+        same_in[0][:, :, n - 1] = same_in[1][:, :, n - 1]
+    assert torch.equal(undone, before)  # nothing else was written
+    expected = reference(qkv[:, 0], blocks, lengths, 0.125)
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
     blocks[2][:, :, lengths[2] :] = 1e4  # a block's positions past its length are never read
     buffer[: 2 * head_dim] = float("nan")  # nor anything outside the blocks
-    torch.testing.assert_close(kernel(query, buffer, *args, 0.125), got, atol=0, rtol=0)
+    torch.testing.assert_close(kernel(qkv, buffer, *args, 0.125), got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -96,14 +108,16 @@ def test_each_row_attends_over_its_own_block_and_length_only(
 def test_bad_arguments_are_refused_before_anything_is_read(
     kernel: DecodeAttention, which: int, row: int, value: int | None, message: str
 ) -> None:
-    query, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
+    qkv, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
     args = list(layout)
     if value is None:
         args[which] = args[which][:2]
     else:
         args[which][row] = value
+    before = buffer.clone()
     with pytest.raises(RuntimeError, match=message):
-        kernel(query, buffer, args[0], args[1], args[2], args[3], 0.125)
+        kernel(qkv, buffer, args[0], args[1], args[2], args[3], 0.125)
+    assert torch.equal(buffer, before)  # nothing written either
 
 
 @needs_compiler
