@@ -7,7 +7,9 @@ by any number of tokens each: the dense parts (layer norms, projections, MLP) ru
 the step's tokens packed together, with no padding; attention runs over each sequence's own KV
 block, so a 900-token history and a 30-token one never pad each other: prompt chunks one SDPA
 call each, the decoding sequences (one token each) all in one call per layer, by the C++ kernel
-reading their blocks in place on a CPU (`ArenaDecode`), else over a dense pool (`slots`).
+reading their blocks in place on a CPU (`ArenaDecode`), else over a dense pool (`slots`); a
+step where every sequence decodes over the pool can run at static shapes instead, captured in a
+CUDA graph on a GPU (`static_decode`, `graphs`).
 
 A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `kv.KVArena`).
 """

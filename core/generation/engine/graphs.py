@@ -13,6 +13,8 @@ So the step is captured once per (batch bucket, span) and replayed; prefill and 
 eager. Padding rows feed token 0 at position 0 of a free slot: that position is rewritten before
 any sequence reads it (a slot's KV is copied in when it is handed out), and their outputs are
 dropped. A pool re-layout (more slots, more positions) drops every graph, which held its address.
+Where a new static step fails (an op that cannot be captured, say), it is logged once and every
+later step stays eager: the step that failed runs eagerly too, so no request sees the failure.
 
 Modes (`KOBOT_ENGINE_GRAPHS`): `auto` captures on CUDA and does nothing elsewhere; `static` runs
 the same static-shape step eagerly on any device where the pool runs (a CPU without the decode
@@ -22,12 +24,17 @@ one; `off` keeps the eager step.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
 
+from core.generation.errors import describe
+
 __all__ = ["DecodeGraphs", "GraphMode", "batch_bucket", "graph_capture"]
+
+logger = logging.getLogger(__name__)
 
 GraphMode = Literal["auto", "off", "static"]
 StaticStep = Callable[[torch.Tensor, int], torch.Tensor]
@@ -66,6 +73,8 @@ class DecodeGraphs:
         """Graphs captured so far (every layout)."""
         self.steps = 0
         """Steps run at static shapes (replayed, or eager in `static` mode)."""
+        self.failed = False
+        """A static step failed once: every step stays eager from then on."""
 
     @property
     def held(self) -> int:
@@ -81,12 +90,13 @@ class DecodeGraphs:
         spare_slot: int | None,
         span: int,
     ) -> torch.Tensor | None:
-        """The step's hidden states `[len(tokens), n_embd]` (a copy); None when it needs padding
-        and the pool has no free slot to pad into."""
+        """The step's hidden states `[len(tokens), n_embd]` (a copy); None when it is left to
+        the eager step: static steps failed before, or it needs padding and the pool has no free
+        slot to pad into."""
         batch = len(tokens)
         bucket = batch_bucket(batch)
         pad = bucket - batch
-        if pad and spare_slot is None:
+        if self.failed or (pad and spare_slot is None):
             return None
         self._follow(pool)
         host = torch.tensor(
@@ -99,16 +109,33 @@ class DecodeGraphs:
                 3, bucket, dtype=torch.long, device=self.device
             )
         inputs.copy_(host)
-        replay = self._replays.get((bucket, span))
-        if replay is None:
-            replay = self._replays[(bucket, span)] = self._prepare(inputs, span)
+        key = (bucket, span)
+        fresh = key not in self._replays
+        try:
+            if fresh:
+                self._replays[key] = self._prepare(inputs, span)
+            hidden = self._replays[key]()[:batch].clone()
+        except Exception as error:
+            if not fresh:
+                raise
+            self._give_up(error)
+            return None
         self.steps += 1
-        return replay()[:batch].clone()
+        return hidden
 
     def clear(self) -> None:
         """Drop every graph (their memory goes back to the allocator's graph pool)."""
         self._replays.clear()
         self._layout = None
+
+    def _give_up(self, error: Exception) -> None:
+        logger.warning(
+            "decode steps at static shapes failed (%s); the engine decodes eagerly from now on "
+            "(KOBOT_ENGINE_GRAPHS=off skips them)",
+            describe(error),
+        )
+        self.failed = True
+        self.clear()
 
     def _follow(self, pool: torch.Tensor) -> None:
         layout = (pool.data_ptr(), tuple(pool.shape))

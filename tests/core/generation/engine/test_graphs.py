@@ -4,6 +4,8 @@ unchanged; on a GPU the steps are captured and replayed."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -122,6 +124,36 @@ def test_padding_rows_go_to_a_free_slot_or_the_step_is_left_to_the_eager_path() 
     out = graphs.run(pool, [7, 8, 9], [1, 2, 3], [2, 0, 1], 3, 16)
     assert out is not None and out.tolist() == [[7, 1, 2], [8, 2, 0], [9, 3, 1]]
     assert seen[-1][:, 3].tolist() == [0, 0, 3]  # token 0 at position 0 of the free slot
+
+
+def test_a_static_step_that_fails_is_logged_once_and_every_step_then_stays_eager(
+    hf: GPT2LMHeadModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    forward = static_forward(hf)
+    graphs = forward.decode_graphs
+    assert graphs is not None
+
+    def uncapturable(inputs: torch.Tensor, span: int) -> torch.Tensor:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs.step = uncapturable
+    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
+    block = arena.allocate(64)
+    assert block is not None
+    view = arena.view(block)
+    ids = list(range(10, 40))
+    forward.logits([SeqChunk(view, 0, ids[:20])], arena.buffer)
+    with caplog.at_level(logging.WARNING):
+        for position in range(20, 23):
+            step = forward.logits(
+                [SeqChunk(view, position, ids[position : position + 1])], arena.buffer
+            )
+            torch.testing.assert_close(
+                step[0], reference(hf, ids[: position + 1]), atol=1e-4, rtol=0
+            )
+    warnings = [r for r in caplog.records if "static shapes failed" in r.getMessage()]
+    assert len(warnings) == 1 and "stream is capturing" in warnings[0].getMessage()
+    assert graphs.failed and graphs.steps == 0 and graphs.held == 0
 
 
 def hf_greedy(hf: GPT2LMHeadModel, prompt: tuple[int, ...], device: str = "cpu") -> tuple[int, ...]:
