@@ -38,6 +38,19 @@ def static_forward(hf: GPT2LMHeadModel) -> GPT2Forward:
     return forward
 
 
+def graphs_of(forward: GPT2Forward) -> DecodeGraphs:
+    assert forward.decode_graphs is not None
+    return forward.decode_graphs
+
+
+def one_block(forward: GPT2Forward) -> tuple[KVArena, torch.Tensor]:
+    """An arena with one 64-token block, and the block's view."""
+    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
+    block = arena.allocate(64)
+    assert block is not None
+    return arena, arena.view(block)
+
+
 def test_batches_pad_to_powers_of_two() -> None:
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 17, 32, 33)] == [1, 2, 4, 4, 8, 32, 32, 64]
 
@@ -60,8 +73,7 @@ def test_padded_static_steps_match_hugging_face_as_sequences_join_and_leave(
     hf: GPT2LMHeadModel,
 ) -> None:
     forward = static_forward(hf)
-    graphs = forward.decode_graphs
-    assert graphs is not None
+    graphs = graphs_of(forward)
     arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
     blocks = []
     for _ in range(6):
@@ -95,12 +107,8 @@ def test_padded_static_steps_match_hugging_face_as_sequences_join_and_leave(
 
 def test_a_pool_relayout_drops_the_static_steps(hf: GPT2LMHeadModel) -> None:
     forward = static_forward(hf)
-    graphs = forward.decode_graphs
-    assert graphs is not None
-    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
-    block = arena.allocate(64)
-    assert block is not None
-    view = arena.view(block)
+    graphs = graphs_of(forward)
+    arena, view = one_block(forward)
     ids = list(range(10, 50))
     forward.logits([SeqChunk(view, 0, ids[:14])], arena.buffer)
     for position in range(14, 16):
@@ -130,17 +138,13 @@ def test_a_static_step_that_fails_is_logged_once_and_every_step_then_stays_eager
     hf: GPT2LMHeadModel, caplog: pytest.LogCaptureFixture
 ) -> None:
     forward = static_forward(hf)
-    graphs = forward.decode_graphs
-    assert graphs is not None
+    graphs = graphs_of(forward)
 
     def uncapturable(inputs: torch.Tensor, span: int) -> torch.Tensor:
         raise RuntimeError("operation not permitted when stream is capturing")
 
     graphs.step = uncapturable
-    arena = KVArena(forward.dims, 1 << 22, "cpu", torch.float32)
-    block = arena.allocate(64)
-    assert block is not None
-    view = arena.view(block)
+    arena, view = one_block(forward)
     ids = list(range(10, 40))
     forward.logits([SeqChunk(view, 0, ids[:20])], arena.buffer)
     with caplog.at_level(logging.WARNING):
