@@ -28,6 +28,8 @@ from transformers.activations import ACT2FN
 
 from core.generation.engine.graphs import DecodeGraphs, GraphMode, graph_capture
 from core.generation.engine.kernels.decode_attention import DecodeAttention, load_decode_attention
+from core.generation.engine.kernels.dense import Dense as DenseKernel
+from core.generation.engine.kernels.dense import load_dense
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.linear import (
@@ -147,13 +149,17 @@ class LayerLinears:
 
 
 def layer_linears(
-    kind: LinearKind, w: LayerWeights, act: Linear, act_name: str = ""
+    kind: LinearKind,
+    w: LayerWeights,
+    act: Linear,
+    act_name: str = "",
+    dense: DenseKernel | None = None,
 ) -> LayerLinears:
     return LayerLinears(
-        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b),
-        proj=prepare_residual(kind, w.proj_w, w.proj_b),
-        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name),
-        out=prepare_residual(kind, w.out_w, w.out_b),
+        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b, dense=dense),
+        proj=prepare_residual(kind, w.proj_w, w.proj_b, dense),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name, dense),
+        out=prepare_residual(kind, w.out_w, w.out_b, dense),
     )
 
 
@@ -194,6 +200,9 @@ class GPT2Forward:
         """The KV cache's dtype: the model's."""
         self.scale = self.dims.head_dim**-0.5
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
+        dense = load_dense(kernels, kernel_dir) if self.linear_kind == "packed" else None
+        if dense is not None:
+            self.linear_kind = "panels"
         self.quant = quant
         self.activation_dtype = torch.float32 if self.linear_kind == "int8" else self.dtype
         """int8 linears take and give fp32: the hidden states stay fp32 between them, the K/V
@@ -202,8 +211,10 @@ class GPT2Forward:
         if self.activation_dtype != self.dtype:
             self._norms_in(self.activation_dtype)
         act_name = activation_name(config.activation_function)
-        self.linears = [layer_linears(self.linear_kind, w, self.act, act_name) for w in self.layers]
-        self._head = prepare_head(self.linear_kind, self.wte)
+        self.linears = [
+            layer_linears(self.linear_kind, w, self.act, act_name, dense) for w in self.layers
+        ]
+        self._head = prepare_head(self.linear_kind, self.wte, dense)
         d = self.dims
         self.decode_kernel: DecodeAttention | None = None
         """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""

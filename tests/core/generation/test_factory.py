@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from core.generation.base import GenerationRequest, SamplingParams
-from core.generation.cpu_features import fast_bf16_cpu
+from core.generation.cpu_features import cpu_flags, fast_bf16_cpu
 from core.generation.engine.decoder import EngineDecoder
 from core.generation.engine.kernels.top_k import torch_top_k
 from core.generation.errors import ModelLoadError
@@ -63,8 +63,10 @@ async def test_the_engine_builds_its_kernels_into_the_configured_folder(
         assert isinstance(backend.decoder, EngineDecoder)
         assert backend.decoder.engine.forward.decode_kernel is not None
         assert backend.decoder.engine.forward.top_k is not torch_top_k
+        panels = "avx512_bf16" in cpu_flags()  # the dense kernel: bf16 on AVX-512 BF16 only
+        assert (backend.decoder.engine.forward.linear_kind == "panels") is panels
         built = sorted(path.name.split("-")[0] for path in folder.iterdir())
-        assert built == ["decode_attention", "top_k"]
+        assert built == ["decode_attention", *(["dense"] if panels else []), "top_k"]
     finally:
         await backend.close()
     off = settings(model=str(tiny_model_dir), device="cpu", engine_kernels="off")
@@ -73,6 +75,7 @@ async def test_the_engine_builds_its_kernels_into_the_configured_folder(
         assert isinstance(backend.decoder, EngineDecoder)
         assert backend.decoder.engine.forward.decode_kernel is None
         assert backend.decoder.engine.forward.top_k is torch_top_k
+        assert backend.decoder.engine.forward.linear_kind != "panels"
     finally:
         await backend.close()
 
