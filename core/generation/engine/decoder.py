@@ -120,8 +120,8 @@ class EngineDecoder:
         return await asyncio.wrap_future(self.engine.call(job))
 
     def stats(self) -> dict[str, float]:
-        """The engine's counters, its KV arena's use, and whether the C++ decode attention runs
-        (1) or torch's (0)."""
+        """The engine's counters, its KV arena's use, whether the C++ decode attention and top-k
+        run (1) or torch's (0), and the static-shape decode steps (CUDA graphs)."""
         stats, arena = self.engine.stats, self.engine.arena
         graphs = self.engine.forward.decode_graphs
         figures = {

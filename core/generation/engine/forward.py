@@ -309,7 +309,7 @@ class GPT2Forward:
     ) -> torch.Tensor | None:
         """A decode-only step over the pool by `decode_graphs`; None when it does not apply."""
         graphs, slots = self.decode_graphs, self.decode_slots
-        if graphs is None or kv_buffer is None or slots.max_bytes <= 0:
+        if graphs is None or graphs.failed or kv_buffer is None or slots.max_bytes <= 0:
             return None
         if any(len(chunk.ids) != 1 for chunk in chunks):
             return None

@@ -254,8 +254,11 @@ class DecodePlan:
         lengths.index_copy_(0, slot, start + 1)
         positions = torch.arange(span, device=pool.device)
         self.mask = (positions[None, :] < lengths[:, None])[:, None, None, :]
-        self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=pool.device)
-        self.bias.masked_fill_(~self.mask, float("-inf"))
+        self.bias: torch.Tensor | None = None
+        """The mask as scores to add, for the CPU's matmul attention (SDPA takes the mask)."""
+        if pool.device.type == "cpu":
+            self.bias = torch.zeros(self.mask.shape, dtype=torch.float32, device=pool.device)
+            self.bias.masked_fill_(~self.mask, float("-inf"))
 
     @classmethod
     def of(cls, owner: DecodeSlots, slots: list[int], starts: Sequence[int]) -> DecodePlan:
@@ -291,7 +294,7 @@ class DecodePlan:
         reading the keys and values, and SDPA's CPU kernel is slow at one query per sequence (12
         layers, 32 sequences × 12 heads, 2 cores, AVX-512 BF16: 14 ms per step at 80 keys and 37
         at 400 in bf16, against 46 and 128 with SDPA; fp32 K/V take twice the bytes, 17 and 76)."""
-        if self.pool.device.type != "cpu":
+        if self.bias is None:
             return F.scaled_dot_product_attention(
                 query, keys, values, attn_mask=self.mask, scale=scale
             )

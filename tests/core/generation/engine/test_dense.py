@@ -79,7 +79,7 @@ def test_every_epilogue_matches_float64(dense: Dense, m: int, k: int, n: int, ge
 def test_it_agrees_with_onednn_packed_layers(dense: Dense) -> None:
     x, weight, bias, residual = case(32, 768, 3072, seed=5)
     bias = bias.bfloat16()  # a bf16 model's bias, as oneDNN takes it
-    gelu = partial_gelu
+    gelu = tanh_gelu
     pairs = [
         (prepare_linear("panels", weight, bias, gelu, TANH_GELU, dense),
          prepare_linear("packed", weight, bias, gelu, TANH_GELU)),
@@ -99,7 +99,7 @@ def test_it_agrees_with_onednn_packed_layers(dense: Dense) -> None:
     )
 
 
-def partial_gelu(x: torch.Tensor) -> torch.Tensor:
+def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
