@@ -631,7 +631,7 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
     return {
         "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
         "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
-        "dense": f"{engine.forward.linear_kind} {str(engine.forward.dtype).removeprefix('torch.')}",
+        "dense": dense_layers(engine.forward),
         "decode attention": "kernel" if engine.forward.decode_kernel else "torch",
         "static decode steps": static_steps(engine.forward),
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
@@ -639,6 +639,13 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
         f"of {arena.budget_bytes / MB:.0f} MB"
         + f" (+ decode pool {engine.forward.decode_slots.pool_bytes / MB:.0f} MB)",
     }
+
+
+def dense_layers(forward: GPT2Forward) -> str:
+    weights = str(forward.dtype).removeprefix("torch.")
+    if forward.quant == "int8":
+        weights = f"int8 (activations {str(forward.activation_dtype).removeprefix('torch.')})"
+    return f"{forward.linear_kind} {weights}"
 
 
 def static_steps(forward: GPT2Forward) -> str:

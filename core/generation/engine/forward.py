@@ -28,16 +28,16 @@ from transformers.activations import ACT2FN
 
 from core.generation.engine.graphs import DecodeGraphs, GraphMode, graph_capture
 from core.generation.engine.kernels.decode_attention import DecodeAttention, load_decode_attention
-from core.generation.engine.kernels.dense import Dense as DenseKernel
-from core.generation.engine.kernels.dense import load_dense
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
     LinearKind,
+    PanelKernel,
     Residual,
     choose_kind,
+    load_panel_kernel,
     prepare_head,
     prepare_linear,
     prepare_residual,
@@ -153,13 +153,13 @@ def layer_linears(
     w: LayerWeights,
     act: Linear,
     act_name: str = "",
-    dense: DenseKernel | None = None,
+    panels: PanelKernel | None = None,
 ) -> LayerLinears:
     return LayerLinears(
-        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b, dense=dense),
-        proj=prepare_residual(kind, w.proj_w, w.proj_b, dense),
-        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name, dense),
-        out=prepare_residual(kind, w.out_w, w.out_b, dense),
+        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b, panels=panels),
+        proj=prepare_residual(kind, w.proj_w, w.proj_b, panels),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name, panels),
+        out=prepare_residual(kind, w.out_w, w.out_b, panels),
     )
 
 
@@ -200,8 +200,12 @@ class GPT2Forward:
         """The KV cache's dtype: the model's."""
         self.scale = self.dims.head_dim**-0.5
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
-        dense = load_dense(kernels, kernel_dir) if self.linear_kind == "packed" else None
-        if dense is not None:
+        panels = None
+        if self.device.type == "cpu":
+            panels = load_panel_kernel(self.linear_kind, self.dtype, kernels, kernel_dir)
+        self.panel_kernel = panels.name if panels is not None else None
+        """`bf16` or `int8` where kobot's panel kernel runs the dense layers."""
+        if panels is not None:
             self.linear_kind = "panels"
         self.quant = quant
         self.activation_dtype = torch.float32 if self.linear_kind == "int8" else self.dtype
@@ -212,9 +216,9 @@ class GPT2Forward:
             self._norms_in(self.activation_dtype)
         act_name = activation_name(config.activation_function)
         self.linears = [
-            layer_linears(self.linear_kind, w, self.act, act_name, dense) for w in self.layers
+            layer_linears(self.linear_kind, w, self.act, act_name, panels) for w in self.layers
         ]
-        self._head = prepare_head(self.linear_kind, self.wte, dense)
+        self._head = prepare_head(self.linear_kind, self.wte, panels)
         d = self.dims
         self.decode_kernel: DecodeAttention | None = None
         """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""

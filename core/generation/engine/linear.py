@@ -12,17 +12,22 @@
   accumulation and post-ops as `packed`, with each panel of weights prefetched while the one
   before is multiplied (decode steps stream every weight from memory once a step). Measured on
   a 2-core AVX-512 BF16 CPU, 768 × 3072 streamed from memory: 0.42 against oneDNN's 0.55 ms at
-  32 rows, 0.15 against 0.29 at one row, 6.3 against 6.8 at 512. Weights that do not pack into
-  panels (`fits_panels`) stay `packed`.
-- `int8` (`KOBOT_ENGINE_QUANT=int8`): weights quantized per output channel to int8 once,
-  activations quantized per call (torch's dynamic quantized linear, fbgemm/oneDNN VNNI), fp32 in
-  and out (the engine keeps its hidden states fp32 around them); the LM head too.
+  32 rows, 0.15 against 0.29 at one row, 6.3 against 6.8 at 512. With `KOBOT_ENGINE_QUANT=int8`
+  on a bf16 model and a CPU with AVX-512 VNNI, the same kernel on int8 weights per output
+  column (activations quantized per row in the call): 0.20 ms at 32 rows, 2.9 at 512 (1.9-2.1×
+  the bf16 panels). Weights that do not pack into panels (`PanelKernel.fits`) take the
+  kernel's `fallback`.
+- `int8` (`KOBOT_ENGINE_QUANT=int8` without the int8 panel kernel): weights quantized per output
+  channel to int8 once, activations per call (torch's dynamic quantized linear, fbgemm/oneDNN
+  VNNI), fp32 in and out (the engine keeps its hidden states fp32 around them); the LM head too.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,13 +35,25 @@ import torch.nn.functional as F
 
 from core.generation.cpu_features import cpu_flags
 from core.generation.engine.kernels.dense import Dense as DenseKernel
-from core.generation.engine.kernels.dense import fits_panels, panels_of
+from core.generation.engine.kernels.dense import (
+    DenseInt8,
+    fits_panels,
+    int8_panels_of,
+    load_dense,
+    load_dense_int8,
+    panels_of,
+)
+from core.generation.engine.kernels.loading import KernelMode
 
 __all__ = [
     "LinearKind",
+    "PanelKernel",
     "QuantMode",
     "Residual",
+    "bf16_panels",
     "choose_kind",
+    "int8_panels",
+    "load_panel_kernel",
     "prepare_head",
     "prepare_linear",
     "prepare_residual",
@@ -53,6 +70,58 @@ VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 PACKED_MIN_ROWS = 4
 """`rows` kernels: calls with at least this many rows run packed (measured on a 2-core AVX2
 CPU: `addmm` is faster at 1 row, equal at 2, packed faster from 4 on)."""
+
+
+PanelMatmul = Callable[
+    [torch.Tensor, torch.Tensor | None, torch.Tensor | None, bool, bool], torch.Tensor
+]
+"""`(x, bias float32 | None, residual | None, gelu, fp32_out)` on one packed weight."""
+
+
+@dataclass(frozen=True, slots=True)
+class PanelKernel:
+    """One of kobot's panel kernels: how it packs a `[K, N]` weight, which weights it takes,
+    and the kind that runs the others."""
+
+    pack: Callable[[torch.Tensor], PanelMatmul]
+    k_multiple: int
+    fallback: LinearKind
+    name: str
+
+    def fits(self, weight_in_out: torch.Tensor) -> bool:
+        return fits_panels(weight_in_out, self.k_multiple)
+
+
+def bf16_panels(dense: DenseKernel) -> PanelKernel:
+    def pack(weight_in_out: torch.Tensor) -> PanelMatmul:
+        panels = panels_of(weight_in_out)
+        return lambda x, bias, residual, gelu, fp32: dense(x, panels, bias, residual, gelu, fp32)
+
+    return PanelKernel(pack, k_multiple=2, fallback="packed", name="bf16")
+
+
+def int8_panels(dense_int8: DenseInt8) -> PanelKernel:
+    def pack(weight_in_out: torch.Tensor) -> PanelMatmul:
+        packed = int8_panels_of(weight_in_out)
+        return lambda x, bias, residual, gelu, fp32: dense_int8(
+            x, *packed, bias, residual, gelu, fp32
+        )
+
+    return PanelKernel(pack, k_multiple=4, fallback="int8", name="int8")
+
+
+def load_panel_kernel(
+    kind: LinearKind, dtype: torch.dtype, mode: KernelMode, directory: Path | None = None
+) -> PanelKernel | None:
+    """The panel kernel that runs `kind`'s layers faster here, or None: bf16 panels for
+    `packed`, int8 panels for `int8` on a bf16 model."""
+    if kind == "packed":
+        dense = load_dense(mode, directory)
+        return None if dense is None else bf16_panels(dense)
+    if kind == "int8" and dtype == torch.bfloat16:
+        dense_int8 = load_dense_int8(mode, directory)
+        return None if dense_int8 is None else int8_panels(dense_int8)
+    return None
 
 
 def choose_kind(device: torch.device, dtype: torch.dtype, quant: str) -> LinearKind:
@@ -89,16 +158,16 @@ def prepare_linear(
     bias: torch.Tensor,
     activation: Linear | None = None,
     activation_name: str = "",
-    dense: DenseKernel | None = None,
+    panels: PanelKernel | None = None,
 ) -> Linear:
     """`activation(x @ weight_in_out + bias)` (a Conv1D's weight layout) as `kind` runs it;
     `activation_name` `gelu_tanh` lets the packed and panel kernels apply it themselves
-    (`dense`: the panel kernel, for kind `panels`)."""
-    kind = _panel_or_packed(kind, weight_in_out, dense)
+    (`panels`: the panel kernel, for kind `panels`)."""
+    kind = _panels_or_fallback(kind, weight_in_out, panels)
     if kind == "panels":
-        assert dense is not None
+        assert panels is not None
         gelu = activation_name == TANH_GELU
-        panel_linear = _panel_linear(dense, weight_in_out, bias, gelu)
+        panel_linear = _panel_linear(panels, weight_in_out, bias, gelu)
         if activation is None or gelu:
             return panel_linear
         return lambda x: activation(panel_linear(x))
@@ -122,15 +191,15 @@ def prepare_residual(
     kind: LinearKind,
     weight_in_out: torch.Tensor,
     bias: torch.Tensor,
-    dense: DenseKernel | None = None,
+    panels: PanelKernel | None = None,
 ) -> Residual:
     """`residual + x @ weight_in_out + bias`; the packed and panel kernels add the residual
     themselves."""
-    kind = _panel_or_packed(kind, weight_in_out, dense)
+    kind = _panels_or_fallback(kind, weight_in_out, panels)
     if kind == "panels":
-        assert dense is not None
-        panels, bias32 = panels_of(weight_in_out), _float_bias(bias)
-        return lambda x, residual: dense(x, panels, bias32, residual, False, False)
+        assert panels is not None
+        matmul, bias32 = panels.pack(weight_in_out), _float_bias(bias)
+        return lambda x, residual: matmul(x, bias32, residual, False, False)
     if kind == "rows":
         small = prepare_residual("addmm", weight_in_out, bias)
         return by_rows(small, prepare_residual("packed", weight_in_out, bias))
@@ -143,15 +212,15 @@ def prepare_residual(
 
 
 def prepare_head(
-    kind: LinearKind, weight_out_in: torch.Tensor, dense: DenseKernel | None = None
+    kind: LinearKind, weight_out_in: torch.Tensor, panels: PanelKernel | None = None
 ) -> Linear:
     """`x @ weight_out_in.T` (the tied LM head: the embedding, `[vocab, n_embd]`); float32 out
-    from the panel kernel."""
-    kind = _panel_or_packed(kind, weight_out_in.t(), dense)
+    from the panel kernels."""
+    kind = _panels_or_fallback(kind, weight_out_in.t(), panels)
     if kind == "panels":
-        assert dense is not None
-        panels = panels_of(weight_out_in.t())
-        return lambda x: dense(x, panels, None, None, False, True)
+        assert panels is not None
+        matmul = panels.pack(weight_out_in.t())
+        return lambda x: matmul(x, None, None, False, True)
     if kind == "rows":
         return by_rows(prepare_head("addmm", weight_out_in), prepare_head("packed", weight_out_in))
     if kind == "addmm":
@@ -159,20 +228,23 @@ def prepare_head(
     return _prepared(kind, weight_out_in, None)
 
 
-def _panel_or_packed(
-    kind: LinearKind, weight_in_out: torch.Tensor, dense: DenseKernel | None
+def _panels_or_fallback(
+    kind: LinearKind, weight_in_out: torch.Tensor, panels: PanelKernel | None
 ) -> LinearKind:
-    """`panels` runs where the kernel is given and the weight packs into panels, else `packed`."""
-    if kind == "panels" and (dense is None or not fits_panels(weight_in_out)):
+    """`panels` runs where a kernel is given and the weight packs into its panels, else the
+    kernel's fallback (`packed` without one)."""
+    if kind != "panels":
+        return kind
+    if panels is None:
         return "packed"
-    return kind
+    return kind if panels.fits(weight_in_out) else panels.fallback
 
 
 def _panel_linear(
-    dense: DenseKernel, weight_in_out: torch.Tensor, bias: torch.Tensor, gelu: bool
+    panels: PanelKernel, weight_in_out: torch.Tensor, bias: torch.Tensor, gelu: bool
 ) -> Linear:
-    panels, bias32 = panels_of(weight_in_out), _float_bias(bias)
-    return lambda x: dense(x, panels, bias32, None, gelu, False)
+    matmul, bias32 = panels.pack(weight_in_out), _float_bias(bias)
+    return lambda x: matmul(x, bias32, None, gelu, False)
 
 
 def _float_bias(bias: torch.Tensor) -> torch.Tensor:
@@ -222,6 +294,6 @@ def _int8(weight_out_in: torch.Tensor, bias: torch.Tensor | None) -> Linear:
     reduce_range = not (cpu_flags() & VNNI_FLAGS)  # 7-bit activations only without VNNI
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        return dynamic(x.float(), params, reduce_range)
+        return dynamic(x.float(), params, reduce_range).to(x.dtype)
 
     return run

@@ -1,22 +1,35 @@
-"""`kobot::dense` (dense.cpp): the engine's bf16 linear layers on a CPU with AVX-512 BF16, with
-the weights prepacked in panels of 32 output columns (`panels_of`) and the bias, tanh-GELU and
-residual add applied to the float32 accumulators.
+"""`kobot::dense` and `kobot::dense_int8` (dense.cpp): the engine's linear layers on a CPU with
+AVX-512 BF16, with the weights prepacked in panels of 32 output columns, bf16 (`panels_of`) or
+int8 per output column (`int8_panels_of`, with AVX-512 VNNI), and the bias, tanh-GELU and
+residual add applied to the float32 accumulators. Both take and give bf16 (float32 logits).
 
-`load_dense` gives the kernel, or None: kernels `off`, a CPU without AVX-512 BF16 (oneDNN's
-packed kernels run then), or it cannot be built (logged once).
+`load_dense` / `load_dense_int8` give the kernel, or None: kernels `off`, a CPU without the
+instructions (oneDNN's packed bf16 kernels, or torch's int8 linear, run then), or it cannot be
+built (logged once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from core.generation.cpu_features import cpu_flags
 from core.generation.engine.kernels.loading import KernelMode, load_operator
 
-__all__ = ["PANEL", "Dense", "fits_panels", "load_dense", "panels_of"]
+__all__ = [
+    "PANEL",
+    "Dense",
+    "DenseInt8",
+    "Int8Panels",
+    "fits_panels",
+    "int8_panels_of",
+    "load_dense",
+    "load_dense_int8",
+    "panels_of",
+]
 
 PANEL = 32
 Dense = Callable[
@@ -25,12 +38,27 @@ Dense = Callable[
 ]
 """`(x [M, K] bf16, panels, bias [N] float32 | None, residual [M, N] bf16 | None, gelu,
 fp32_out) -> [M, N]`: `residual + gelu?(x @ W + bias)`, rounded to bf16 unless `fp32_out`."""
+DenseInt8 = Callable[..., torch.Tensor]
+"""`(x, panels, scale, offsets, bias, residual, gelu, fp32_out)`: as `Dense`, on `Int8Panels`."""
+INT8_STEPS = 127
+UNSIGNED_OFFSET = 128
+"""The kernel stores x quantized + 128 as unsigned bytes; `offsets` takes the 128 back out."""
 
 
-def fits_panels(weight_in_out: torch.Tensor) -> bool:
-    """Whether a `[K, N]` weight packs into panels: K even, N a multiple of `PANEL`."""
+class Int8Panels(NamedTuple):
+    """A `[K, N]` weight as int8 panels `[N / 32, K / 4, 32, 4]`, `W ~ q * scale[n]`, and
+    `offsets[n] = 128 * sum_k q[k, n]`."""
+
+    panels: torch.Tensor
+    scale: torch.Tensor
+    offsets: torch.Tensor
+
+
+def fits_panels(weight_in_out: torch.Tensor, k_multiple: int = 2) -> bool:
+    """Whether a `[K, N]` weight packs into panels: K a multiple of `k_multiple` (2 for bf16
+    pairs, 4 for int8 quads), N a multiple of `PANEL`."""
     k, n = weight_in_out.shape
-    return k % 2 == 0 and n % PANEL == 0
+    return k % k_multiple == 0 and n % PANEL == 0
 
 
 def panels_of(weight_in_out: torch.Tensor) -> torch.Tensor:
@@ -40,11 +68,32 @@ def panels_of(weight_in_out: torch.Tensor) -> torch.Tensor:
     return pairs.permute(2, 0, 3, 1).contiguous()
 
 
+def int8_panels_of(weight_in_out: torch.Tensor) -> Int8Panels:
+    """`[K, N]` -> int8 per output column, symmetric, in panels
+    `panels[p, kq, c, j] = q[4 kq + j, 32 p + c]`."""
+    k, n = weight_in_out.shape
+    weight = weight_in_out.detach().float()
+    scale = weight.abs().amax(dim=0).clamp(min=1e-12) / INT8_STEPS
+    q = torch.round(weight / scale).clamp(-INT8_STEPS, INT8_STEPS).to(torch.int8)
+    offsets = (UNSIGNED_OFFSET * q.sum(dim=0, dtype=torch.int32)).to(torch.int32)
+    panels = q.reshape(k // 4, 4, n // PANEL, PANEL).permute(2, 0, 3, 1).contiguous()
+    return Int8Panels(panels, scale.contiguous(), offsets.contiguous())
+
+
 def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
-    """The kernel (`mode` `auto`, on a CPU with AVX-512 BF16), or None."""
+    """The bf16 kernel (`mode` `auto`, on a CPU with AVX-512 BF16), or None."""
     if mode == "auto" and "avx512_bf16" not in cpu_flags():
         return None
     op: Dense | None = load_operator(
         "dense", mode, directory, "the dense layers run on oneDNN's packed bf16 kernels"
     )
+    return op
+
+
+def load_dense_int8(mode: KernelMode, directory: Path | None = None) -> DenseInt8 | None:
+    """The int8 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI), or None."""
+    if mode == "auto" and not {"avx512_bf16", "avx512_vnni"} <= cpu_flags():
+        return None
+    instead = "the int8 layers run on torch's dynamic quantized linear"
+    op: DenseInt8 | None = load_operator("dense", mode, directory, instead, "dense_int8")
     return op

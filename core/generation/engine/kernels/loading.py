@@ -23,14 +23,19 @@ logger = logging.getLogger(__name__)
 KernelMode = Literal["auto", "off"]
 
 
-def load_operator(name: str, mode: KernelMode, directory: Path | None, instead: str) -> Any:
-    """`torch.ops.kobot.<name>` from kernel `name`.cpp (`mode` `auto`), or None: `off`, or it
-    cannot be built here (logged with `instead`, what the engine does without it)."""
+def load_operator(
+    name: str, mode: KernelMode, directory: Path | None, instead: str, op: str | None = None
+) -> Any:
+    """`torch.ops.kobot.<op>` (default: `name`) from kernel `name`.cpp (`mode` `auto`), or
+    None: `off`, or it cannot be built here (logged with `instead`, what the engine does
+    without it)."""
     if mode == "off":
         return None
     if mode != "auto":
         raise ValueError(f"KOBOT_ENGINE_KERNELS: must be auto or off (got {mode!r})")
-    return _loaded(name, directory, instead)
+    if _loaded(name, directory, instead) is None:
+        return None
+    return getattr(torch.ops.kobot, op or name)
 
 
 @functools.cache
@@ -42,4 +47,4 @@ def _loaded(name: str, directory: Path | None, instead: str) -> Any:
         logger.warning("%s kernel unavailable (%s); %s", name, error, instead)
         return None
     logger.info("%s kernel: %s (%.1f s)", name, path.name, time.perf_counter() - started)
-    return getattr(torch.ops.kobot, name)
+    return path

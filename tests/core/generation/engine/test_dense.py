@@ -13,6 +13,7 @@ from core.generation.engine.forward import GPT2Forward
 from core.generation.engine.kernels.dense import Dense, fits_panels, load_dense, panels_of
 from core.generation.engine.linear import (
     TANH_GELU,
+    bf16_panels,
     prepare_head,
     prepare_linear,
     prepare_residual,
@@ -52,6 +53,7 @@ def test_panels_hold_pairs_of_k_for_32_columns() -> None:
     for p, kp, c, j in [(0, 0, 0, 0), (1, 2, 31, 1), (1, 0, 5, 1), (0, 1, 17, 0)]:
         assert float(panels[p, kp, c, j]) == float(weight[2 * kp + j, 32 * p + c].bfloat16())
     assert fits_panels(weight) and not fits_panels(weight[:5]) and not fits_panels(weight[:, :48])
+    assert not fits_panels(weight, k_multiple=4) and fits_panels(weight[:4], k_multiple=4)
 
 
 @pytest.mark.parametrize(
@@ -81,18 +83,18 @@ def test_it_agrees_with_onednn_packed_layers(dense: Dense) -> None:
     bias = bias.bfloat16()  # a bf16 model's bias, as oneDNN takes it
     gelu = tanh_gelu
     pairs = [
-        (prepare_linear("panels", weight, bias, gelu, TANH_GELU, dense),
+        (prepare_linear("panels", weight, bias, gelu, TANH_GELU, bf16_panels(dense)),
          prepare_linear("packed", weight, bias, gelu, TANH_GELU)),
-        (prepare_linear("panels", weight, bias, dense=dense),
+        (prepare_linear("panels", weight, bias, panels=bf16_panels(dense)),
          prepare_linear("packed", weight, bias)),
     ]  # fmt: skip
     for ours, onednn in pairs:
         torch.testing.assert_close(ours(x).float(), onednn(x).float(), atol=0.04, rtol=0.01)
-    ours_residual = prepare_residual("panels", weight, bias, dense)(x, residual)
+    ours_residual = prepare_residual("panels", weight, bias, bf16_panels(dense))(x, residual)
     onednn_residual = prepare_residual("packed", weight, bias)(x, residual)
     torch.testing.assert_close(ours_residual.float(), onednn_residual.float(), atol=0.04, rtol=0.01)
     head = weight.t().contiguous()  # [vocab, n_embd], as the tied embedding
-    logits = prepare_head("panels", head, dense)(x)
+    logits = prepare_head("panels", head, bf16_panels(dense))(x)
     assert logits.dtype == torch.float32
     torch.testing.assert_close(
         logits, prepare_head("packed", head)(x).float(), atol=0.04, rtol=0.01
@@ -114,7 +116,7 @@ def test_strided_rows_and_empty_batches_are_taken(dense: Dense) -> None:
 
 def test_a_weight_that_does_not_pack_into_panels_stays_on_onednn(dense: Dense) -> None:
     x, weight, bias, _ = case(4, 64, 50, seed=3)  # 50 columns: not a multiple of 32
-    linear = prepare_linear("panels", weight, bias, dense=dense)
+    linear = prepare_linear("panels", weight, bias, panels=bf16_panels(dense))
     expected = (x.double() @ weight.double() + bias.double()).float()
     torch.testing.assert_close(linear(x).float(), expected, atol=0.05, rtol=0.01)
 
