@@ -97,3 +97,21 @@ async def test_static_decode_steps_are_configured_by_the_graphs_setting(
         assert backend.stats()["decode_graph_steps_total"] == graphs.steps
     finally:
         await backend.close()
+
+
+async def test_int8_runs_on_kobots_int8_panels_for_a_bf16_model_on_a_vnni_cpu(
+    tiny_model_dir: Path,
+) -> None:
+    chosen = settings(model=str(tiny_model_dir), device="cpu", dtype="bf16", engine_quant="int8")
+    backend = await asyncio.to_thread(build_backend, chosen)
+    try:
+        assert isinstance(backend.decoder, EngineDecoder)
+        forward = backend.decoder.engine.forward
+        on_panels = {"avx512_bf16", "avx512_vnni"} <= cpu_flags()
+        assert (forward.panel_kernel == "int8") is on_panels
+        assert forward.linear_kind == ("panels" if on_panels else "int8")
+        params = SamplingParams(max_new_tokens=6, temperature=0.0)
+        reply = await backend.generate(GenerationRequest((5, 6, 7, 8), params))
+        assert reply.new_tokens >= 2
+    finally:
+        await backend.close()
