@@ -37,7 +37,6 @@ namespace {
 
 constexpr int64_t PANEL = 32;
 constexpr int MAX_ROWS = 12;
-constexpr int64_t AHEAD = 2;  // panels: 2 measured 5-15% faster than 1 at 1 and 32 rows
 
 struct Epilogue {
   const float* bias;          // [N] or null
@@ -99,72 +98,10 @@ KOBOT_BF16 inline void finish(__m512 v, int64_t row, int64_t col, const Epilogue
   }
 }
 
-// Rows [row, row + R) of x times one panel (columns [col, col + 32)); with `next`, a later
-// panel's `next_bytes` are prefetched into L2 along the way.
-template <int R>
-KOBOT_BF16 void tile(const uint16_t* x, int64_t k, const uint16_t* panel, const char* next,
-                     int64_t next_bytes, int64_t row, int64_t col, const Epilogue& e) {
-  __m512 low[R], high[R];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    low[r] = _mm512_setzero_ps();
-    high[r] = _mm512_setzero_ps();
-  }
-  const int64_t pairs = k / 2;
-  const int64_t lines_per_pair = next == nullptr ? 0 : (next_bytes / 64 + pairs - 1) / pairs;
-  int64_t fetched = 0;
-  const uint16_t* rows = x + row * k;
-  for (int64_t kp = 0; kp < pairs; ++kp) {
-    const __m512bh w_low = (__m512bh)_mm512_loadu_si512(panel + kp * 64);
-    const __m512bh w_high = (__m512bh)_mm512_loadu_si512(panel + kp * 64 + 32);
-    for (int64_t i = 0; i < lines_per_pair && fetched < next_bytes; ++i, fetched += 64) {
-      _mm_prefetch(next + fetched, _MM_HINT_T1);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, rows + r * k + 2 * kp, sizeof(pair));
-      const __m512bh both = (__m512bh)_mm512_set1_epi32(pair);
-      low[r] = _mm512_dpbf16_ps(low[r], both, w_low);
-      high[r] = _mm512_dpbf16_ps(high[r], both, w_high);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    finish(low[r], row + r, col, e);
-    finish(high[r], row + r, col + 16, e);
-  }
-}
-
-using Tile = void (*)(const uint16_t*, int64_t, const uint16_t*, const char*, int64_t, int64_t,
-                      int64_t, const Epilogue&);
-constexpr Tile TILES[MAX_ROWS] = {tile<1>, tile<2>, tile<3>, tile<4>,  tile<5>,  tile<6>,
-                                  tile<7>, tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
-
-void run(const uint16_t* x, int64_t m, int64_t k, const uint16_t* panels, int64_t count,
-         const Epilogue& e) {
-  const int64_t panel_elements = (k / 2) * PANEL * 2;
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const uint16_t* panel = panels + p * panel_elements;
-      const char* next = p + AHEAD < end
-                             ? reinterpret_cast<const char*>(panel + AHEAD * panel_elements)
-                             : nullptr;
-      for (int64_t row = 0; row < m; row += MAX_ROWS) {
-        const int64_t rows = m - row < MAX_ROWS ? m - row : MAX_ROWS;
-        TILES[rows - 1](x, k, panel, row == 0 ? next : nullptr, panel_elements * 2, row,
-                        p * PANEL, e);
-      }
-    }
-  });
-}
 #define KOBOT_VNNI \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
 
-constexpr int64_t QUAD_AHEAD = 4;  // int8 panels are half the bytes: prefetch further ahead
-
-struct Quantized {
-  const uint8_t* x;         // [M, K]: round(x / x_scale) + 128
+struct Quantized {           // beside x [M, K] as round(x / x_scale) + 128
   const float* x_scale;     // [M]
   const float* scale;       // [N]: the weight's column scales
   const int32_t* offsets;   // [N]: 128 * column sums of the int8 weight
@@ -195,87 +132,141 @@ KOBOT_VNNI void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* 
   }
 }
 
-template <int R>
-KOBOT_VNNI void tile_int8(const Quantized& q, int64_t k, const int8_t* panel, const char* next,
-                          int64_t next_bytes, int64_t row, int64_t col, const Epilogue& e) {
-  __m512i low[R], high[R];
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")
+
+// What differs between the two kernels. Both read 4 bytes of a row of x per step (a pair of
+// bf16, or four unsigned bytes) against 128 bytes of a panel (32 columns of that pair or quad).
+struct Bf16Kind {
+  using Acc = __m512;
+  static constexpr int64_t K_PER_STEP = 2;
+  static constexpr int64_t AHEAD = 2;  // panels: 2 measured 5-15% faster than 1 at 1 and 32 rows
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Acc madd(Acc acc, __m512i x, __m512i w) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+  }
+  __m512 value(Acc acc, int64_t, int64_t) const { return acc; }
+};
+
+struct Int8Kind {
+  using Acc = __m512i;
+  static constexpr int64_t K_PER_STEP = 4;
+  static constexpr int64_t AHEAD = 4;  // half the bytes a panel: 4 measured best of 2, 4 and 8
+  Quantized q;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Acc madd(Acc acc, __m512i x, __m512i w) {
+    return _mm512_dpbusd_epi32(acc, x, w);
+  }
+  // (acc - offsets) * x_scale[row] * scale[col..col + 16)
+  __m512 value(Acc acc, int64_t row, int64_t col) const {
+    const __m512i centred = _mm512_sub_epi32(acc, _mm512_loadu_si512(q.offsets + col));
+    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(q.scale + col), _mm512_set1_ps(q.x_scale[row]));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
+  }
+};
+
+// Rows [row, row + R) of x (`row_bytes` apart) times one panel (columns [col, col + 32)); with
+// `next`, a later panel's `next_bytes` are prefetched into L2 along the way.
+template <class Kind, int R>
+void tile(const Kind& kind, const uint8_t* x, int64_t row_bytes, int64_t steps,
+                     const uint8_t* panel, const char* next, int64_t next_bytes, int64_t row,
+                     int64_t col, const Epilogue& e) {
+  typename Kind::Acc low[R], high[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    low[r] = _mm512_setzero_si512();
-    high[r] = _mm512_setzero_si512();
+    low[r] = Kind::zero();
+    high[r] = Kind::zero();
   }
-  const int64_t quads = k / 4;
-  const int64_t lines_per_quad = next == nullptr ? 0 : (next_bytes / 64 + quads - 1) / quads;
+  const int64_t lines_per_step = next == nullptr ? 0 : (next_bytes / 64 + steps - 1) / steps;
   int64_t fetched = 0;
-  const uint8_t* rows = q.x + row * k;
-  for (int64_t kq = 0; kq < quads; ++kq) {
-    const __m512i w_low = _mm512_loadu_si512(panel + kq * 128);
-    const __m512i w_high = _mm512_loadu_si512(panel + kq * 128 + 64);
-    for (int64_t i = 0; i < lines_per_quad && fetched < next_bytes; ++i, fetched += 64) {
+  const uint8_t* rows = x + row * row_bytes;
+  for (int64_t step = 0; step < steps; ++step) {
+    const __m512i w_low = _mm512_loadu_si512(panel + step * 128);
+    const __m512i w_high = _mm512_loadu_si512(panel + step * 128 + 64);
+    for (int64_t i = 0; i < lines_per_step && fetched < next_bytes; ++i, fetched += 64) {
       _mm_prefetch(next + fetched, _MM_HINT_T1);
     }
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      int32_t quad;
-      std::memcpy(&quad, rows + r * k + 4 * kq, sizeof(quad));
-      const __m512i all = _mm512_set1_epi32(quad);
-      low[r] = _mm512_dpbusd_epi32(low[r], all, w_low);
-      high[r] = _mm512_dpbusd_epi32(high[r], all, w_high);
+      int32_t word;
+      std::memcpy(&word, rows + r * row_bytes + 4 * step, sizeof(word));
+      const __m512i all = _mm512_set1_epi32(word);
+      low[r] = Kind::madd(low[r], all, w_low);
+      high[r] = Kind::madd(high[r], all, w_high);
     }
   }
-  const __m512 scale_low = _mm512_loadu_ps(q.scale + col);
-  const __m512 scale_high = _mm512_loadu_ps(q.scale + col + 16);
-  const __m512i offset_low = _mm512_loadu_si512(q.offsets + col);
-  const __m512i offset_high = _mm512_loadu_si512(q.offsets + col + 16);
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    const __m512 x_scale = _mm512_set1_ps(q.x_scale[row + r]);
-    const __m512 v_low = _mm512_cvtepi32_ps(_mm512_sub_epi32(low[r], offset_low));
-    const __m512 v_high = _mm512_cvtepi32_ps(_mm512_sub_epi32(high[r], offset_high));
-    finish(_mm512_mul_ps(v_low, _mm512_mul_ps(scale_low, x_scale)), row + r, col, e);
-    finish(_mm512_mul_ps(v_high, _mm512_mul_ps(scale_high, x_scale)), row + r, col + 16, e);
+    finish(kind.value(low[r], row + r, col), row + r, col, e);
+    finish(kind.value(high[r], row + r, col + 16), row + r, col + 16, e);
   }
 }
 
-using Int8Tile = void (*)(const Quantized&, int64_t, const int8_t*, const char*, int64_t,
-                          int64_t, int64_t, const Epilogue&);
-constexpr Int8Tile INT8_TILES[MAX_ROWS] = {
-    tile_int8<1>, tile_int8<2>, tile_int8<3>, tile_int8<4>,  tile_int8<5>,  tile_int8<6>,
-    tile_int8<7>, tile_int8<8>, tile_int8<9>, tile_int8<10>, tile_int8<11>, tile_int8<12>};
+// tile<Kind, rows> for 1 <= rows <= R.
+template <class Kind, int R = MAX_ROWS>
+void tile_of(int64_t rows, const Kind& kind, const uint8_t* x, int64_t row_bytes, int64_t steps,
+             const uint8_t* panel, const char* next, int64_t next_bytes, int64_t row,
+             int64_t col, const Epilogue& e) {
+  if constexpr (R > 1) {
+    if (rows < R) {
+      tile_of<Kind, R - 1>(rows, kind, x, row_bytes, steps, panel, next, next_bytes, row, col, e);
+      return;
+    }
+  }
+  tile<Kind, R>(kind, x, row_bytes, steps, panel, next, next_bytes, row, col, e);
+}
 
-void run_int8(const Quantized& q, int64_t m, int64_t k, const int8_t* panels, int64_t count,
-              const Epilogue& e) {
-  const int64_t panel_bytes = (k / 4) * PANEL * 4;
+// x [m, k] (bf16 or quantized bytes) times `count` panels; each thread takes a range of panels.
+template <class Kind>
+void run(const Kind& kind, const uint8_t* x, int64_t m, int64_t k, const uint8_t* panels,
+         int64_t count, const Epilogue& e) {
+  const int64_t steps = k / Kind::K_PER_STEP;
+  const int64_t row_bytes = steps * 4;
+  const int64_t panel_bytes = steps * 128;
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
-      const int8_t* panel = panels + p * panel_bytes;
-      const char* next = p + QUAD_AHEAD < end
-                             ? reinterpret_cast<const char*>(panel + QUAD_AHEAD * panel_bytes)
+      const uint8_t* panel = panels + p * panel_bytes;
+      const char* next = p + Kind::AHEAD < end
+                             ? reinterpret_cast<const char*>(panel + Kind::AHEAD * panel_bytes)
                              : nullptr;
       for (int64_t row = 0; row < m; row += MAX_ROWS) {
         const int64_t rows = m - row < MAX_ROWS ? m - row : MAX_ROWS;
-        INT8_TILES[rows - 1](q, k, panel, row == 0 ? next : nullptr, panel_bytes, row,
-                             p * PANEL, e);
+        tile_of(rows, kind, x, row_bytes, steps, panel, row == 0 ? next : nullptr, panel_bytes,
+                row, p * PANEL, e);
       }
     }
   });
 }
+#pragma GCC pop_options
 #endif
 
+// Both kernels share one tile, built for AVX-512 BF16 and VNNI (every CPU with the first has
+// the second).
 bool supported() {
-#if defined(__AVX512F__)
-  return __builtin_cpu_supports("avx512bf16");
-#else
-  return false;
-#endif
-}
-
-bool supported_vnni() {
 #if defined(__AVX512F__)
   return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
+}
+
+void check_vector(const char* op, const char* name, const at::Tensor& t, int64_t n,
+                  at::ScalarType type, const char* type_name) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == n && t.scalar_type() == type && t.is_contiguous(),
+              op, ": ", name, " must be a contiguous ", type_name, " vector of ", n);
+}
+
+// The panels' output columns N, checked: [N / 32, K / per_step, 32, per_step] of `type`.
+int64_t checked_panels(const char* op, const at::Tensor& panels, int64_t k, int64_t per_step,
+                       at::ScalarType type, const char* type_name) {
+  TORCH_CHECK(supported(), op, ": this CPU (or this build) has no AVX-512 BF16 + VNNI");
+  TORCH_CHECK(panels.dim() == 4 && panels.size(2) == PANEL && panels.size(3) == per_step &&
+                  panels.scalar_type() == type && panels.is_contiguous(),
+              op, ": panels must be a contiguous [N / 32, K / ", per_step, ", 32, ", per_step,
+              "] ", type_name, " tensor");
+  TORCH_CHECK(panels.size(1) * per_step == k, op, ": x has ", k, " columns, the panels ",
+              panels.size(1) * per_step, " rows");
+  return panels.size(0) * PANEL;
 }
 
 // The epilogue's bias and residual, checked, and the output [M, N] it writes.
@@ -291,9 +282,7 @@ Output output_of(const char* op, const at::Tensor& x, int64_t n,
   const int64_t m = x.size(0);
   Output o{Epilogue{nullptr, nullptr, gelu, nullptr, fp32_out, n}, at::Tensor(), at::Tensor()};
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == n && bias->scalar_type() == at::kFloat &&
-                    bias->is_contiguous(),
-                op, ": bias must be a contiguous float32 vector of ", n);
+    check_vector(op, "bias", *bias, n, at::kFloat, "float32");
     o.e.bias = bias->data_ptr<float>();
   }
   if (residual_in.has_value()) {
@@ -319,19 +308,14 @@ at::Tensor checked_rows(const char* op, const at::Tensor& x_in) {
 at::Tensor dense(const at::Tensor& x_in, const at::Tensor& panels,
                  const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual,
                  bool gelu, bool fp32_out) {
-  TORCH_CHECK(supported(), "dense: this CPU (or this build) has no AVX-512 BF16");
   const at::Tensor x = checked_rows("dense", x_in);
-  TORCH_CHECK(panels.dim() == 4 && panels.size(2) == PANEL && panels.size(3) == 2 &&
-                  panels.scalar_type() == at::kBFloat16 && panels.is_contiguous(),
-              "dense: panels must be a contiguous [N / 32, K / 2, 32, 2] bfloat16 tensor");
-  const int64_t m = x.size(0), k = x.size(1), n = panels.size(0) * PANEL;
-  TORCH_CHECK(panels.size(1) * 2 == k, "dense: x has ", k, " columns, the panels ",
-              panels.size(1) * 2, " rows");
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n = checked_panels("dense", panels, k, 2, at::kBFloat16, "bfloat16");
   Output o = output_of("dense", x, n, bias, residual, gelu, fp32_out);
   if (m == 0) return o.out;
 #if defined(__AVX512F__)
-  run(reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), m, k,
-      reinterpret_cast<const uint16_t*>(panels.data_ptr<at::BFloat16>()), panels.size(0), o.e);
+  run(Bf16Kind{}, reinterpret_cast<const uint8_t*>(x.data_ptr<at::BFloat16>()), m, k,
+      reinterpret_cast<const uint8_t*>(panels.data_ptr<at::BFloat16>()), panels.size(0), o.e);
 #endif
   return o.out;
 }
@@ -341,20 +325,11 @@ at::Tensor dense(const at::Tensor& x_in, const at::Tensor& panels,
 at::Tensor dense_int8(const at::Tensor& x_in, const at::Tensor& panels, const at::Tensor& scale,
                       const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
                       const c10::optional<at::Tensor>& residual, bool gelu, bool fp32_out) {
-  TORCH_CHECK(supported_vnni(), "dense_int8: this CPU (or this build) has no AVX-512 VNNI");
   const at::Tensor x = checked_rows("dense_int8", x_in);
-  TORCH_CHECK(panels.dim() == 4 && panels.size(2) == PANEL && panels.size(3) == 4 &&
-                  panels.scalar_type() == at::kChar && panels.is_contiguous(),
-              "dense_int8: panels must be a contiguous [N / 32, K / 4, 32, 4] int8 tensor");
-  const int64_t m = x.size(0), k = x.size(1), n = panels.size(0) * PANEL;
-  TORCH_CHECK(panels.size(1) * 4 == k, "dense_int8: x has ", k, " columns, the panels ",
-              panels.size(1) * 4, " rows");
-  TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kFloat &&
-                  scale.is_contiguous(),
-              "dense_int8: scale must be a contiguous float32 vector of ", n);
-  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == n && offsets.scalar_type() == at::kInt &&
-                  offsets.is_contiguous(),
-              "dense_int8: offsets must be a contiguous int32 vector of ", n);
+  const int64_t m = x.size(0), k = x.size(1);
+  const int64_t n = checked_panels("dense_int8", panels, k, 4, at::kChar, "int8");
+  check_vector("dense_int8", "scale", scale, n, at::kFloat, "float32");
+  check_vector("dense_int8", "offsets", offsets, n, at::kInt, "int32");
   Output o = output_of("dense_int8", x, n, bias, residual, gelu, fp32_out);
   if (m == 0) return o.out;
 #if defined(__AVX512F__)
@@ -366,8 +341,9 @@ at::Tensor dense_int8(const at::Tensor& x_in, const at::Tensor& panels, const at
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) quantize_row(rows + r * k, k, bytes + r * k, scales + r);
   });
-  const Quantized q{bytes, scales, scale.data_ptr<float>(), offsets.data_ptr<int32_t>()};
-  run_int8(q, m, k, panels.data_ptr<int8_t>(), panels.size(0), o.e);
+  const Int8Kind kind{Quantized{scales, scale.data_ptr<float>(), offsets.data_ptr<int32_t>()}};
+  run(kind, bytes, m, k, reinterpret_cast<const uint8_t*>(panels.data_ptr<int8_t>()),
+      panels.size(0), o.e);
 #endif
   return o.out;
 }

@@ -41,6 +41,8 @@ fp32_out) -> [M, N]`: `residual + gelu?(x @ W + bias)`, rounded to bf16 unless `
 DenseInt8 = Callable[..., torch.Tensor]
 """`(x, panels, scale, offsets, bias, residual, gelu, fp32_out)`: as `Dense`, on `Int8Panels`."""
 INT8_STEPS = 127
+KERNEL_FLAGS = frozenset({"avx512_bf16", "avx512_vnni"})
+"""Both kernels' instructions (every CPU with AVX-512 BF16 has VNNI too)."""
 UNSIGNED_OFFSET = 128
 """The kernel stores x quantized + 128 as unsigned bytes; `offsets` takes the 128 back out."""
 
@@ -81,8 +83,9 @@ def int8_panels_of(weight_in_out: torch.Tensor) -> Int8Panels:
 
 
 def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
-    """The bf16 kernel (`mode` `auto`, on a CPU with AVX-512 BF16), or None."""
-    if mode == "auto" and "avx512_bf16" not in cpu_flags():
+    """The bf16 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI: the two kernels
+    share their code), or None."""
+    if mode == "auto" and not KERNEL_FLAGS <= cpu_flags():
         return None
     op: Dense | None = load_operator(
         "dense", mode, directory, "the dense layers run on oneDNN's packed bf16 kernels"
@@ -92,7 +95,7 @@ def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
 
 def load_dense_int8(mode: KernelMode, directory: Path | None = None) -> DenseInt8 | None:
     """The int8 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI), or None."""
-    if mode == "auto" and not {"avx512_bf16", "avx512_vnni"} <= cpu_flags():
+    if mode == "auto" and not KERNEL_FLAGS <= cpu_flags():
         return None
     instead = "the int8 layers run on torch's dynamic quantized linear"
     op: DenseInt8 | None = load_operator("dense", mode, directory, instead, "dense_int8")

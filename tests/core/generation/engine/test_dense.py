@@ -18,6 +18,7 @@ from core.generation.engine.linear import (
     prepare_linear,
     prepare_residual,
 )
+from tests.support.kernels import built_or_skip, dense_case
 
 BF16_ULP = 2**-7
 """One unit in the last place of a bf16 value in [1, 2): outputs are compared relative to it."""
@@ -25,19 +26,7 @@ BF16_ULP = 2**-7
 
 @pytest.fixture(scope="module")
 def dense() -> Dense:
-    kernel = load_dense("auto")
-    if kernel is None:
-        pytest.skip("the dense kernel needs AVX-512 BF16 and a C++ compiler")
-    return kernel
-
-
-def case(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=generator).bfloat16()
-    weight = (torch.randn(k, n, generator=generator) / k**0.5).bfloat16()
-    bias = torch.randn(n, generator=generator)
-    residual = torch.randn(m, n, generator=generator).bfloat16()
-    return x, weight, bias, residual
+    return built_or_skip(load_dense("auto"), "AVX-512 BF16 and VNNI")
 
 
 def assert_bf16_close(got: torch.Tensor, expected: torch.Tensor) -> None:
@@ -63,7 +52,7 @@ def test_panels_hold_pairs_of_k_for_32_columns() -> None:
 )  # fmt: skip
 @pytest.mark.parametrize("gelu", [False, True])
 def test_every_epilogue_matches_float64(dense: Dense, m: int, k: int, n: int, gelu: bool) -> None:
-    x, weight, bias, residual = case(m, k, n, seed=m + k + n)
+    x, weight, bias, residual = dense_case(m, k, n, seed=m + k + n)
     panels = panels_of(weight)
     product = x.double() @ weight.double() + bias.double()
     activated = F.gelu(product, approximate="tanh") if gelu else product
@@ -79,7 +68,7 @@ def test_every_epilogue_matches_float64(dense: Dense, m: int, k: int, n: int, ge
 
 
 def test_it_agrees_with_onednn_packed_layers(dense: Dense) -> None:
-    x, weight, bias, residual = case(32, 768, 3072, seed=5)
+    x, weight, bias, residual = dense_case(32, 768, 3072, seed=5)
     bias = bias.bfloat16()  # a bf16 model's bias, as oneDNN takes it
     gelu = tanh_gelu
     pairs = [
@@ -106,7 +95,7 @@ def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_strided_rows_and_empty_batches_are_taken(dense: Dense) -> None:
-    x, weight, bias, _ = case(8, 64, 64, seed=2)
+    x, weight, bias, _ = dense_case(8, 64, 64, seed=2)
     panels = panels_of(weight)
     wide = torch.cat([x, x], dim=1)[:, :64]  # rows not contiguous
     torch.testing.assert_close(dense(wide, panels, bias, None, False, True),
@@ -115,7 +104,7 @@ def test_strided_rows_and_empty_batches_are_taken(dense: Dense) -> None:
 
 
 def test_a_weight_that_does_not_pack_into_panels_stays_on_onednn(dense: Dense) -> None:
-    x, weight, bias, _ = case(4, 64, 50, seed=3)  # 50 columns: not a multiple of 32
+    x, weight, bias, _ = dense_case(4, 64, 50, seed=3)  # 50 columns: not a multiple of 32
     linear = prepare_linear("panels", weight, bias, panels=bf16_panels(dense))
     expected = (x.double() @ weight.double() + bias.double()).float()
     torch.testing.assert_close(linear(x).float(), expected, atol=0.05, rtol=0.01)
@@ -127,7 +116,7 @@ def test_a_weight_that_does_not_pack_into_panels_stays_on_onednn(dense: Dense) -
      ("bias", "bias must be"), ("residual", "residual must be"), ("dtype", "bfloat16 matrix")],
 )  # fmt: skip
 def test_bad_arguments_are_refused(dense: Dense, change: str, message: str) -> None:
-    x, weight, bias, residual = case(4, 64, 64, seed=4)
+    x, weight, bias, residual = dense_case(4, 64, 64, seed=4)
     panels = panels_of(weight)
     args: list[object] = [x, panels, bias, residual, False, False]
     if change == "panels":

@@ -5,6 +5,8 @@ product, argument checks, and where the forward uses it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ from core.generation.engine.kernels.dense import (
     load_dense_int8,
 )
 from core.generation.engine.linear import int8_panels, prepare_head, prepare_linear
+from tests.support.kernels import built_or_skip, dense_case
 
 REPLAY_RTOL = 1e-5
 """The kernel's float32 epilogue against the float64 replay of its integer products."""
@@ -28,19 +31,7 @@ QUANTIZED_ATOL = 0.06
 
 @pytest.fixture(scope="module")
 def dense_int8() -> DenseInt8:
-    kernel = load_dense_int8("auto")
-    if kernel is None:
-        pytest.skip("the int8 dense kernel needs AVX-512 BF16 + VNNI and a C++ compiler")
-    return kernel
-
-
-def case(m: int, k: int, n: int, seed: int) -> tuple[torch.Tensor, ...]:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=generator).bfloat16()
-    weight = torch.randn(k, n, generator=generator) / k**0.5
-    bias = torch.randn(n, generator=generator)
-    residual = torch.randn(m, n, generator=generator).bfloat16()
-    return x, weight, bias, residual
+    return built_or_skip(load_dense_int8("auto"), "AVX-512 BF16 and VNNI")
 
 
 def unpacked(packed: Int8Panels) -> torch.Tensor:
@@ -85,7 +76,7 @@ def test_int8_panels_hold_quads_of_k_for_32_columns() -> None:
 def test_the_kernel_computes_its_quantized_product_exactly(
     dense_int8: DenseInt8, m: int, k: int, n: int, gelu: bool
 ) -> None:
-    x, weight, bias, residual = case(m, k, n, seed=m + k + n)
+    x, weight, bias, residual = dense_case(m, k, n, seed=m + k + n)
     packed = int8_panels_of(weight)
     product = replay(x, packed, bias)
     activated = F.gelu(product, approximate="tanh") if gelu else product
@@ -102,7 +93,7 @@ def test_the_kernel_computes_its_quantized_product_exactly(
 
 def test_the_quantized_product_is_near_the_exact_one(dense_int8: DenseInt8) -> None:
     for m, k, n in [(32, 768, 3072), (8, 3072, 768)]:
-        x, weight, bias, _ = case(m, k, n, seed=7)
+        x, weight, bias, _ = dense_case(m, k, n, seed=7)
         exact = x.double() @ weight.double() + bias.double()
         got = dense_int8(x, *int8_panels_of(weight), bias, None, False, True)
         error = float((got.double() - exact).abs().max())
@@ -112,7 +103,7 @@ def test_the_quantized_product_is_near_the_exact_one(dense_int8: DenseInt8) -> N
 def test_a_zero_row_gives_the_bias_and_strided_or_empty_rows_are_taken(
     dense_int8: DenseInt8,
 ) -> None:
-    x, weight, bias, _ = case(6, 64, 64, seed=2)
+    x, weight, bias, _ = dense_case(6, 64, 64, seed=2)
     packed = int8_panels_of(weight)
     x[3] = 0
     out = dense_int8(x, *packed, bias, None, False, True)
@@ -123,30 +114,28 @@ def test_a_zero_row_gives_the_bias_and_strided_or_empty_rows_are_taken(
 
 
 @pytest.mark.parametrize(
-    ("change", "message"),
-    [("panels", "panels must be"), ("columns", "columns, the panels"),
-     ("scale", "scale must be"), ("offsets", "offsets must be"), ("dtype", "bfloat16 matrix")],
+    ("position", "spoil", "message"),
+    [(1, lambda t: t.reshape(2, 16, 32, 4).transpose(1, 2), "panels must be"),
+     (0, lambda t: t[:, :32], "columns, the panels"),
+     (2, lambda t: t.double(), "scale must be"),
+     (3, lambda t: t.long(), "offsets must be"),
+     (0, lambda t: t.float(), "bfloat16 matrix")],
 )  # fmt: skip
-def test_bad_arguments_are_refused(dense_int8: DenseInt8, change: str, message: str) -> None:
-    x, weight, bias, _ = case(4, 64, 64, seed=4)
-    panels, scale, offsets = int8_panels_of(weight)
-    args: list[object] = [x, panels, scale, offsets, bias, None, False, False]
-    if change == "panels":
-        args[1] = panels.reshape(2, 16, 32, 4).transpose(1, 2)
-    elif change == "columns":
-        args[0] = x[:, :32]
-    elif change == "scale":
-        args[2] = scale.double()
-    elif change == "offsets":
-        args[3] = offsets.long()
-    else:
-        args[0] = x.float()
+def test_bad_arguments_are_refused(
+    dense_int8: DenseInt8,
+    position: int,
+    spoil: Callable[[torch.Tensor], torch.Tensor],
+    message: str,
+) -> None:
+    x, weight, bias, _ = dense_case(4, 64, 64, seed=4)
+    args: list[object] = [x, *int8_panels_of(weight), bias, None, False, False]
+    args[position] = spoil(args[position])  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match=message):
         dense_int8(*args)
 
 
 def test_linears_run_on_int8_panels_and_odd_weights_on_torchs_int8(dense_int8: DenseInt8) -> None:
-    x, weight, bias, _ = case(4, 64, 96, seed=3)
+    x, weight, bias, _ = dense_case(4, 64, 96, seed=3)
     kernel = int8_panels(dense_int8)
     packed = prepare_linear("panels", weight, bias, panels=kernel)
     torch.testing.assert_close(
