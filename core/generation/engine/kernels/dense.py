@@ -85,7 +85,7 @@ def int8_panels_of(weight_in_out: torch.Tensor) -> Int8Panels:
 def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
     """The bf16 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI: the two kernels
     share their code), or None."""
-    if mode == "auto" and not KERNEL_FLAGS <= cpu_flags():
+    if mode == "auto" and not cpu_flags() >= KERNEL_FLAGS:
         return None
     op: Dense | None = load_operator(
         "dense", mode, directory, "the dense layers run on oneDNN's packed bf16 kernels"
@@ -95,7 +95,7 @@ def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
 
 def load_dense_int8(mode: KernelMode, directory: Path | None = None) -> DenseInt8 | None:
     """The int8 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI), or None."""
-    if mode == "auto" and not KERNEL_FLAGS <= cpu_flags():
+    if mode == "auto" and not cpu_flags() >= KERNEL_FLAGS:
         return None
     instead = "the int8 layers run on torch's dynamic quantized linear"
     op: DenseInt8 | None = load_operator("dense", mode, directory, instead, "dense_int8")
