@@ -98,24 +98,25 @@ KOBOT_BF16 inline void finish(__m512 v, int64_t row, int64_t col, const Epilogue
   }
 }
 
-#define KOBOT_VNNI \
-  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")
 
-struct Quantized {           // beside x [M, K] as round(x / x_scale) + 128
+// How to read int8 results, beside x [M, K] as round(x / x_scale) + 128 in bytes.
+struct Quantized {
   const float* x_scale;     // [M]
   const float* scale;       // [N]: the weight's column scales
   const int32_t* offsets;   // [N]: 128 * column sums of the int8 weight
 };
 
 // 16 bf16 values from p (only the first `count` read; the rest 0) as float32 lanes.
-KOBOT_VNNI inline __m512 bf16_lanes(const uint16_t* p, int64_t count) {
+inline __m512 bf16_lanes(const uint16_t* p, int64_t count) {
   const __mmask16 mask = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
   const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
 // One row of x (bf16) to unsigned bytes and its scale: max |x| / 127 (1 for a zero row).
-KOBOT_VNNI void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* scale) {
+void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* scale) {
   __m512 peak = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) {
     peak = _mm512_max_ps(peak, _mm512_abs_ps(bf16_lanes(x + i, k - i)));
@@ -131,9 +132,6 @@ KOBOT_VNNI void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* 
     _mm512_mask_cvtusepi32_storeu_epi8(out + i, mask, _mm512_add_epi32(q, offset));
   }
 }
-
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")
 
 // What differs between the two kernels. Both read 4 bytes of a row of x per step (a pair of
 // bf16, or four unsigned bytes) against 128 bytes of a panel (32 columns of that pair or quad).
@@ -160,7 +158,8 @@ struct Int8Kind {
   // (acc - offsets) * x_scale[row] * scale[col..col + 16)
   __m512 value(Acc acc, int64_t row, int64_t col) const {
     const __m512i centred = _mm512_sub_epi32(acc, _mm512_loadu_si512(q.offsets + col));
-    const __m512 scale = _mm512_mul_ps(_mm512_loadu_ps(q.scale + col), _mm512_set1_ps(q.x_scale[row]));
+    const __m512 scale =
+        _mm512_mul_ps(_mm512_loadu_ps(q.scale + col), _mm512_set1_ps(q.x_scale[row]));
     return _mm512_mul_ps(_mm512_cvtepi32_ps(centred), scale);
   }
 };
@@ -169,8 +168,8 @@ struct Int8Kind {
 // `next`, a later panel's `next_bytes` are prefetched into L2 along the way.
 template <class Kind, int R>
 void tile(const Kind& kind, const uint8_t* x, int64_t row_bytes, int64_t steps,
-                     const uint8_t* panel, const char* next, int64_t next_bytes, int64_t row,
-                     int64_t col, const Epilogue& e) {
+          const uint8_t* panel, const char* next, int64_t next_bytes, int64_t row, int64_t col,
+          const Epilogue& e) {
   typename Kind::Acc low[R], high[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
