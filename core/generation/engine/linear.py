@@ -14,9 +14,10 @@
   a 2-core AVX-512 BF16 CPU, 768 × 3072 streamed from memory: 0.42 against oneDNN's 0.55 ms at
   32 rows, 0.15 against 0.29 at one row, 6.3 against 6.8 at 512. With `KOBOT_ENGINE_QUANT=int8`
   on a bf16 model and a CPU with AVX-512 VNNI, the same kernel on int8 weights per output
-  column (activations quantized per row in the call): 0.20 ms at 32 rows, 2.9 at 512 (1.9-2.1×
-  the bf16 panels). Weights that do not pack into panels (`PanelKernel.fits`) take the
-  kernel's `fallback`.
+  column (activations quantized per row in the call): a decode step's twelve layers and LM head
+  streamed from memory in 14.2-15.0 ms against 22.9-24.3 for the bf16 panels at 32 rows,
+  4.4-4.9 against 7.8-8.5 at one row. Weights that do not pack into panels
+  (`PanelKernel.fits`) take the kernel's `fallback`.
 - `int8` (`KOBOT_ENGINE_QUANT=int8` without the int8 panel kernel): weights quantized per output
   channel to int8 once, activations per call (torch's dynamic quantized linear, fbgemm/oneDNN
   VNNI), fp32 in and out (the engine keeps its hidden states fp32 around them); the LM head too.

@@ -1,7 +1,8 @@
 """`kobot::dense` and `kobot::dense_int8` (dense.cpp): the engine's linear layers on a CPU with
-AVX-512 BF16, with the weights prepacked in panels of 32 output columns, bf16 (`panels_of`) or
-int8 per output column (`int8_panels_of`, with AVX-512 VNNI), and the bias, tanh-GELU and
-residual add applied to the float32 accumulators. Both take and give bf16 (float32 logits).
+AVX-512 BF16 and VNNI (one tile serves both), with the weights prepacked in panels of 32 output
+columns, bf16 (`panels_of`) or int8 per output column (`int8_panels_of`), and the bias,
+tanh-GELU and residual add applied to the float32 accumulators. Both take and give bf16
+(float32 logits).
 
 `load_dense` / `load_dense_int8` give the kernel, or None: kernels `off`, a CPU without the
 instructions (oneDNN's packed bf16 kernels, or torch's int8 linear, run then), or it cannot be
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -83,20 +84,22 @@ def int8_panels_of(weight_in_out: torch.Tensor) -> Int8Panels:
 
 
 def load_dense(mode: KernelMode, directory: Path | None = None) -> Dense | None:
-    """The bf16 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI: the two kernels
-    share their code), or None."""
-    if mode == "auto" and not cpu_flags() >= KERNEL_FLAGS:
-        return None
-    op: Dense | None = load_operator(
+    """The bf16 kernel (`mode` `auto`, on a CPU with `KERNEL_FLAGS`), or None."""
+    op: Dense | None = _load_op(
         "dense", mode, directory, "the dense layers run on oneDNN's packed bf16 kernels"
     )
     return op
 
 
 def load_dense_int8(mode: KernelMode, directory: Path | None = None) -> DenseInt8 | None:
-    """The int8 kernel (`mode` `auto`, on a CPU with AVX-512 BF16 and VNNI), or None."""
+    """The int8 kernel (`mode` `auto`, on a CPU with `KERNEL_FLAGS`), or None."""
+    op: DenseInt8 | None = _load_op(
+        "dense_int8", mode, directory, "the int8 layers run on torch's dynamic quantized linear"
+    )
+    return op
+
+
+def _load_op(op: str, mode: KernelMode, directory: Path | None, instead: str) -> Any:
     if mode == "auto" and not cpu_flags() >= KERNEL_FLAGS:
         return None
-    instead = "the int8 layers run on torch's dynamic quantized linear"
-    op: DenseInt8 | None = load_operator("dense", mode, directory, instead, "dense_int8")
-    return op
+    return load_operator("dense", mode, directory, instead, op)
