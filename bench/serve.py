@@ -73,6 +73,7 @@ from core.dialogue.trimming import token_budget
 from core.generation.base import SamplingParams
 from core.generation.cpu_features import auto_dtype
 from core.generation.engine.forward import GPT2Forward
+from core.generation.engine.kernels.dense import dense_isa
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest, EngineStats
 from core.generation.hf_decoder import generation_config
 from core.generation.threads import on_a_fresh_thread
@@ -645,7 +646,8 @@ def dense_layers(forward: GPT2Forward) -> str:
     weights = str(forward.dtype).removeprefix("torch.")
     if forward.quant == "int8":
         weights = f"int8 (activations {str(forward.activation_dtype).removeprefix('torch.')})"
-    return f"{forward.linear_kind} {weights}"
+    isa = f" on {dense_isa()}" if forward.linear_kind == "panels" else ""
+    return f"{forward.linear_kind} {weights}{isa}"
 
 
 def static_steps(forward: GPT2Forward) -> str:

@@ -28,9 +28,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #if defined(__AVX512F__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -215,6 +219,165 @@ void tile_of(int64_t rows, const Kind& kind, const uint8_t* x, int64_t row_bytes
   tile<Kind, R>(kind, x, row_bytes, steps, panel, next, next_bytes, row, col, e);
 }
 
+#pragma GCC pop_options
+
+// AMX: the same panels, read as tiles. A B tile is 16 rows of a panel (16 pairs or quads of k)
+// for 16 of its 32 columns, 64 bytes a row, 128 apart; an A tile 16 rows of x, 64 bytes of k
+// each. Per row block of up to 32 rows and one panel: C tiles 0-3 hold rows [0, 16) and
+// [16, 32) by columns [0, 16) and [16, 32); A tiles 4 and 5, B tiles 6 and 7.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni,amx-tile,amx-int8,amx-bf16")
+
+constexpr int64_t TILE_ROWS = 16;
+constexpr int64_t AMX_BLOCK = 2 * TILE_ROWS;
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles for a block of `low` + `high` rows (high 0: tiles 2, 3 and 5 unused).
+void configure_tiles(int64_t low, int64_t high) {
+  TileConfig config;
+  const int64_t rows[8] = {low, low, high, high, low, high, TILE_ROWS, TILE_ROWS};
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = static_cast<uint8_t>(rows[t]);
+    config.bytes_per_row[t] = rows[t] == 0 ? 0 : 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+struct AmxBf16 : Bf16Kind {
+  using Scalar = float;
+  static Acc load(const float* p) { return _mm512_load_ps(p); }
+  static void dot_low() {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+  }
+  static void dot_high() {
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+};
+
+struct AmxInt8 : Int8Kind {
+  using Scalar = int32_t;
+  static Acc load(const int32_t* p) { return _mm512_load_si512(p); }
+  static void dot_low() {
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 4, 7);
+  }
+  static void dot_high() {
+    _tile_dpbusd(2, 5, 6);
+    _tile_dpbusd(3, 5, 7);
+  }
+};
+
+// Rows [row, row + rows) (rows <= 32; more than 16 with HIGH) times one panel, with `next`'s
+// bytes prefetched into L2 along the way, as `tile` does.
+template <class Amx, bool HIGH>
+void amx_block(const Amx& kind, const uint8_t* x, int64_t row_bytes, int64_t k_tiles,
+               const uint8_t* panel, const char* next, int64_t next_bytes, int64_t row,
+               int64_t rows, int64_t col, const Epilogue& e) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (HIGH) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t lines_per_step = next == nullptr ? 0 : (next_bytes / 64 + k_tiles - 1) / k_tiles;
+  int64_t fetched = 0;
+  const uint8_t* low = x + row * row_bytes;
+  const uint8_t* high = low + TILE_ROWS * row_bytes;
+  for (int64_t t = 0; t < k_tiles; ++t) {
+    const uint8_t* b = panel + t * TILE_ROWS * 128;
+    for (int64_t i = 0; i < lines_per_step && fetched < next_bytes; ++i, fetched += 64) {
+      _mm_prefetch(next + fetched, _MM_HINT_T1);
+    }
+    _tile_loadd(6, b, 128);
+    _tile_loadd(7, b + 64, 128);
+    _tile_loadd(4, low + t * 64, row_bytes);
+    Amx::dot_low();
+    if constexpr (HIGH) {
+      _tile_loadd(5, high + t * 64, row_bytes);
+      Amx::dot_high();
+    }
+  }
+  alignas(64) typename Amx::Scalar c[AMX_BLOCK][PANEL];
+  _tile_stored(0, &c[0][0], PANEL * 4);
+  _tile_stored(1, &c[0][16], PANEL * 4);
+  if constexpr (HIGH) {
+    _tile_stored(2, &c[TILE_ROWS][0], PANEL * 4);
+    _tile_stored(3, &c[TILE_ROWS][16], PANEL * 4);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    finish(kind.value(Amx::load(c[r]), row + r, col), row + r, col, e);
+    finish(kind.value(Amx::load(c[r] + 16), row + r, col + 16), row + r, col + 16, e);
+  }
+}
+
+// run's work on AMX: each thread configures its tiles (again for a last, shorter row block)
+// and releases them when done.
+template <class Amx>
+void run_amx(const Amx& kind, const uint8_t* x, int64_t m, int64_t k, const uint8_t* panels,
+             int64_t count, const Epilogue& e) {
+  const int64_t steps = k / Amx::K_PER_STEP;
+  const int64_t row_bytes = steps * 4;
+  const int64_t panel_bytes = steps * 128;
+  const int64_t k_tiles = steps / TILE_ROWS;
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    int64_t configured = -1;
+    for (int64_t p = begin; p < end; ++p) {
+      const uint8_t* panel = panels + p * panel_bytes;
+      const char* next = p + Amx::AHEAD < end
+                             ? reinterpret_cast<const char*>(panel + Amx::AHEAD * panel_bytes)
+                             : nullptr;
+      for (int64_t row = 0; row < m; row += AMX_BLOCK) {
+        const int64_t rows = m - row < AMX_BLOCK ? m - row : AMX_BLOCK;
+        if (rows != configured) {
+          configure_tiles(rows < TILE_ROWS ? rows : TILE_ROWS, rows > TILE_ROWS ? rows - TILE_ROWS : 0);
+          configured = rows;
+        }
+        const char* ahead = row == 0 ? next : nullptr;
+        if (rows > TILE_ROWS) {
+          amx_block<Amx, true>(kind, x, row_bytes, k_tiles, panel, ahead, panel_bytes, row, rows,
+                               p * PANEL, e);
+        } else {
+          amx_block<Amx, false>(kind, x, row_bytes, k_tiles, panel, ahead, panel_bytes, row,
+                                rows, p * PANEL, e);
+        }
+      }
+    }
+    if (configured >= 0) _tile_release();
+  });
+}
+#pragma GCC pop_options
+
+// AMX is there and this process may use it (Linux gives a process the tile state on request).
+bool amx_present() {
+  static const bool present = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_count(7, 0, &a, &b, &c, &d) == 0) return false;
+    const unsigned tile = 1u << 24, int8 = 1u << 25, bf16 = 1u << 22;
+    if ((d & (tile | int8 | bf16)) != (tile | int8 | bf16)) return false;
+    constexpr long REQUEST_PERMISSION = 0x1023, TILE_DATA = 18;  // ARCH_REQ_XCOMP_PERM
+    return syscall(SYS_arch_prctl, REQUEST_PERMISSION, TILE_DATA) == 0;
+  }();
+  return present;
+}
+
+bool amx_wanted = true;  // kobot::dense_isa("avx512") turns it off (tests, comparisons)
+
+bool amx_runs(int64_t k, int64_t k_per_tile) {
+  return amx_wanted && amx_present() && k % k_per_tile == 0;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx512vnni")
+
 // x [m, k] (bf16 or quantized bytes) times `count` panels; each thread takes a range of panels.
 template <class Kind>
 void run(const Kind& kind, const uint8_t* x, int64_t m, int64_t k, const uint8_t* panels,
@@ -313,8 +476,13 @@ at::Tensor dense(const at::Tensor& x_in, const at::Tensor& panels,
   Output o = output_of("dense", x, n, bias, residual, gelu, fp32_out);
   if (m == 0) return o.out;
 #if defined(__AVX512F__)
-  run(Bf16Kind{}, reinterpret_cast<const uint8_t*>(x.data_ptr<at::BFloat16>()), m, k,
-      reinterpret_cast<const uint8_t*>(panels.data_ptr<at::BFloat16>()), panels.size(0), o.e);
+  const auto* rows = reinterpret_cast<const uint8_t*>(x.data_ptr<at::BFloat16>());
+  const auto* weights = reinterpret_cast<const uint8_t*>(panels.data_ptr<at::BFloat16>());
+  if (amx_runs(k, 2 * TILE_ROWS)) {
+    run_amx(AmxBf16{}, rows, m, k, weights, panels.size(0), o.e);
+  } else {
+    run(Bf16Kind{}, rows, m, k, weights, panels.size(0), o.e);
+  }
 #endif
   return o.out;
 }
@@ -340,16 +508,36 @@ at::Tensor dense_int8(const at::Tensor& x_in, const at::Tensor& panels, const at
   at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) quantize_row(rows + r * k, k, bytes + r * k, scales + r);
   });
-  const Int8Kind kind{Quantized{scales, scale.data_ptr<float>(), offsets.data_ptr<int32_t>()}};
-  run(kind, bytes, m, k, reinterpret_cast<const uint8_t*>(panels.data_ptr<int8_t>()),
-      panels.size(0), o.e);
+  const Quantized q{scales, scale.data_ptr<float>(), offsets.data_ptr<int32_t>()};
+  const auto* weights = reinterpret_cast<const uint8_t*>(panels.data_ptr<int8_t>());
+  if (amx_runs(k, 4 * TILE_ROWS)) {
+    run_amx(AmxInt8{{q}}, bytes, m, k, weights, panels.size(0), o.e);
+  } else {
+    run(Int8Kind{q}, bytes, m, k, weights, panels.size(0), o.e);
+  }
 #endif
   return o.out;
+}
+
+// The instructions the kernels run on: "amx" or "avx512"; `isa` chooses (amx where present).
+std::string dense_isa(const c10::optional<std::string>& isa) {
+#if defined(__AVX512F__)
+  if (isa.has_value()) {
+    TORCH_CHECK(*isa == "avx512" || (*isa == "amx" && amx_present()),
+                "dense_isa: must be avx512 or, on a CPU with AMX, amx (got ", *isa, ")");
+    amx_wanted = *isa == "amx";
+  }
+  return amx_wanted && amx_present() ? "amx" : "avx512";
+#else
+  TORCH_CHECK(!isa.has_value(), "dense_isa: this build has no AVX-512");
+  return "none";
+#endif
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(kobot, m) {
+  m.def("dense_isa(str? isa) -> str", &dense_isa);
   m.def(
       "dense(Tensor x, Tensor panels, Tensor? bias, Tensor? residual, bool gelu, bool fp32_out) "
       "-> Tensor");

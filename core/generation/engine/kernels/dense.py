@@ -2,7 +2,8 @@
 AVX-512 BF16 and VNNI (one tile serves both), with the weights prepacked in panels of 32 output
 columns, bf16 (`panels_of`) or int8 per output column (`int8_panels_of`), and the bias,
 tanh-GELU and residual add applied to the float32 accumulators. Both take and give bf16
-(float32 logits).
+(float32 logits). On a CPU with AMX (detected at run time) the same panels are read as AMX
+tiles where K is a multiple of a tile's depth (32 bf16, 64 int8); `dense_isa` says which runs.
 
 `load_dense` / `load_dense_int8` give the kernel, or None: kernels `off`, a CPU without the
 instructions (oneDNN's packed bf16 kernels, or torch's int8 linear, run then), or it cannot be
@@ -21,10 +22,12 @@ from core.generation.cpu_features import cpu_flags
 from core.generation.engine.kernels.loading import KernelMode, load_operator
 
 __all__ = [
+    "DENSE_ISAS",
     "PANEL",
     "Dense",
     "DenseInt8",
     "Int8Panels",
+    "dense_isa",
     "fits_panels",
     "int8_panels_of",
     "load_dense",
@@ -44,6 +47,7 @@ DenseInt8 = Callable[..., torch.Tensor]
 INT8_STEPS = 127
 KERNEL_FLAGS = frozenset({"avx512_bf16", "avx512_vnni"})
 """Both kernels' instructions (every CPU with AVX-512 BF16 has VNNI too)."""
+DENSE_ISAS = ("amx", "avx512")
 UNSIGNED_OFFSET = 128
 """The kernel stores x quantized + 128 as unsigned bytes; `offsets` takes the 128 back out."""
 
@@ -97,6 +101,15 @@ def load_dense_int8(mode: KernelMode, directory: Path | None = None) -> DenseInt
         "dense_int8", mode, directory, "the int8 layers run on torch's dynamic quantized linear"
     )
     return op
+
+
+def dense_isa(isa: str | None = None) -> str:
+    """The instructions the loaded kernels run on, `amx` or `avx512`; `isa` chooses for the
+    process (`amx` only where the CPU has it). Call after `load_dense`/`load_dense_int8`."""
+    if isa is not None and isa not in DENSE_ISAS:
+        raise ValueError(f"dense_isa: must be one of {', '.join(DENSE_ISAS)} (got {isa!r})")
+    chosen: str = torch.ops.kobot.dense_isa(isa)
+    return chosen
 
 
 def _load_op(op: str, mode: KernelMode, directory: Path | None, instead: str) -> Any:
