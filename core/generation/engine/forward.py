@@ -5,11 +5,12 @@ model uses (`addmm` for Conv1D, the same activation, SDPA, tied LM head), so its
 Hugging Face's within float rounding. One call (`last_hidden`) advances any number of sequences
 by any number of tokens each: the dense parts (layer norms, projections, MLP) run once over all
 the step's tokens packed together, with no padding; attention runs over each sequence's own KV
-block, so a 900-token history and a 30-token one never pad each other: prompt chunks one SDPA
-call each, the decoding sequences (one token each) all in one call per layer, by the C++ kernel
-reading their blocks in place on a CPU (`ArenaDecode`), else over a dense pool (`slots`); a
-step where every sequence decodes over the pool can run at static shapes instead, captured in a
-CUDA graph on a GPU (`static_decode`, `graphs`).
+block, so a 900-token history and a 30-token one never pad each other. On a CPU the C++ kernel
+reads the blocks in place, every token of the step in one call per layer (`ArenaAttention`);
+elsewhere prompt chunks take one SDPA call each and the decoding sequences (one token each) one
+call per layer over a dense pool (`slots`), and a step where every sequence decodes over the
+pool can run at static shapes instead, captured in a CUDA graph on a GPU (`static_decode`,
+`graphs`).
 
 A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `kv.KVArena`).
 """
@@ -279,9 +280,9 @@ class GPT2Forward:
         decode = self._decode_plan(chunks, kv_buffer)
         writer = None
         if kv_buffer is not None:
-            written = decode.row_set if decode is not None else frozenset()
+            written = decode.written if decode is not None else frozenset()
             writer = KVWriter(chunks, bounds, written, kv_buffer, self.dims)
-        if decode is not None:
+        if isinstance(decode, DecodeRows):
             decode.locate(bounds, self.device)
 
         def attend(index: int, split: torch.Tensor) -> torch.Tensor:
@@ -339,18 +340,15 @@ class GPT2Forward:
 
     def _decode_plan(
         self, chunks: Sequence[SeqChunk], kv_buffer: torch.Tensor | None
-    ) -> DecodeRows | None:
-        """The one-token chunks' batched attention, when their blocks are in the arena: the
-        kernel reads them there; without it, the pool when it may hold them
-        (`decode_slots.max_bytes`)."""
+    ) -> ArenaAttention | DecodeRows | None:
+        """Batched attention, when the blocks are in the arena: every token's by the kernel,
+        reading them there; without it, the one-token chunks' over the pool when it may hold
+        them (`decode_slots.max_bytes`)."""
         if kv_buffer is None:
             return None
+        if self.decode_kernel is not None:
+            return ArenaAttention(self.decode_kernel, chunks, kv_buffer, self.dims)
         rows = [i for i, chunk in enumerate(chunks) if len(chunk.ids) == 1]
-        if self.decode_kernel is not None and rows:
-            in_place = ArenaDecode(
-                self.decode_kernel, [chunks[i] for i in rows], kv_buffer, self.dims
-            )
-            return DecodeRows(in_place, rows, len(chunks), self.device)
         if self.decode_slots.max_bytes <= 0:
             return None
         if not rows:
@@ -425,11 +423,14 @@ class GPT2Forward:
         chunks: Sequence[SeqChunk],
         bounds: Sequence[tuple[int, int]],
         write: bool,
-        decode: DecodeRows | None = None,
+        decode: ArenaAttention | DecodeRows | None = None,
     ) -> torch.Tensor:
         """Each chunk attends over its own block (its past plus its new tokens, causally);
-        `split` is `[tokens, 3, heads, head_dim]`. One-token chunks in `decode` attend in one
-        batched call (they come first in the engine's steps: then no row is copied)."""
+        `split` is `[tokens, 3, heads, head_dim]`. With the kernel every token attends in one
+        call; over the pool, the one-token chunks in `decode` do (they come first in the
+        engine's steps: then no row is copied) and each other chunk in its own SDPA call."""
+        if isinstance(decode, ArenaAttention):
+            return decode.attend(layer, split, self.scale)
         if decode is None:
             outputs = [
                 self._attend_one(layer, chunk, split[begin:end], write)
@@ -471,9 +472,11 @@ class GPT2Forward:
         return attended[0].to(rows.dtype)
 
 
-class ArenaDecode:
-    """One step's decode attention by the kernel, over each sequence's arena block in place
-    (the kernel writes the new K/V there first)."""
+class ArenaAttention:
+    """One step's attention by the kernel, one call per layer for every token, over each
+    sequence's arena block in place: the leading one-token chunks (decoding) write their new
+    K/V there in the kernel; every other chunk's K/V is written before (`KVWriter`), and each of
+    its tokens attends up to its own position."""
 
     def __init__(
         self,
@@ -484,39 +487,52 @@ class ArenaDecode:
     ) -> None:
         self.kernel = kernel
         self.flat = kv_buffer.view(-1)
+        self.new_rows = next(
+            (i for i, chunk in enumerate(chunks) if len(chunk.ids) != 1), len(chunks)
+        )
+        self.written = frozenset(range(self.new_rows))
+        """The chunks whose K/V the kernel writes (no one else may)."""
         origin = kv_buffer.storage_offset()
+        offsets: list[int] = []
+        capacities: list[int] = []
+        lengths: list[int] = []
+        for chunk in chunks:
+            n = len(chunk.ids)
+            offsets += [int(chunk.kv.storage_offset() - origin)] * n
+            capacities += [int(chunk.kv.shape[3])] * n
+            lengths += range(chunk.start + 1, chunk.start + n + 1)
         as_tensor = partial(torch.tensor, dtype=torch.long, device=kv_buffer.device)
-        capacity = as_tensor([chunk.kv.shape[3] for chunk in chunks])
-        self.head_strides = capacity * dims.head_dim
+        self.head_strides = as_tensor(capacities) * dims.head_dim
         kv_shift = dims.n_head * self.head_strides
         self.layer_step = 2 * kv_shift
-        self.keys = as_tensor([chunk.kv.storage_offset() - origin for chunk in chunks])
-        """Layer 0's key offsets; layer l's add `l * layer_step`, its values `kv_shift` more."""
+        self.keys = as_tensor(offsets)
+        """Layer 0's key offsets, one per token; layer l's add `l * layer_step`, its values
+        `kv_shift` more."""
         self.values = self.keys + kv_shift
-        self.lengths = as_tensor([chunk.start + 1 for chunk in chunks])
+        self.lengths = as_tensor(lengths)
 
     def attend(self, layer: int, split: torch.Tensor, scale: float) -> torch.Tensor:
-        """`split` `[B, 3, heads, head_dim]` (these sequences' rows, in order) -> `[B, n_embd]`."""
-        batch, _, heads, head_dim = split.shape
+        """`split` `[tokens, 3, heads, head_dim]` (the step's packed rows) -> `[tokens, n_embd]`."""
+        tokens, _, heads, head_dim = split.shape
         shift = self.layer_step * layer
         attended = self.kernel(
             split.to(self.flat.dtype), self.flat, self.keys + shift, self.values + shift,
-            self.head_strides, self.lengths, scale,
+            self.head_strides, self.lengths, scale, self.new_rows,
         )  # fmt: skip
-        return attended.reshape(batch, heads * head_dim).to(split.dtype)
+        return attended.reshape(tokens, heads * head_dim).to(split.dtype)
 
 
 class DecodeRows:
-    """A step's one-token chunks (`rows`, chunk indices) and their batched attention, which
-    also writes their new K/V: a `DecodePlan` into the pool (only), an `ArenaDecode` into the
-    arena."""
+    """A step's one-token chunks (`rows`, chunk indices) and their batched attention over the
+    decode pool (`DecodePlan`), which also writes their new K/V (into the pool only)."""
 
     def __init__(
-        self, plan: DecodePlan | ArenaDecode, rows: list[int], n_chunks: int, device: torch.device
+        self, plan: DecodePlan, rows: list[int], n_chunks: int, device: torch.device
     ) -> None:
         self.plan = plan
         self.rows = rows
         self.row_set = frozenset(rows)
+        self.written = self.row_set
         self.leading = rows == list(range(len(rows)))
         self.everything = self.leading and len(rows) == n_chunks
         self.token_rows = torch.empty(0, dtype=torch.long, device=device)

@@ -1,6 +1,6 @@
 """One batched attention per layer for the sequences decoding one token, without a gather,
 where the C++ decode kernel does not run (CUDA, or a CPU without a compiler: on a CPU with it,
-`forward.ArenaDecode` reads the arena blocks in place and no pool is kept).
+`forward.ArenaAttention` reads the arena blocks in place and no pool is kept).
 
 The KV of each decoding sequence is also kept in a dense working pool
 `[n_layer, 2, slots, n_head, length, head_dim]`: a sequence gets a slot when it starts decoding

@@ -1,11 +1,14 @@
-// kobot::decode_attention: one query per (sequence, head) over that sequence's keys where they
-// lie in the engine's KV arena, float32 accumulation. Registered as a torch operator
+// kobot::decode_attention: one query per (row, head) over that row's sequence's keys where
+// they lie in the engine's KV arena, float32 accumulation. Registered as a torch operator
 // (torch.ops.kobot.decode_attention); built by kernels/build.py.
 //
 // Decode attention is bound by reading the keys and values. Torch's bf16 batched matmuls read
 // them at a fraction of the memory bandwidth, and only from one dense padded tensor, which the
 // engine had to keep as a copy of the arena (a decode pool). This kernel reads each sequence's
-// own keys once for the scores and its values once for the sum, in place.
+// own keys once for the scores and its values once for the sum, in place. A prompt chunk's
+// tokens are rows too (each over the keys up to its own position: causal), so one call per
+// layer serves a whole step; their keys and values are in the arena already (the engine
+// writes them first), while the leading `new_rows` (decoding tokens) write theirs here.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -162,7 +165,7 @@ inline float softmax_unnormalized(float* p, int64_t n) {
 template <typename T>
 void attend(const at::Tensor& qkv, at::Tensor& buffer, const int64_t* key_offsets,
             const int64_t* value_offsets, const int64_t* head_strides, const int64_t* lengths,
-            float scale, at::Tensor& out) {
+            float scale, int64_t new_rows, at::Tensor& out) {
   const int64_t heads = qkv.size(2), dim = qkv.size(3);
   const int64_t row_stride = qkv.stride(0), part_stride = qkv.stride(1);
   const int64_t head_stride = qkv.stride(2);
@@ -182,9 +185,11 @@ void attend(const at::Tensor& qkv, at::Tensor& buffer, const int64_t* key_offset
       const T* q_row = qkv_base + (row / heads) * row_stride + (row % heads) * head_stride;
       T* keys = keys_of(row);
       T* values = values_of(row);
-      // The new token's key and value go to position n - 1 first: it attends to itself.
-      std::copy(q_row + part_stride, q_row + part_stride + dim, keys + (n - 1) * dim);
-      std::copy(q_row + 2 * part_stride, q_row + 2 * part_stride + dim, values + (n - 1) * dim);
+      if (row / heads < new_rows) {  // its key and value go to position n - 1 first
+        std::copy(q_row + part_stride, q_row + part_stride + dim, keys + (n - 1) * dim);
+        std::copy(q_row + 2 * part_stride, q_row + 2 * part_stride + dim,
+                  values + (n - 1) * dim);
+      }
       for (int64_t i = 0; i < dim; ++i) q[i] = to_float(q_row[i]) * scale;
       p.resize(n);
       scores(q.data(), keys, n, dim, p.data(), values);
@@ -208,12 +213,13 @@ const int64_t* int64_data(const at::Tensor& t, int64_t rows, const char* name) {
 // qkv [B, 3, H, D] (each row of D contiguous): the new token's query, key and value of each
 // sequence b. Row b's keys for head h are `lengths[b]` rows of D contiguous values at
 // buffer[key_offsets[b] + h * head_strides[b]], its values likewise from value_offsets[b]: the
-// engine's KV arena blocks [n_layer, 2, H, capacity, D], read in place. The new key and value
-// are written at position lengths[b] - 1 first. Returns [B, H, D] in qkv's dtype.
+// engine's KV arena blocks [n_layer, 2, H, capacity, D], read in place. Rows b < new_rows
+// write their key and value at position lengths[b] - 1 first (the others' are there: rows of
+// one sequence's prompt read each other's). Returns [B, H, D] in qkv's dtype.
 at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
                             const at::Tensor& key_offsets, const at::Tensor& value_offsets,
                             const at::Tensor& head_strides, const at::Tensor& lengths,
-                            double scale) {
+                            double scale, int64_t new_rows) {
   TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3 && qkv.stride(3) == 1,
               "decode_attention: qkv must be [B, 3, H, D] with rows of D contiguous values");
   TORCH_CHECK(buffer.is_contiguous(), "decode_attention: the KV buffer must be contiguous");
@@ -224,6 +230,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
   const int64_t* v = int64_data(value_offsets, rows, "value_offsets");
   const int64_t* stride = int64_data(head_strides, rows, "head_strides");
   const int64_t* n = int64_data(lengths, rows, "lengths");
+  TORCH_CHECK(0 <= new_rows && new_rows <= rows, "decode_attention: new_rows out of range");
   const int64_t size = buffer.numel();
   for (int64_t b = 0; b < rows; ++b) {
     TORCH_CHECK(n[b] >= 1 && stride[b] >= n[b] * dim, "decode_attention: length out of range");
@@ -234,9 +241,9 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
   at::Tensor out = at::empty({rows, heads, dim}, qkv.options());
   const float scale_f = static_cast<float>(scale);
   if (qkv.scalar_type() == at::kFloat) {
-    attend<float>(qkv, buffer, k, v, stride, n, scale_f, out);
+    attend<float>(qkv, buffer, k, v, stride, n, scale_f, new_rows, out);
   } else if (qkv.scalar_type() == at::kBFloat16) {
-    attend<c10::BFloat16>(qkv, buffer, k, v, stride, n, scale_f, out);
+    attend<c10::BFloat16>(qkv, buffer, k, v, stride, n, scale_f, new_rows, out);
   } else {
     TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
   }
@@ -248,7 +255,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
 TORCH_LIBRARY_FRAGMENT(kobot, m) {
   m.def(
       "decode_attention(Tensor qkv, Tensor(a!) buffer, Tensor key_offsets, Tensor value_offsets, "
-      "Tensor head_strides, Tensor lengths, float scale) -> Tensor");
+      "Tensor head_strides, Tensor lengths, float scale, int new_rows) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kobot, CPU, m) { m.impl("decode_attention", &decode_attention); }

@@ -112,6 +112,34 @@ def test_blocks_in_one_buffer_are_written_with_one_copy_per_layer(
     assert torch.count_nonzero(buffer[: 16 * per_token]) == 0  # nothing outside the blocks
 
 
+def test_a_decoding_token_after_a_prompt_chunk_in_one_buffer_matches(
+    hf: GPT2LMHeadModel, ids: list[int]
+) -> None:
+    """A one-token chunk that does not lead the step (the kernel writes only leading ones'
+    K/V) and one that does, around a prompt chunk after a cached prefix."""
+    forward = GPT2Forward(hf)
+    d = forward.dims
+    per_token = d.kv_elements_per_token
+    buffer = torch.zeros(300 * per_token)
+    a, b, c = (
+        buffer[start * per_token : (start + 96) * per_token].view(
+            d.n_layer, 2, d.n_head, 96, d.head_dim
+        )
+        for start in (0, 100, 200)
+    )
+    forward.logits([SeqChunk(a, 0, ids[:30]), SeqChunk(b, 0, ids[:12]), SeqChunk(c, 0, ids[:5])],
+                   buffer)  # fmt: skip
+    out = forward.logits(
+        [SeqChunk(c, 5, ids[5:6]), SeqChunk(b, 12, ids[12:40]), SeqChunk(a, 30, ids[30:31])],
+        buffer,
+    )
+    torch.testing.assert_close(out[0], reference(hf, ids[:6])[-1], atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(out[1], reference(hf, ids[:40])[-1], atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(out[2], reference(hf, ids[:31])[-1], atol=FP32_ATOL, rtol=0)
+    after = forward.logits([SeqChunk(a, 31, ids[31:32])], buffer)
+    torch.testing.assert_close(after[0], reference(hf, ids[:32])[-1], atol=FP32_ATOL, rtol=0)
+
+
 def test_bf16_logits_match_within_bf16_rounding(ids: list[int]) -> None:
     hf = model(torch.bfloat16)
     forward = GPT2Forward(hf)

@@ -1,6 +1,6 @@
-"""The C++ decode attention (`kobot::decode_attention`): its writes of the new K/V and its
-results against softmax attention, its argument checks, and how it is built, reused and done
-without."""
+"""The C++ attention (`kobot::decode_attention`): its writes of the decoding rows' new K/V, its
+results against softmax attention (decoding rows, and a prompt chunk's rows causally over K/V
+already written), its argument checks, and how it is built, reused and done without."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_on
 ) -> None:
     qkv, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
     before = buffer.clone()
-    got = kernel(qkv, buffer, *args, 0.125)
+    got = kernel(qkv, buffer, *args, 0.125, 4)
     assert got.dtype == dtype and got.shape == (4, qkv.shape[2], head_dim)
     undone = buffer.clone()
     for block, row, n in zip(blocks, qkv, lengths, strict=True):
@@ -96,7 +96,7 @@ def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_on
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
     blocks[2][:, :, lengths[2] :] = 1e4  # a block's positions past its length are never read
     buffer[: 2 * head_dim] = float("nan")  # nor anything outside the blocks
-    torch.testing.assert_close(kernel(qkv, buffer, *args, 0.125), got, atol=0, rtol=0)
+    torch.testing.assert_close(kernel(qkv, buffer, *args, 0.125, 4), got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -116,8 +116,39 @@ def test_bad_arguments_are_refused_before_anything_is_read(
         args[which][row] = value
     before = buffer.clone()
     with pytest.raises(RuntimeError, match=message):
-        kernel(qkv, buffer, args[0], args[1], args[2], args[3], 0.125)
+        kernel(qkv, buffer, args[0], args[1], args[2], args[3], 0.125, 4)
     assert torch.equal(buffer, before)  # nothing written either
+
+
+def test_rows_past_new_rows_write_nothing_and_attend_up_to_their_own_position(
+    kernel: DecodeAttention,
+) -> None:
+    """Two decoding rows, then a 5-token prompt chunk of a third sequence after 3 cached
+    positions (its K/V in the block already): row by row, each attends over its own prefix."""
+    generator = torch.Generator().manual_seed(7)
+    heads, dim, capacity = 2, 64, 12
+    size = 2 * heads * capacity * dim
+    buffer = torch.randn(3 * size, generator=generator)
+    blocks = [buffer[i * size : (i + 1) * size].view(2, heads, capacity, dim) for i in range(3)]
+    qkv = torch.randn(7, 3, heads, dim, generator=generator)
+    lengths = [4, 9, 4, 5, 6, 7, 8]
+    rows_block = [0, 1, 2, 2, 2, 2, 2]
+    before = buffer.clone()
+    offsets = torch.tensor([b * size for b in rows_block])
+    got = kernel(
+        qkv, buffer, offsets, offsets + heads * capacity * dim,
+        torch.full((7,), capacity * dim), torch.tensor(lengths), 0.125, 2,
+    )  # fmt: skip
+    for row in (0, 1):
+        assert torch.equal(blocks[row][:, :, lengths[row] - 1], qkv[row, 1:])
+    assert torch.equal(buffer[2 * size :], before[2 * size :])  # the chunk's rows wrote nothing
+    for row in range(7):
+        block = blocks[rows_block[row]]
+        expected = reference(qkv[row : row + 1, 0], [block], [lengths[row]], 0.125)
+        torch.testing.assert_close(got[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="new_rows out of range"):
+        kernel(qkv, buffer, offsets, offsets, torch.full((7,), capacity * dim),
+               torch.tensor(lengths), 0.125, 8)  # fmt: skip
 
 
 @needs_compiler
