@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument("--kernels", choices=["auto", "off"], default="auto")
+    parser.add_argument("--kv-dtype", choices=["model", "int8"], default="model")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true", help="only the wall times")
     parser.add_argument("--shapes", action="store_true", help="one row per op and input shape")
@@ -47,10 +48,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, "cpu")
     model = build_model(SHARED / "kogpt2-base-v2", "cpu", dtype, 0)
-    forward = GPT2Forward(model, quant=args.quant, kernels=args.kernels)
+    forward = GPT2Forward(model, quant=args.quant, kernels=args.kernels, kv_dtype=args.kv_dtype)
     if args.decode_pool == "on":  # batched decode attention (the engine default)
         forward.decode_slots.max_bytes = 1 << 30
-    arena = KVArena(forward.dims, 1024 * 1024 * 1024, "cpu", forward.dtype)
+    storage = forward.kv_storage
+    arena = KVArena(forward.dims, 1024 * 1024 * 1024, "cpu", storage.dtype, storage.row)
     capacity = args.prompt + args.steps + 40
     blocks = [arena.allocate(capacity) for _ in range(args.batch)]
     views = [arena.view(block) for block in blocks if block is not None]

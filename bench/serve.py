@@ -449,6 +449,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument(
+        "--kv-dtype", choices=["model", "int8"], default="model", help="KOBOT_ENGINE_KV_DTYPE"
+    )
+    parser.add_argument(
         "--kernels", choices=["auto", "off"], default="auto", help="KOBOT_ENGINE_KERNELS"
     )
     parser.add_argument(
@@ -571,8 +574,9 @@ async def run_engine(bench: Bench, prompts: Prompts) -> ArmResult:
 
     def start() -> Engine:
         forward = GPT2Forward(
-            bench.model, args.compile, args.quant, args.kernels, graphs=args.graphs
-        )
+            bench.model, args.compile, args.quant, args.kernels, graphs=args.graphs,
+            kv_dtype=args.kv_dtype,
+        )  # fmt: skip
         return Engine(forward, config)
 
     engine = on_a_fresh_thread(start)
@@ -633,13 +637,21 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
         "reused prompt tokens": f"{stats.reused_tokens}/{stats.prompt_tokens}",
         "max batch": f"{stats.max_batch_seen} (bound {engine.max_batch})",
         "dense": dense_layers(engine.forward),
-        "decode attention": "kernel" if engine.forward.decode_kernel else "torch",
+        "attention": attention_kind(engine.forward),
         "static decode steps": static_steps(engine.forward),
         "steps": f"{stats.steps} ({step_ms:.0f} ms each, busy {stats.busy_s / wall_s:.0%})",
         "KV peak": f"{arena.peak_used * arena.bytes_per_token / MB:.0f} MB "
         f"of {arena.budget_bytes / MB:.0f} MB"
         + f" (+ decode pool {engine.forward.decode_slots.pool_bytes / MB:.0f} MB)",
     }
+
+
+def attention_kind(forward: GPT2Forward) -> str:
+    if forward.decode_kernel is None:
+        return "torch"
+    storage = forward.kv_storage
+    rows = "int8" if storage.dtype == torch.uint8 else str(storage.dtype).removeprefix("torch.")
+    return f"kernel, KV in {rows}"
 
 
 def dense_layers(forward: GPT2Forward) -> str:

@@ -98,6 +98,7 @@ def _load_local_decoder(settings: Settings) -> Decoder:
         kv_idle_s=settings.engine_kv_idle_s,
         prefill_chunk=settings.engine_prefill_chunk,
         quant=settings.engine_quant,
+        kv_dtype=settings.engine_kv_dtype,
         kernels=settings.engine_kernels,
         kernel_dir=Path(settings.engine_kernel_dir) if settings.engine_kernel_dir else None,
         graphs=settings.engine_graphs,

@@ -10,6 +10,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.kv import KVArena
 
 
 def in_dtype(model: GPT2LMHeadModel, dtype: torch.dtype) -> GPT2LMHeadModel:
@@ -20,10 +21,15 @@ def in_dtype(model: GPT2LMHeadModel, dtype: torch.dtype) -> GPT2LMHeadModel:
 
 
 def every_position(forward: GPT2Forward, ids: list[int]) -> torch.Tensor:
-    """Float32 logits after each prefix of `ids` (one token at a time, through the KV)."""
-    d = forward.dims
-    kv = torch.zeros(d.n_layer, 2, d.n_head, len(ids), d.head_dim, dtype=forward.dtype)
-    return torch.cat([forward.logits([SeqChunk(kv, i, ids[i : i + 1])]) for i in range(len(ids))])
+    """Float32 logits after each prefix of `ids` (one token at a time, through the KV in an
+    arena of the forward's `kv_storage`, as the engine keeps it)."""
+    storage = forward.kv_storage
+    arena = KVArena(forward.dims, 1 << 24, "cpu", storage.dtype, storage.row)
+    block = arena.allocate(len(ids))
+    assert block is not None
+    kv = arena.view(block)
+    steps = [SeqChunk(kv, i, ids[i : i + 1]) for i in range(len(ids))]
+    return torch.cat([forward.logits([step], arena.buffer) for step in steps])
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,9 @@ def start_engine(loaded: LoadedModel, config: EngineConfig, compile_mode: Compil
     """The engine over `loaded`; UnsupportedModelError when it is not a plain GPT-2,
     ModelLoadError when the KV budget cannot be reserved."""
     forward = GPT2Forward(
-        loaded.model, compile_mode, config.quant, config.kernels, config.kernel_dir, config.graphs
-    )
+        loaded.model, compile_mode, config.quant, config.kernels, config.kernel_dir, config.graphs,
+        config.kv_dtype,
+    )  # fmt: skip
     try:
         return Engine(forward, config)
     except (RuntimeError, ValueError) as error:

@@ -17,18 +17,23 @@ A KV block is a tensor `[n_layer, 2, n_head, capacity, head_dim]` (see `kv.KVAre
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from core.generation.engine.graphs import DecodeGraphs, GraphMode, graph_capture
-from core.generation.engine.kernels.decode_attention import DecodeAttention, load_decode_attention
+from core.generation.engine.kernels.decode_attention import (
+    INT8_ROW_EXTRA,
+    DecodeAttention,
+    load_decode_attention,
+)
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
 from core.generation.engine.linear import (
@@ -44,6 +49,8 @@ from core.generation.engine.linear import (
     prepare_residual,
 )
 from core.generation.engine.slots import BlockKey, DecodePlan, DecodeSlots
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GPT2Dims", "GPT2Forward", "LayerWeights", "SeqChunk", "UnsupportedModelError"]
 
@@ -69,6 +76,20 @@ class GPT2Dims:
     def kv_elements_per_token(self) -> int:
         """K and V of one token in every layer."""
         return self.n_layer * 2 * self.n_embd
+
+
+KVDtype = Literal["model", "int8"]
+KV_DTYPES: tuple[KVDtype, ...] = ("model", "int8")
+
+
+@dataclass(frozen=True, slots=True)
+class KVStorage:
+    """How the engine's arena keeps one head's key or value of one token: `row` elements of
+    `dtype`: the model's dtype (`row` = head_dim), or int8 rows (uint8, `row` = head_dim + 4:
+    the int8 values, then their float32 scale)."""
+
+    dtype: torch.dtype
+    row: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +206,7 @@ class GPT2Forward:
         kernels: KernelMode = "auto",
         kernel_dir: Path | None = None,
         graphs: GraphMode = "auto",
+        kv_dtype: KVDtype = "model",
     ) -> None:
         config = model.config
         check_supported(config)
@@ -198,7 +220,6 @@ class GPT2Forward:
         self.act = activation(config.activation_function)
         self.device = self.wte.device
         self.dtype = self.wte.dtype
-        """The KV cache's dtype: the model's."""
         self.scale = self.dims.head_dim**-0.5
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
         panels = None
@@ -232,6 +253,7 @@ class GPT2Forward:
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
         """Batched decode attention's KV pool without the kernel; off (0 bytes) until the engine
         sizes it."""
+        self.kv_storage = self._kv_storage(kv_dtype)
         capture = graph_capture(graphs, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         """Decode-only steps over the pool at static shapes (CUDA graphs on a GPU)."""
@@ -242,6 +264,21 @@ class GPT2Forward:
         if compile_mode == "compile":
             self._pre = torch.compile(self._pre_attention, dynamic=True)
             self._post = torch.compile(self._post_attention, dynamic=True)
+
+    def _kv_storage(self, kv_dtype: KVDtype) -> KVStorage:
+        """The arena's rows: int8 (`kv_dtype`) where the kernel reads them, else the model's."""
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"KOBOT_ENGINE_KV_DTYPE: must be model or int8 (got {kv_dtype!r})")
+        head_dim = self.dims.head_dim
+        if kv_dtype == "int8":
+            if self.decode_kernel is not None:
+                return KVStorage(torch.uint8, head_dim + INT8_ROW_EXTRA)
+            logger.warning(
+                "KOBOT_ENGINE_KV_DTYPE=int8 needs the C++ attention (a CPU where it builds); "
+                "the KV cache stays in %s",
+                str(self.dtype).removeprefix("torch."),
+            )
+        return KVStorage(self.dtype, head_dim)
 
     def _norms_in(self, dtype: torch.dtype) -> None:
         """The layer norms' weights in `dtype`, for hidden states of that dtype."""
@@ -347,7 +384,7 @@ class GPT2Forward:
         if kv_buffer is None:
             return None
         if self.decode_kernel is not None:
-            return ArenaAttention(self.decode_kernel, chunks, kv_buffer, self.dims)
+            return ArenaAttention(self.decode_kernel, chunks, kv_buffer)
         rows = [i for i, chunk in enumerate(chunks) if len(chunk.ids) == 1]
         if self.decode_slots.max_bytes <= 0:
             return None
@@ -474,37 +511,35 @@ class GPT2Forward:
 
 class ArenaAttention:
     """One step's attention by the kernel, one call per layer for every token, over each
-    sequence's arena block in place: the leading one-token chunks (decoding) write their new
-    K/V there in the kernel; every other chunk's K/V is written before (`KVWriter`), and each of
-    its tokens attends up to its own position."""
+    sequence's arena block in place (the model's dtype or int8 rows): every token's new K/V is
+    written there first, then each token attends up to its own position."""
 
     def __init__(
         self,
         kernel: DecodeAttention,
         chunks: Sequence[SeqChunk],
         kv_buffer: torch.Tensor,
-        dims: GPT2Dims,
     ) -> None:
         self.kernel = kernel
         self.flat = kv_buffer.view(-1)
-        self.new_rows = next(
-            (i for i, chunk in enumerate(chunks) if len(chunk.ids) != 1), len(chunks)
-        )
-        self.written = frozenset(range(self.new_rows))
-        """The chunks whose K/V the kernel writes (no one else may)."""
+        self.query_dtype = None if kv_buffer.dtype == torch.uint8 else kv_buffer.dtype
+        """What the queries are converted to: the arena's dtype (int8 rows take any)."""
+        self.written = frozenset(range(len(chunks)))
+        """The kernel writes every chunk's K/V."""
         origin = kv_buffer.storage_offset()
         offsets: list[int] = []
-        capacities: list[int] = []
+        strides: list[tuple[int, int, int]] = []
         lengths: list[int] = []
-        for chunk in chunks:
+        for chunk in chunks:  # a block [n_layer, 2, n_head, capacity, row], contiguous
             n = len(chunk.ids)
             offsets += [int(chunk.kv.storage_offset() - origin)] * n
-            capacities += [int(chunk.kv.shape[3])] * n
+            layer, part, head = chunk.kv.stride()[:3]
+            strides += [(int(layer), int(part), int(head))] * n
             lengths += range(chunk.start + 1, chunk.start + n + 1)
         as_tensor = partial(torch.tensor, dtype=torch.long, device=kv_buffer.device)
-        self.head_strides = as_tensor(capacities) * dims.head_dim
-        kv_shift = dims.n_head * self.head_strides
-        self.layer_step = 2 * kv_shift
+        layer_step, kv_shift, self.head_strides = as_tensor(strides).reshape(-1, 3).unbind(1)
+        self.layer_step = layer_step.contiguous()
+        self.head_strides = self.head_strides.contiguous()
         self.keys = as_tensor(offsets)
         """Layer 0's key offsets, one per token; layer l's add `l * layer_step`, its values
         `kv_shift` more."""
@@ -515,9 +550,10 @@ class ArenaAttention:
         """`split` `[tokens, 3, heads, head_dim]` (the step's packed rows) -> `[tokens, n_embd]`."""
         tokens, _, heads, head_dim = split.shape
         shift = self.layer_step * layer
+        queries = split if self.query_dtype is None else split.to(self.query_dtype)
         attended = self.kernel(
-            split.to(self.flat.dtype), self.flat, self.keys + shift, self.values + shift,
-            self.head_strides, self.lengths, scale, self.new_rows,
+            queries, self.flat, self.keys + shift, self.values + shift,
+            self.head_strides, self.lengths, scale,
         )  # fmt: skip
         return attended.reshape(tokens, heads * head_dim).to(split.dtype)
 

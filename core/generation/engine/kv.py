@@ -2,7 +2,8 @@
 
 `KVArena` allocates the whole KV budget once (on the GPU this is real memory up front; on the
 CPU pages are touched as they are used) and hands out contiguous blocks of token slots, each
-viewed as `[n_layer, 2, n_head, capacity, head_dim]`. Allocation is first fit with coalescing
+viewed as `[n_layer, 2, n_head, capacity, row]` (`row`: head_dim values of the model's dtype, or
+an int8 row's head_dim + 4 bytes: `forward.KVStorage`). Allocation is first fit with coalescing
 frees, so the bytes in use can never exceed the budget. Slots are zeroed the first time they are
 handed out (`touched`), so every slot always holds finite values: batched attention reads slots
 past a sequence's length under a key mask, where a NaN would poison the sum (0 × NaN).
@@ -71,17 +72,25 @@ class KVArena:
     """The engine's whole KV budget, preallocated once, handed out as token-slot blocks."""
 
     def __init__(
-        self, dims: GPT2Dims, budget_bytes: int, device: torch.device | str, dtype: torch.dtype
+        self,
+        dims: GPT2Dims,
+        budget_bytes: int,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        row: int | None = None,
     ) -> None:
         self.dims = dims
+        self.row = row or dims.head_dim
+        """Elements of `dtype` a head's key or value of one token takes (`forward.KVStorage`)."""
+        self.per_token = dims.n_layer * 2 * dims.n_head * self.row
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        self.bytes_per_token = dims.kv_elements_per_token * element_bytes
+        self.bytes_per_token = self.per_token * element_bytes
         self.capacity = (budget_bytes // self.bytes_per_token) // GRANULE_TOKENS * GRANULE_TOKENS
         if self.capacity < GRANULE_TOKENS:
             raise ValueError(
                 f"a KV budget of {budget_bytes} bytes holds no {GRANULE_TOKENS} tokens"
             )
-        size = self.capacity * dims.kv_elements_per_token
+        size = self.capacity * self.per_token
         self.buffer = torch.empty(size, dtype=dtype, device=device)
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # (start, length), sorted
         self.touched = 0
@@ -118,7 +127,7 @@ class KVArena:
     def _touch(self, end: int) -> None:
         """Zero the never-used slots below `end` (fresh memory may hold any bit pattern)."""
         if end > self.touched:
-            per_token = self.dims.kv_elements_per_token
+            per_token = self.per_token
             self.buffer[self.touched * per_token : end * per_token].zero_()
             self.touched = end
 
@@ -138,11 +147,12 @@ class KVArena:
         block.tokens = 0
 
     def view(self, block: KVBlock) -> torch.Tensor:
-        """The block as `[n_layer, 2, n_head, capacity, head_dim]`."""
+        """The block as `[n_layer, 2, n_head, capacity, row]` (`row`: head_dim, or an int8
+        row's bytes)."""
         d = self.dims
-        per_token = d.kv_elements_per_token
+        per_token = self.per_token
         flat = self.buffer[block.start * per_token : (block.start + block.tokens) * per_token]
-        return flat.view(d.n_layer, 2, d.n_head, block.tokens, d.head_dim)
+        return flat.view(d.n_layer, 2, d.n_head, block.tokens, self.row)
 
     def copy_prefix(self, source: KVBlock, target: KVBlock, tokens: int) -> None:
         """Copy the first `tokens` positions of `source`'s KV into `target`."""

@@ -42,7 +42,7 @@ import torch
 
 from core.generation.base import GenerationError, GenerationErrorKind, ModelLimits, SamplingParams
 from core.generation.device import free_cuda_cache
-from core.generation.engine.forward import GPT2Forward, SeqChunk
+from core.generation.engine.forward import GPT2Forward, KVDtype, SeqChunk
 from core.generation.engine.graphs import GraphMode
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kv import ConversationCache, KVArena, KVBlock, common_prefix
@@ -93,6 +93,9 @@ class EngineConfig:
     quant: str = "off"
     """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
     read by whoever builds the `GPT2Forward`)."""
+    kv_dtype: KVDtype = "model"
+    """KOBOT_ENGINE_KV_DTYPE: `int8` keeps the KV arena in int8 rows where the C++ attention
+    runs (half the bytes: nearly twice the tokens in the budget; the forward's option too)."""
     kernels: KernelMode = "auto"
     """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention and top-k on
     a CPU; `off` keeps torch's ops (the forward's option too)."""
@@ -248,7 +251,10 @@ class Engine:
         if use_decode_pool(self.config.decode_pool, forward):
             pool_bytes = int(budget * DECODE_POOL_SHARE)
             forward.decode_slots.max_bytes = pool_bytes
-        self.arena = KVArena(forward.dims, budget - pool_bytes, forward.device, forward.dtype)
+        storage = forward.kv_storage
+        self.arena = KVArena(
+            forward.dims, budget - pool_bytes, forward.device, storage.dtype, storage.row
+        )
         self.cache = ConversationCache(self.arena, self.config.kv_idle_s, clock)
         self.max_batch = self.config.max_batch or auto_max_batch(self.arena.capacity)
         self.stats = EngineStats()

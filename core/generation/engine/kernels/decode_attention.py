@@ -1,7 +1,8 @@
 """`kobot::decode_attention` (decode_attention.cpp): the engine's CPU attention, one call per
 layer for every token of a step (decoding tokens and prompt chunks alike, each query over its
-own sequence's keys up to its position), read straight from the KV arena (no decode pool); it
-also writes each decoding token's key and value there.
+own sequence's keys up to its position), read straight from the KV arena (no decode pool),
+which holds the model's dtype or int8 rows (`INT8_ROW_EXTRA`); it also writes every token's key
+and value there first.
 
 `load_decode_attention` builds or loads it once; where it cannot (no C++ compiler, say) the
 engine keeps torch's matmuls and the log says why, once.
@@ -16,22 +17,22 @@ import torch
 
 from core.generation.engine.kernels.loading import KernelMode, load_operator
 
-__all__ = ["DecodeAttention", "load_decode_attention"]
+__all__ = ["INT8_ROW_EXTRA", "DecodeAttention", "load_decode_attention"]
+
+INT8_ROW_EXTRA = 4
+"""An int8 KV row holds `head_dim` int8 values, then their float32 scale: `head_dim + 4` bytes."""
 
 DecodeAttention = Callable[
-    [
-        torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-        float, int,
-    ],
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
     torch.Tensor,
-]  # fmt: skip
+]
 """`(qkv [B, 3, H, D], buffer, key_offsets [B], value_offsets [B], head_strides [B], lengths [B],
-scale, new_rows) -> [B, H, D]`: row b < new_rows, head h, writes its new key and value
-(`qkv[b, 1:, h]`) at position `lengths[b] - 1` (the other rows' are in the buffer already);
-every row attends over the `lengths[b]` keys (rows of D values) at
+scale) -> [B, H, D]`: every row b, head h, first writes its key and value (`qkv[b, 1:, h]`) at
+position `lengths[b] - 1`, then attends over the `lengths[b]` keys (rows of D values of qkv's
+dtype, or, in a uint8 buffer, of D int8 values and their float32 scale) at
 `buffer[key_offsets[b] + h * head_strides[b]]` and the values at `value_offsets[b] + …` (the
-KV arena's blocks, written and read in place; int64 vectors, a flat contiguous buffer of qkv's
-dtype; qkv's rows of D values contiguous, any other strides)."""
+KV arena's blocks, written and read in place; int64 vectors in buffer elements, a flat
+contiguous buffer; qkv's rows of D values contiguous, any other strides)."""
 
 
 def load_decode_attention(

@@ -83,7 +83,7 @@ def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_on
 ) -> None:
     qkv, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
     before = buffer.clone()
-    got = kernel(qkv, buffer, *args, 0.125, 4)
+    got = kernel(qkv, buffer, *args, 0.125)
     assert got.dtype == dtype and got.shape == (4, qkv.shape[2], head_dim)
     undone = buffer.clone()
     for block, row, n in zip(blocks, qkv, lengths, strict=True):
@@ -96,7 +96,7 @@ def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_on
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
     blocks[2][:, :, lengths[2] :] = 1e4  # a block's positions past its length are never read
     buffer[: 2 * head_dim] = float("nan")  # nor anything outside the blocks
-    torch.testing.assert_close(kernel(qkv, buffer, *args, 0.125, 4), got, atol=0, rtol=0)
+    torch.testing.assert_close(kernel(qkv, buffer, *args, 0.125), got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -116,39 +116,93 @@ def test_bad_arguments_are_refused_before_anything_is_read(
         args[which][row] = value
     before = buffer.clone()
     with pytest.raises(RuntimeError, match=message):
-        kernel(qkv, buffer, args[0], args[1], args[2], args[3], 0.125, 4)
+        kernel(qkv, buffer, args[0], args[1], args[2], args[3], 0.125)
     assert torch.equal(buffer, before)  # nothing written either
 
 
-def test_rows_past_new_rows_write_nothing_and_attend_up_to_their_own_position(
+def test_a_prompt_chunks_rows_write_first_then_each_attends_up_to_its_own_position(
     kernel: DecodeAttention,
 ) -> None:
-    """Two decoding rows, then a 5-token prompt chunk of a third sequence after 3 cached
-    positions (its K/V in the block already): row by row, each attends over its own prefix."""
+    """A decoding row, then a 5-token prompt chunk of another sequence after 3 cached
+    positions: every row's K/V is in place before any row reads, each attends causally."""
     generator = torch.Generator().manual_seed(7)
     heads, dim, capacity = 2, 64, 12
     size = 2 * heads * capacity * dim
-    buffer = torch.randn(3 * size, generator=generator)
-    blocks = [buffer[i * size : (i + 1) * size].view(2, heads, capacity, dim) for i in range(3)]
-    qkv = torch.randn(7, 3, heads, dim, generator=generator)
-    lengths = [4, 9, 4, 5, 6, 7, 8]
-    rows_block = [0, 1, 2, 2, 2, 2, 2]
-    before = buffer.clone()
+    buffer = torch.randn(2 * size, generator=generator)
+    blocks = [buffer[i * size : (i + 1) * size].view(2, heads, capacity, dim) for i in range(2)]
+    qkv = torch.randn(6, 3, heads, dim, generator=generator)
+    lengths, rows_block = [9, 4, 5, 6, 7, 8], [0, 1, 1, 1, 1, 1]
     offsets = torch.tensor([b * size for b in rows_block])
     got = kernel(
         qkv, buffer, offsets, offsets + heads * capacity * dim,
-        torch.full((7,), capacity * dim), torch.tensor(lengths), 0.125, 2,
+        torch.full((6,), capacity * dim), torch.tensor(lengths), 0.125,
     )  # fmt: skip
-    for row in (0, 1):
-        assert torch.equal(blocks[row][:, :, lengths[row] - 1], qkv[row, 1:])
-    assert torch.equal(buffer[2 * size :], before[2 * size :])  # the chunk's rows wrote nothing
-    for row in range(7):
+    for row in range(6):
         block = blocks[rows_block[row]]
+        assert torch.equal(block[:, :, lengths[row] - 1], qkv[row, 1:])
         expected = reference(qkv[row : row + 1, 0], [block], [lengths[row]], 0.125)
         torch.testing.assert_close(got[row : row + 1].double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RuntimeError, match="new_rows out of range"):
-        kernel(qkv, buffer, offsets, offsets, torch.full((7,), capacity * dim),
-               torch.tensor(lengths), 0.125, 8)  # fmt: skip
+
+
+def int8_rows(values: torch.Tensor) -> torch.Tensor:
+    """`[..., D]` float as the arena's int8 rows `[..., D + 4]` bytes (int8, float32 scale)."""
+    peak = values.float().abs().amax(dim=-1, keepdim=True)
+    scale, inverse = peak / 127, torch.where(peak > 0, 127 / peak, 0)
+    q = (values.float() * inverse).round().clamp(-127, 127).to(torch.int8)
+    return torch.cat([q.view(torch.uint8), scale.float().contiguous().view(torch.uint8)], -1)
+
+
+def dequantized(rows: torch.Tensor) -> torch.Tensor:
+    dim = rows.shape[-1] - 4
+    scale = rows[..., dim:].contiguous().view(torch.float32)
+    return rows[..., :dim].view(torch.int8).double() * scale.double()
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_are_written_quantized_and_read_with_their_scales(
+    kernel: DecodeAttention, head_dim: int, dtype: torch.dtype
+) -> None:
+    """A uint8 arena of int8 rows: each new key and value is stored as int8 per row with its
+    scale, and attention is exact over what is stored (and close to the float one)."""
+    generator = torch.Generator().manual_seed(head_dim)
+    heads, capacity, width = 3, 20, head_dim + 4
+    lengths = [1, 20, 7]
+    keys = torch.randn(3, heads, capacity, head_dim, generator=generator) * 2
+    values = torch.randn(3, heads, capacity, head_dim, generator=generator)
+    blocks = torch.stack([int8_rows(keys), int8_rows(values)], dim=1)  # [3, 2, H, cap, width]
+    buffer = torch.cat([torch.zeros(width * 8, dtype=torch.uint8), blocks.flatten()])
+    qkv = (torch.randn(3, 3, heads, head_dim, generator=generator)).to(dtype)
+    size = 2 * heads * capacity * width
+    starts = torch.tensor([8 * width + b * size for b in range(3)])
+    got = kernel(
+        qkv, buffer, starts, starts + heads * capacity * width,
+        torch.full((3,), capacity * width), torch.tensor(lengths), 0.125,
+    )  # fmt: skip
+    assert got.dtype == dtype and got.shape == (3, heads, head_dim)
+    stored = buffer[8 * width :].view(3, 2, heads, capacity, width)
+    for b, n in enumerate(lengths):
+        new = int8_rows(qkv[b, 1:].float())  # [2, H, width]
+        written = stored[b, :, :, n - 1]
+        assert torch.equal(written[..., head_dim:], new[..., head_dim:])  # the same scales
+        steps = written[..., :head_dim].view(torch.int8).int() - new[..., :head_dim].view(
+            torch.int8
+        )
+        assert int(steps.abs().max()) <= 1 and int(steps.count_nonzero()) <= 2  # exact ties
+    exact = reference(qkv[:, 0], [dequantized(block) for block in stored], lengths, 0.125)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), exact, atol=tolerance, rtol=tolerance)
+    plain = [torch.stack([keys[b], values[b]]) for b in range(3)]
+    for b, n in enumerate(lengths):
+        plain[b][:, :, n - 1] = qkv[b, 1:].float()
+    close = reference(qkv[:, 0].float(), plain, lengths, 0.125)
+    torch.testing.assert_close(got.double(), close, atol=0.05, rtol=0.05)
+
+
+def test_an_arena_of_another_dtype_is_refused(kernel: DecodeAttention) -> None:
+    qkv, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
+    with pytest.raises(RuntimeError, match="qkv's dtype, or uint8"):
+        kernel(qkv, buffer.to(torch.float16), *layout, 0.125)
 
 
 @needs_compiler
