@@ -81,18 +81,9 @@ struct Int8Rows {
     std::memcpy(&s, row + dim, sizeof(s));
     return s;
   }
+  // Quantized per row: round(x * 127 / max |x|), to nearest, ties to even.
   template <typename Source>
-  static void write(const Source* source, uint8_t* row, int64_t dim) {
-    float peak = 0.f;
-    for (int64_t i = 0; i < dim; ++i) peak = std::max(peak, std::fabs(to_float(source[i])));
-    const float inverse = peak > 0.f ? STEPS / peak : 0.f;
-    for (int64_t i = 0; i < dim; ++i) {
-      const float q = std::nearbyint(to_float(source[i]) * inverse);
-      row[i] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -STEPS, STEPS)));
-    }
-    const float s = peak / STEPS;
-    std::memcpy(row + dim, &s, sizeof(s));
-  }
+  static void write(const Source* source, uint8_t* row, int64_t dim);
 };
 
 template <class Store>
@@ -188,6 +179,36 @@ void weighted_sum64(const float* p, const typename Store::Elem* v, int64_t n, fl
   _mm512_storeu_ps(out + 48, a3);
 }
 #endif
+
+template <typename Source>
+void Int8Rows::write(const Source* source, uint8_t* row, int64_t dim) {
+#if defined(__AVX512F__)
+  if (dim == 64) {
+    const __m512 x[4] = {load16(source), load16(source + 16), load16(source + 32),
+                         load16(source + 48)};
+    __m512 peak = _mm512_abs_ps(x[0]);
+    for (int i = 1; i < 4; ++i) peak = _mm512_max_ps(peak, _mm512_abs_ps(x[i]));
+    const float top = _mm512_reduce_max_ps(peak);
+    const __m512 inverse = _mm512_set1_ps(top > 0.f ? STEPS / top : 0.f);
+    for (int i = 0; i < 4; ++i) {
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x[i], inverse));  // nearest, even
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + 16 * i), _mm512_cvtsepi32_epi8(q));
+    }
+    const float s = top / STEPS;
+    std::memcpy(row + dim, &s, sizeof(s));
+    return;
+  }
+#endif
+  float peak = 0.f;
+  for (int64_t i = 0; i < dim; ++i) peak = std::max(peak, std::fabs(to_float(source[i])));
+  const float inverse = peak > 0.f ? STEPS / peak : 0.f;
+  for (int64_t i = 0; i < dim; ++i) {
+    const float q = std::nearbyint(to_float(source[i]) * inverse);
+    row[i] = static_cast<uint8_t>(static_cast<int8_t>(std::clamp(q, -STEPS, STEPS)));
+  }
+  const float s = peak / STEPS;
+  std::memcpy(row + dim, &s, sizeof(s));
+}
 
 template <class Store>
 void scores(const float* q, const typename Store::Elem* k, int64_t n, int64_t dim, float* out,
