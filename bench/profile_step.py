@@ -37,9 +37,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--quant", choices=["off", "int8"], default="off")
+    parser.add_argument("--quant", choices=["auto", "off", "int8"], default="auto")
     parser.add_argument("--kernels", choices=["auto", "off"], default="auto")
-    parser.add_argument("--kv-dtype", choices=["model", "int8"], default="model")
+    parser.add_argument("--kv-dtype", choices=["auto", "model", "int8"], default="auto")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--no-profile", action="store_true", help="only the wall times")
     parser.add_argument("--shapes", action="store_true", help="one row per op and input shape")
@@ -91,7 +91,8 @@ def main() -> None:
                 for _ in range(args.steps):
                     step()
     print(
-        f"batch {args.batch}, {args.prompt}-token prompts, {forward.dtype}, quant {args.quant}: "
+        f"batch {args.batch}, {args.prompt}-token prompts, {forward.dtype}, quant "
+        f"{forward.quant}, KV {forward.kv_storage.dtype}: "
         f"{1000 * wall:.1f} ms per decode step (unprofiled median; min {1000 * min(times):.1f}), "
         f"{os.getloadavg()[0]:.2f} load, OMP_WAIT_POLICY {os.getenv('OMP_WAIT_POLICY', 'unset')}"
     )

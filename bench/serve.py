@@ -447,9 +447,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="every user sends one message at once, with no history (the peer comparison)",
     )
-    parser.add_argument("--quant", choices=["off", "int8"], default="off")
     parser.add_argument(
-        "--kv-dtype", choices=["model", "int8"], default="model", help="KOBOT_ENGINE_KV_DTYPE"
+        "--quant", choices=["auto", "off", "int8"], default="auto", help="KOBOT_ENGINE_QUANT"
+    )
+    parser.add_argument(
+        "--kv-dtype",
+        choices=["auto", "model", "int8"],
+        default="auto",
+        help="KOBOT_ENGINE_KV_DTYPE",
     )
     parser.add_argument(
         "--kernels", choices=["auto", "off"], default="auto", help="KOBOT_ENGINE_KERNELS"

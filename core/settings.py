@@ -87,8 +87,8 @@ class Settings(BaseSettings):
     engine_kv_idle_s: float = Field(600.0, ge=1.0, le=86_400.0)
     engine_prefill_chunk: int = Field(512, ge=16, le=8192)
     engine_compile: Literal["off", "compile"] = "off"
-    engine_quant: Literal["off", "int8"] = "off"
-    engine_kv_dtype: Literal["model", "int8"] = "model"
+    engine_quant: Literal["auto", "off", "int8"] = "auto"
+    engine_kv_dtype: Literal["auto", "model", "int8"] = "auto"
     engine_kernels: Literal["auto", "off"] = "auto"
     engine_kernel_dir: str | None = Field(None, min_length=1)
     engine_graphs: Literal["auto", "off", "static"] = "auto"

@@ -47,6 +47,7 @@ from core.generation.engine.linear import (
     prepare_head,
     prepare_linear,
     prepare_residual,
+    resolve_quant,
 )
 from core.generation.engine.slots import BlockKey, DecodePlan, DecodeSlots
 
@@ -78,8 +79,8 @@ class GPT2Dims:
         return self.n_layer * 2 * self.n_embd
 
 
-KVDtype = Literal["model", "int8"]
-KV_DTYPES: tuple[KVDtype, ...] = ("model", "int8")
+KVDtype = Literal["auto", "model", "int8"]
+KV_DTYPES: tuple[KVDtype, ...] = ("auto", "model", "int8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +222,10 @@ class GPT2Forward:
         self.device = self.wte.device
         self.dtype = self.wte.dtype
         self.scale = self.dims.head_dim**-0.5
+        asked = quant
+        quant = resolve_quant(self.device, self.dtype, quant, kernels, kernel_dir)
+        if asked == "auto":
+            logger.info("KOBOT_ENGINE_QUANT=auto: %s", "int8 weights" if quant == "int8" else "off")
         self.linear_kind: LinearKind = choose_kind(self.device, self.dtype, quant)
         panels = None
         if self.device.type == "cpu":
@@ -266,10 +271,15 @@ class GPT2Forward:
             self._post = torch.compile(self._post_attention, dynamic=True)
 
     def _kv_storage(self, kv_dtype: KVDtype) -> KVStorage:
-        """The arena's rows: int8 (`kv_dtype`) where the kernel reads them, else the model's."""
+        """The arena's rows: int8 (`kv_dtype` int8, or auto) where the kernel reads them, else
+        the model's."""
         if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"KOBOT_ENGINE_KV_DTYPE: must be model or int8 (got {kv_dtype!r})")
+            raise ValueError(
+                f"KOBOT_ENGINE_KV_DTYPE: must be auto, model or int8 (got {kv_dtype!r})"
+            )
         head_dim = self.dims.head_dim
+        if kv_dtype == "auto" and self.decode_kernel is not None:
+            return KVStorage(torch.uint8, head_dim + INT8_ROW_EXTRA)
         if kv_dtype == "int8":
             if self.decode_kernel is not None:
                 return KVStorage(torch.uint8, head_dim + INT8_ROW_EXTRA)

@@ -90,12 +90,14 @@ class EngineConfig:
     compiler): `auto`/`on`: decoding sequences attend in one batched call per layer over a dense
     KV pool (`engine.slots`, `DECODE_POOL_SHARE` of the KV budget; the arena gets the rest);
     `off`: one attention call per sequence. With the kernel the arena gets the whole budget."""
-    quant: str = "off"
-    """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights (the forward's option;
-    read by whoever builds the `GPT2Forward`)."""
-    kv_dtype: KVDtype = "model"
-    """KOBOT_ENGINE_KV_DTYPE: `int8` keeps the KV arena in int8 rows where the C++ attention
-    runs (half the bytes: nearly twice the tokens in the budget; the forward's option too)."""
+    quant: str = "auto"
+    """KOBOT_ENGINE_QUANT: `int8` runs the dense layers on int8 weights, `auto` where kobot's
+    int8 kernel runs (`linear.resolve_quant`; the forward's option, read by whoever builds the
+    `GPT2Forward`)."""
+    kv_dtype: KVDtype = "auto"
+    """KOBOT_ENGINE_KV_DTYPE: `int8` (`auto`: where the C++ attention runs) keeps the KV arena
+    in int8 rows (about half the bytes: nearly twice the tokens in the budget); `model` in the
+    model's dtype (the forward's option too)."""
     kernels: KernelMode = "auto"
     """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention and top-k on
     a CPU; `off` keeps torch's ops (the forward's option too)."""

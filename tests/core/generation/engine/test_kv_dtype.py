@@ -97,5 +97,5 @@ def test_int8_kv_without_the_kernel_stays_in_the_models_dtype(
 
 
 def test_an_unknown_kv_dtype_is_refused(trained_model: GPT2LMHeadModel) -> None:
-    with pytest.raises(ValueError, match="KOBOT_ENGINE_KV_DTYPE: must be model or int8"):
+    with pytest.raises(ValueError, match="KOBOT_ENGINE_KV_DTYPE: must be auto, model or int8"):
         GPT2Forward(trained_model, kv_dtype="fp8")  # type: ignore[arg-type]
