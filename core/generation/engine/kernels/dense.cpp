@@ -250,30 +250,22 @@ void configure_tiles(int64_t low, int64_t high) {
   _tile_loadconfig(&config);
 }
 
+// C tiles 0, 1 += A tile 4 (rows [0, 16)) by B tiles 6, 7; tiles 2, 3 likewise from A tile 5.
+// Literal tile ids: the AMX intrinsics are macros that take them as such.
+#define KOBOT_AMX_DOTS(dot)                 \
+  static void dot_low() { dot(0, 4, 6); dot(1, 4, 7); }  \
+  static void dot_high() { dot(2, 5, 6); dot(3, 5, 7); }
+
 struct AmxBf16 : Bf16Kind {
   using Scalar = float;
   static Acc load(const float* p) { return _mm512_load_ps(p); }
-  static void dot_low() {
-    _tile_dpbf16ps(0, 4, 6);
-    _tile_dpbf16ps(1, 4, 7);
-  }
-  static void dot_high() {
-    _tile_dpbf16ps(2, 5, 6);
-    _tile_dpbf16ps(3, 5, 7);
-  }
+  KOBOT_AMX_DOTS(_tile_dpbf16ps)
 };
 
 struct AmxInt8 : Int8Kind {
   using Scalar = int32_t;
   static Acc load(const int32_t* p) { return _mm512_load_si512(p); }
-  static void dot_low() {
-    _tile_dpbusd(0, 4, 6);
-    _tile_dpbusd(1, 4, 7);
-  }
-  static void dot_high() {
-    _tile_dpbusd(2, 5, 6);
-    _tile_dpbusd(3, 5, 7);
-  }
+  KOBOT_AMX_DOTS(_tile_dpbusd)
 };
 
 // Rows [row, row + rows) (rows <= 32; more than 16 with HIGH) times one panel, with `next`'s
