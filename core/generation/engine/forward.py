@@ -547,9 +547,8 @@ class ArenaAttention:
             strides += [(int(layer), int(part), int(head))] * n
             lengths += range(chunk.start + 1, chunk.start + n + 1)
         as_tensor = partial(torch.tensor, dtype=torch.long, device=kv_buffer.device)
-        layer_step, kv_shift, self.head_strides = as_tensor(strides).reshape(-1, 3).unbind(1)
-        self.layer_step = layer_step.contiguous()
-        self.head_strides = self.head_strides.contiguous()
+        layer_step, kv_shift, head_strides = as_tensor(strides).reshape(-1, 3).unbind(1)
+        self.layer_step, self.head_strides = layer_step.contiguous(), head_strides.contiguous()
         self.keys = as_tensor(offsets)
         """Layer 0's key offsets, one per token; layer l's add `l * layer_step`, its values
         `kv_shift` more."""

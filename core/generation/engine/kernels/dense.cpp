@@ -26,6 +26,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -50,6 +51,13 @@ struct Epilogue {
   bool fp32_out;
   int64_t n;                  // row stride of residual and out
 };
+
+// The panel `ahead` panels after `panel` (number p of a thread's [.., end)), to prefetch into
+// L2 while this one is read; null past the thread's last.
+inline const char* panel_ahead(const uint8_t* panel, int64_t p, int64_t end, int64_t ahead,
+                               int64_t panel_bytes) {
+  return p + ahead < end ? reinterpret_cast<const char*>(panel + ahead * panel_bytes) : nullptr;
+}
 
 #if defined(__AVX512F__)
 #define KOBOT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
@@ -324,13 +332,11 @@ void run_amx(const Amx& kind, const uint8_t* x, int64_t m, int64_t k, const uint
     int64_t configured = -1;
     for (int64_t p = begin; p < end; ++p) {
       const uint8_t* panel = panels + p * panel_bytes;
-      const char* next = p + Amx::AHEAD < end
-                             ? reinterpret_cast<const char*>(panel + Amx::AHEAD * panel_bytes)
-                             : nullptr;
+      const char* next = panel_ahead(panel, p, end, Amx::AHEAD, panel_bytes);
       for (int64_t row = 0; row < m; row += AMX_BLOCK) {
         const int64_t rows = m - row < AMX_BLOCK ? m - row : AMX_BLOCK;
         if (rows != configured) {
-          configure_tiles(rows < TILE_ROWS ? rows : TILE_ROWS, rows > TILE_ROWS ? rows - TILE_ROWS : 0);
+          configure_tiles(std::min(rows, TILE_ROWS), std::max<int64_t>(rows - TILE_ROWS, 0));
           configured = rows;
         }
         const char* ahead = row == 0 ? next : nullptr;
@@ -380,9 +386,7 @@ void run(const Kind& kind, const uint8_t* x, int64_t m, int64_t k, const uint8_t
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const uint8_t* panel = panels + p * panel_bytes;
-      const char* next = p + Kind::AHEAD < end
-                             ? reinterpret_cast<const char*>(panel + Kind::AHEAD * panel_bytes)
-                             : nullptr;
+      const char* next = panel_ahead(panel, p, end, Kind::AHEAD, panel_bytes);
       for (int64_t row = 0; row < m; row += MAX_ROWS) {
         const int64_t rows = m - row < MAX_ROWS ? m - row : MAX_ROWS;
         tile_of(rows, kind, x, row_bytes, steps, panel, row == 0 ? next : nullptr, panel_bytes,

@@ -115,8 +115,8 @@ def test_blocks_in_one_buffer_are_written_with_one_copy_per_layer(
 def test_a_decoding_token_after_a_prompt_chunk_in_one_buffer_matches(
     hf: GPT2LMHeadModel, ids: list[int]
 ) -> None:
-    """A one-token chunk that does not lead the step (the kernel writes only leading ones'
-    K/V) and one that does, around a prompt chunk after a cached prefix."""
+    """One-token chunks before and after a prompt chunk (after a cached prefix) in one step:
+    every token's K/V in place before any reads, then the next step reads them."""
     forward = GPT2Forward(hf)
     d = forward.dims
     per_token = d.kv_elements_per_token
