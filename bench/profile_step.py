@@ -69,7 +69,7 @@ def main() -> None:
         pairs = zip(views, states, strict=True)
         chunks = [SeqChunk(v, len(s.ids) - 1, s.ids[-1:]) for v, s in pairs]
         logits = forward.lm_head(forward.last_hidden(chunks, arena.buffer))
-        tokens = choose_tokens(logits, states, forward.top_k)
+        tokens = choose_tokens(logits, states, forward.top_k, forward.fused_sample)
         for state, token in zip(states, tokens, strict=True):
             state.append(token)
 

@@ -35,7 +35,13 @@ from core.generation.engine.kernels.decode_attention import (
     load_decode_attention,
 )
 from core.generation.engine.kernels.loading import KernelMode
-from core.generation.engine.kernels.top_k import TopK, load_top_k, torch_top_k
+from core.generation.engine.kernels.top_k import (
+    FusedSample,
+    TopK,
+    load_fused_sample,
+    load_top_k,
+    torch_top_k,
+)
 from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
@@ -251,8 +257,11 @@ class GPT2Forward:
         """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""
         self.top_k: TopK = torch_top_k
         """The sampler's candidate selection: the C++ kernel on a CPU (where it builds)."""
+        self.fused_sample: FusedSample | None = None
+        """The sampler's whole choice in one C++ call (CPU, where it builds)."""
         if self.device.type == "cpu":
             self.top_k = load_top_k(kernels, kernel_dir) or torch_top_k
+            self.fused_sample = load_fused_sample(kernels, kernel_dir)
             if self.dtype in (torch.float32, torch.bfloat16):
                 self.decode_kernel = load_decode_attention(kernels, kernel_dir)
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)

@@ -8,7 +8,9 @@ result: penalties gather/scatter only the ids a sequence has seen, and with top-
 the draw run over the top-k candidates instead of sorting the whole 51,200-token vocabulary
 (every other token has probability 0 after top-k; a tie at the k-th score widens the
 candidates so that every tied token is kept, as Hugging Face keeps them: frequent in bf16),
-and the draws of all those rows are one inverse-CDF search over their candidates.
+and the draws of all those rows are one inverse-CDF search over their candidates. On a CPU
+the C++ sampler (`kobot::sample`, kernels/top_k.cpp) makes the same choice in one call for
+the whole batch: penalties, bans, argmax or top-k, temperature, top-p and the draw.
 
 Every sequence samples from its own CPU `torch.Generator`: seeded requests are reproducible
 whatever else is in the batch, and no global RNG state is touched.
@@ -16,18 +18,20 @@ whatever else is in the batch, and no global RNG state is touched.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, chain
 
 import torch
 
 from core.generation.base import SamplingParams, is_greedy
-from core.generation.engine.kernels.top_k import TopK, torch_top_k
+from core.generation.engine.kernels.top_k import FusedSample, TopK, torch_top_k
 
 __all__ = [
     "LogitsHook",
     "NgramBans",
     "SamplerState",
+    "banned_ids",
     "choose_tokens",
     "draw_rows",
     "tied_candidates",
@@ -79,7 +83,8 @@ class SamplerState:
     hook: LogitsHook | None = None
     ngrams: NgramBans | None = field(init=False, default=None)
     _seen: set[int] = field(init=False, default_factory=set)
-    _seen_ids: torch.Tensor | None = field(init=False, default=None)
+    _seen_buffer: torch.Tensor | None = field(init=False, default=None)
+    _seen_count: int = field(init=False, default=0)
     _unseen_new: list[int] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -106,13 +111,22 @@ class SamplerState:
             self._unseen_new.append(token)
 
     def seen_ids(self, device: torch.device) -> torch.Tensor:
-        """The distinct ids of the sequence, as a tensor (grown incrementally)."""
-        if self._unseen_new or self._seen_ids is None:
-            new = torch.tensor(self._unseen_new, dtype=torch.long, device=device)
-            old = self._seen_ids
-            self._seen_ids = new if old is None else torch.cat([old, new])
-            self._unseen_new = []
-        return self._seen_ids
+        """The distinct ids of the sequence, as a tensor (a view of a buffer grown in place)."""
+        new = self._unseen_new
+        buffer = self._seen_buffer
+        count = self._seen_count
+        if buffer is None or count + len(new) > buffer.shape[0]:
+            grown = torch.empty(max(64, 2 * (count + len(new))), dtype=torch.long, device=device)
+            if buffer is not None:
+                grown[:count] = buffer[:count]
+            self._seen_buffer = buffer = grown
+        if len(new) == 1:
+            buffer[count] = new[0]
+        elif new:
+            buffer[count : count + len(new)] = torch.tensor(new, dtype=torch.long)
+        self._seen_count = count + len(new)
+        self._unseen_new = []
+        return buffer[: self._seen_count]
 
 
 # --- penalties (all rows) ---------------------------------------------------------------------
@@ -134,14 +148,21 @@ def apply_repetition_penalty(scores: torch.Tensor, states: Sequence[SamplerState
     scores[row_index, col_index] = torch.where(picked < 0, picked * penalty, picked / penalty)
 
 
+def banned_ids(state: SamplerState) -> set[int]:
+    """The ids a sequence may not take next: its no-repeat n-gram bans, and EOS before
+    `min_new_tokens`."""
+    banned = set(state.ngrams.banned(state.ids)) if state.ngrams is not None else set()
+    if state.eos_id is not None and state.generated < state.min_new_tokens:
+        banned.add(state.eos_id)
+    return banned
+
+
 def apply_bans(scores: torch.Tensor, states: Sequence[SamplerState]) -> None:
-    """No-repeat n-gram bans, and EOS before `min_new_tokens`."""
+    """`banned_ids` of every row set to -inf."""
     rows: list[int] = []
     cols: list[int] = []
     for row, state in enumerate(states):
-        banned = set(state.ngrams.banned(state.ids)) if state.ngrams is not None else set()
-        if state.eos_id is not None and state.generated < state.min_new_tokens:
-            banned.add(state.eos_id)
+        banned = banned_ids(state)
         rows.extend([row] * len(banned))
         cols.extend(banned)
     if rows:
@@ -267,10 +288,16 @@ def draw_rows(probabilities: torch.Tensor, generators: Sequence[torch.Generator]
 
 
 def choose_tokens(
-    logits: torch.Tensor, states: Sequence[SamplerState], top_k: TopK = torch_top_k
+    logits: torch.Tensor,
+    states: Sequence[SamplerState],
+    top_k: TopK = torch_top_k,
+    fused: FusedSample | None = None,
 ) -> list[int]:
     """The next token of every row of float32 `logits [B, vocab]` (modified in place); `top_k`
-    selects the sampled rows' candidates."""
+    selects the sampled rows' candidates; with `fused` (the C++ sampler) and CPU logits, one
+    call chooses them all (no logits hook in the batch)."""
+    if fused is not None and logits.device.type == "cpu" and all(s.hook is None for s in states):
+        return _choose_fused(logits, states, fused)
     apply_repetition_penalty(logits, states)
     apply_bans(logits, states)
     apply_hooks(logits, states)
@@ -332,3 +359,55 @@ def _draw_into(
     chosen = ids.cpu().gather(1, torch.tensor(columns)[:, None])[:, 0].tolist()
     for row, token in zip(rows, chosen, strict=True):
         tokens[row] = int(token)
+
+
+# --- the whole choice in one kernel call (CPU) --------------------------------------------------
+
+NO_IDS = torch.zeros(0, dtype=torch.long)
+FULL_VOCAB = -1
+"""The fused sampler's `top_k` for a sampled row without top-k: the kernel penalizes it and
+leaves the draw over the whole vocabulary to `full_distribution`."""
+
+
+def _fused_top_k(state: SamplerState, vocab: int) -> int:
+    """0: greedy (argmax); k > 0: draw among the top k; FULL_VOCAB: sampled without top-k."""
+    if state.greedy:
+        return 0
+    return min(state.params.top_k, vocab) if state.params.top_k > 0 else FULL_VOCAB
+
+
+def _offsets(lengths: Iterable[int]) -> list[int]:
+    """Bounds [rows + 1] of rows of these lengths laid one after another."""
+    return [0, *accumulate(lengths)]
+
+
+def _choose_fused(
+    logits: torch.Tensor, states: Sequence[SamplerState], fused: FusedSample
+) -> list[int]:
+    vocab = logits.shape[-1]
+    seen = [
+        s.seen_ids(logits.device) if s.params.repetition_penalty != 1.0 else NO_IDS for s in states
+    ]
+    banned = [sorted(banned_ids(s)) for s in states]
+    modes = [_fused_top_k(s, vocab) for s in states]
+    uniform = [
+        torch.rand(1, generator=s.generator, dtype=torch.float64).item() if mode > 0 else 0.0
+        for s, mode in zip(states, modes, strict=True)
+    ]
+    tokens: list[int] = fused(
+        logits,
+        torch.cat(seen),
+        _offsets(len(ids) for ids in seen),
+        [s.params.repetition_penalty for s in states],
+        list(chain.from_iterable(banned)),
+        _offsets(len(ids) for ids in banned),
+        modes,
+        [s.params.temperature for s in states],
+        [s.params.top_p for s in states],
+        uniform,
+    )
+    for row, mode in enumerate(modes):
+        if mode == FULL_VOCAB:
+            distribution = full_distribution(logits[row], states[row].params)
+            tokens[row] = draw(distribution, states[row].generator)
+    return tokens

@@ -425,7 +425,8 @@ class Engine:
 
     def _sample(self, batch: list[_Running], hidden: torch.Tensor) -> None:
         logits = self.forward.lm_head(hidden)
-        tokens = choose_tokens(logits, [running.sampler for running in batch], self.forward.top_k)
+        states = [running.sampler for running in batch]
+        tokens = choose_tokens(logits, states, self.forward.top_k, self.forward.fused_sample)
         now = time.monotonic()
         for running, token in zip(batch, tokens, strict=True):
             running.sampler.append(token)
