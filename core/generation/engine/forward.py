@@ -46,6 +46,7 @@ from core.generation.engine.linear import (
     TANH_GELU,
     Linear,
     LinearKind,
+    Norm,
     PanelKernel,
     Residual,
     choose_kind,
@@ -168,8 +169,9 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 @dataclass(frozen=True, slots=True)
 class LayerLinears:
-    """One layer's four projections, weights prepared for their kernel (`linear`): `proj` and
-    `out` add the residual, `fc` applies the activation."""
+    """One layer's four projections, weights prepared for their kernel (`linear`): `qkv` and
+    `fc` normalize their input first (the int8 panel kernel inside the call), `proj` and `out`
+    add the residual, `fc` applies the activation."""
 
     qkv: Linear
     proj: Residual
@@ -183,11 +185,13 @@ def layer_linears(
     act: Linear,
     act_name: str = "",
     panels: PanelKernel | None = None,
+    eps: float = 1e-5,
 ) -> LayerLinears:
+    """`qkv` and `fc` apply the layer norm in front of them (ln_1, ln_2) themselves."""
     return LayerLinears(
-        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b, panels=panels),
+        qkv=prepare_linear(kind, w.qkv_w, w.qkv_b, panels=panels, norm=Norm(w.ln1_w, w.ln1_b, eps)),
         proj=prepare_residual(kind, w.proj_w, w.proj_b, panels),
-        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name, panels),
+        fc=prepare_linear(kind, w.fc_w, w.fc_b, act, act_name, panels, Norm(w.ln2_w, w.ln2_b, eps)),
         out=prepare_residual(kind, w.out_w, w.out_b, panels),
     )
 
@@ -249,9 +253,11 @@ class GPT2Forward:
             self._norms_in(self.activation_dtype)
         act_name = activation_name(config.activation_function)
         self.linears = [
-            layer_linears(self.linear_kind, w, self.act, act_name, panels) for w in self.layers
+            layer_linears(self.linear_kind, w, self.act, act_name, panels, self.dims.eps)
+            for w in self.layers
         ]
-        self._head = prepare_head(self.linear_kind, self.wte, panels)
+        final_norm = Norm(self.lnf_w, self.lnf_b, self.dims.eps)
+        self._head = prepare_head(self.linear_kind, self.wte, panels, final_norm)
         d = self.dims
         self.decode_kernel: DecodeAttention | None = None
         """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""
@@ -425,8 +431,7 @@ class GPT2Forward:
     @torch.inference_mode()
     def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits of final hidden states (the tied embedding, as Hugging Face does)."""
-        normed = F.layer_norm(hidden, (self.dims.n_embd,), self.lnf_w, self.lnf_b, self.dims.eps)
-        return self._head(normed).float()
+        return self._head(hidden).float()
 
     # --- pieces -----------------------------------------------------------------------------
 
@@ -453,24 +458,20 @@ class GPT2Forward:
     ) -> torch.Tensor:
         """Every block over the packed rows `x`; `attend(layer, qkv [rows, 3, heads, head_dim])`
         gives each layer's attention output `[rows, n_embd]`."""
-        for index, layer in enumerate(self.layers):
-            qkv = self._pre(x, layer, self.linears[index])
+        for index, linears in enumerate(self.linears):
+            qkv = self._pre(x, linears)
             split = qkv.view(qkv.shape[0], 3, self.dims.n_head, self.dims.head_dim)
-            x = self._post(x, attend(index, split), layer, self.linears[index])
+            x = self._post(x, attend(index, split), linears)
         return x
 
-    def _pre_attention(
-        self, x: torch.Tensor, layer: LayerWeights, linears: LayerLinears
-    ) -> torch.Tensor:
-        h = F.layer_norm(x, (self.dims.n_embd,), layer.ln1_w, layer.ln1_b, self.dims.eps)
-        return linears.qkv(h)
+    def _pre_attention(self, x: torch.Tensor, linears: LayerLinears) -> torch.Tensor:
+        return linears.qkv(x)
 
     def _post_attention(
-        self, x: torch.Tensor, attended: torch.Tensor, layer: LayerWeights, linears: LayerLinears
+        self, x: torch.Tensor, attended: torch.Tensor, linears: LayerLinears
     ) -> torch.Tensor:
         x = linears.proj(attended, x)
-        h = F.layer_norm(x, (self.dims.n_embd,), layer.ln2_w, layer.ln2_b, self.dims.eps)
-        return linears.out(linears.fc(h), x)
+        return linears.out(linears.fc(x), x)
 
     def _attention(
         self,

@@ -48,6 +48,7 @@ from core.generation.engine.kernels.loading import KernelMode
 
 __all__ = [
     "LinearKind",
+    "Norm",
     "PanelKernel",
     "QuantMode",
     "Residual",
@@ -55,6 +56,7 @@ __all__ = [
     "choose_kind",
     "int8_panels",
     "load_panel_kernel",
+    "normed",
     "prepare_head",
     "prepare_linear",
     "prepare_residual",
@@ -81,11 +83,32 @@ PanelMatmul = Callable[
 
 
 @dataclass(frozen=True, slots=True)
-class PanelKernel:
-    """One of kobot's panel kernels: how it packs a `[K, N]` weight, which weights it takes,
-    and the kind that runs the others."""
+class Norm:
+    """The layer norm in front of a linear (GPT-2's pre-norm: ln_1 before qkv, ln_2 before fc,
+    ln_f before the LM head); `weight` and `bias` in the hidden states' dtype."""
 
-    pack: Callable[[torch.Tensor], PanelMatmul]
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def normed(norm: Norm | None, linear: Linear) -> Linear:
+    """`linear(norm(x))`, or `linear` without a norm."""
+    if norm is None:
+        return linear
+    return lambda x: linear(norm(x))
+
+
+@dataclass(frozen=True, slots=True)
+class PanelKernel:
+    """One of kobot's panel kernels: how it packs a `[K, N]` weight (with the layer norm in
+    front of it, where there is one), which weights it takes, and the kind that runs the
+    others."""
+
+    pack: Callable[[torch.Tensor, Norm | None], PanelMatmul]
     k_multiple: int
     fallback: LinearKind
     name: str
@@ -95,18 +118,36 @@ class PanelKernel:
 
 
 def bf16_panels(dense: DenseKernel) -> PanelKernel:
-    def pack(weight_in_out: torch.Tensor) -> PanelMatmul:
+    def pack(weight_in_out: torch.Tensor, norm: Norm | None) -> PanelMatmul:
         panels = panels_of(weight_in_out)
-        return lambda x, bias, residual, gelu, fp32: dense(x, panels, bias, residual, gelu, fp32)
+
+        def run(
+            x: torch.Tensor,
+            bias: torch.Tensor | None,
+            residual: torch.Tensor | None,
+            gelu: bool,
+            fp32: bool,
+        ) -> torch.Tensor:
+            return dense(x if norm is None else norm(x), panels, bias, residual, gelu, fp32)
+
+        return run
 
     return PanelKernel(pack, k_multiple=2, fallback="packed", name="bf16")
 
 
 def int8_panels(dense_int8: DenseInt8) -> PanelKernel:
-    def pack(weight_in_out: torch.Tensor) -> PanelMatmul:
+    """int8 panels; a layer norm in front runs inside the kernel, on each row before it is
+    quantized (its bf16 output is never stored)."""
+
+    def pack(weight_in_out: torch.Tensor, norm: Norm | None) -> PanelMatmul:
         packed = int8_panels_of(weight_in_out)
+        if norm is None:
+            return lambda x, bias, residual, gelu, fp32: dense_int8(
+                x, *packed, bias, residual, gelu, fp32
+            )
+        weight, shift = (t.detach().float().contiguous() for t in (norm.weight, norm.bias))
         return lambda x, bias, residual, gelu, fp32: dense_int8(
-            x, *packed, bias, residual, gelu, fp32
+            x, *packed, bias, residual, gelu, fp32, weight, shift, norm.eps
         )
 
     return PanelKernel(pack, k_multiple=4, fallback="int8", name="int8")
@@ -182,18 +223,29 @@ def prepare_linear(
     activation: Linear | None = None,
     activation_name: str = "",
     panels: PanelKernel | None = None,
+    norm: Norm | None = None,
 ) -> Linear:
-    """`activation(x @ weight_in_out + bias)` (a Conv1D's weight layout) as `kind` runs it;
-    `activation_name` `gelu_tanh` lets the packed and panel kernels apply it themselves
-    (`panels`: the panel kernel, for kind `panels`)."""
+    """`activation(norm(x) @ weight_in_out + bias)` (a Conv1D's weight layout) as `kind` runs
+    it; `activation_name` `gelu_tanh` lets the packed and panel kernels apply it themselves
+    (`panels`: the panel kernel, for kind `panels`, which applies the norm too)."""
     kind = _panels_or_fallback(kind, weight_in_out, panels)
     if kind == "panels":
         assert panels is not None
         gelu = activation_name == TANH_GELU
-        panel_linear = _panel_linear(panels, weight_in_out, bias, gelu)
+        panel_linear = _panel_linear(panels, weight_in_out, bias, gelu, norm)
         if activation is None or gelu:
             return panel_linear
         return lambda x: activation(panel_linear(x))
+    return normed(norm, _unnormed_linear(kind, weight_in_out, bias, activation, activation_name))
+
+
+def _unnormed_linear(
+    kind: LinearKind,
+    weight_in_out: torch.Tensor,
+    bias: torch.Tensor,
+    activation: Linear | None,
+    activation_name: str,
+) -> Linear:
     if kind == "rows":
         args = (weight_in_out, bias, activation, activation_name)
         return by_rows(prepare_linear("addmm", *args), prepare_linear("packed", *args))
@@ -221,7 +273,7 @@ def prepare_residual(
     kind = _panels_or_fallback(kind, weight_in_out, panels)
     if kind == "panels":
         assert panels is not None
-        matmul, bias32 = panels.pack(weight_in_out), _float_bias(bias)
+        matmul, bias32 = panels.pack(weight_in_out, None), _float_bias(bias)
         return lambda x, residual: matmul(x, bias32, residual, False, False)
     if kind == "rows":
         small = prepare_residual("addmm", weight_in_out, bias)
@@ -235,15 +287,22 @@ def prepare_residual(
 
 
 def prepare_head(
-    kind: LinearKind, weight_out_in: torch.Tensor, panels: PanelKernel | None = None
+    kind: LinearKind,
+    weight_out_in: torch.Tensor,
+    panels: PanelKernel | None = None,
+    norm: Norm | None = None,
 ) -> Linear:
-    """`x @ weight_out_in.T` (the tied LM head: the embedding, `[vocab, n_embd]`); float32 out
-    from the panel kernels."""
+    """`norm(x) @ weight_out_in.T` (the tied LM head: the embedding, `[vocab, n_embd]`);
+    float32 out from the panel kernels."""
     kind = _panels_or_fallback(kind, weight_out_in.t(), panels)
     if kind == "panels":
         assert panels is not None
-        matmul = panels.pack(weight_out_in.t())
+        matmul = panels.pack(weight_out_in.t(), norm)
         return lambda x: matmul(x, None, None, False, True)
+    return normed(norm, _unnormed_head(kind, weight_out_in))
+
+
+def _unnormed_head(kind: LinearKind, weight_out_in: torch.Tensor) -> Linear:
     if kind == "rows":
         return by_rows(prepare_head("addmm", weight_out_in), prepare_head("packed", weight_out_in))
     if kind == "addmm":
@@ -264,9 +323,13 @@ def _panels_or_fallback(
 
 
 def _panel_linear(
-    panels: PanelKernel, weight_in_out: torch.Tensor, bias: torch.Tensor, gelu: bool
+    panels: PanelKernel,
+    weight_in_out: torch.Tensor,
+    bias: torch.Tensor,
+    gelu: bool,
+    norm: Norm | None,
 ) -> Linear:
-    matmul, bias32 = panels.pack(weight_in_out), _float_bias(bias)
+    matmul, bias32 = panels.pack(weight_in_out, norm), _float_bias(bias)
     return lambda x: matmul(x, bias32, None, gelu, False)
 
 

@@ -27,9 +27,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <cpuid.h>
@@ -141,6 +143,54 @@ void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* scale) {
     const int64_t count = k - i < 16 ? k - i : 16;
     const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(bf16_lanes(x + i, count), inverse));
     const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    _mm512_mask_cvtusepi32_storeu_epi8(out + i, mask, _mm512_add_epi32(q, offset));
+  }
+}
+
+// The layer norm of a row of x (bf16), (x - mean) / sqrt(var + eps) * weight + bias, into
+// `out` (float32, k values), as torch computes it: mean and variance in float32, two passes.
+void normalize_row(const uint16_t* x, int64_t k, const float* weight, const float* bias,
+                   float eps, float* out) {
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) total = _mm512_add_ps(total, bf16_lanes(x + i, k - i));
+  const float mean = _mm512_reduce_add_ps(total) / static_cast<float>(k);
+  const __m512 centre = _mm512_set1_ps(mean);
+  __m512 squares = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const int64_t count = k - i < 16 ? k - i : 16;
+    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __m512 d = _mm512_maskz_sub_ps(mask, bf16_lanes(x + i, count), centre);
+    squares = _mm512_fmadd_ps(d, d, squares);
+  }
+  const float variance = _mm512_reduce_add_ps(squares) / static_cast<float>(k);
+  const __m512 inverse = _mm512_set1_ps(1.0f / std::sqrt(variance + eps));
+  for (int64_t i = 0; i < k; i += 16) {
+    const int64_t count = k - i < 16 ? k - i : 16;
+    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(bf16_lanes(x + i, count), centre), inverse);
+    const __m512 y = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(mask, weight + i),
+                                     _mm512_maskz_loadu_ps(mask, bias + i));
+    _mm512_mask_storeu_ps(out + i, mask, y);
+  }
+}
+
+// One row of float32 values to unsigned bytes and its scale, as quantize_row.
+void quantize_floats(const float* x, int64_t k, uint8_t* out, float* scale) {
+  __m512 peak = _mm512_setzero_ps();
+  for (int64_t i = 0; i < k; i += 16) {
+    const int64_t count = k - i < 16 ? k - i : 16;
+    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + i)));
+  }
+  const float amax = _mm512_reduce_max_ps(peak);
+  *scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+  const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  const __m512i offset = _mm512_set1_epi32(128);
+  for (int64_t i = 0; i < k; i += 16) {
+    const int64_t count = k - i < 16 ? k - i : 16;
+    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
     _mm512_mask_cvtusepi32_storeu_epi8(out + i, mask, _mm512_add_epi32(q, offset));
   }
 }
@@ -485,9 +535,13 @@ at::Tensor dense(const at::Tensor& x_in, const at::Tensor& panels,
 
 // x [M, K] bf16; panels [N / 32, K / 4, 32, 4] int8; scale [N] float32; offsets [N] int32;
 // bias, residual and the result as for dense.
+// With norm_weight and norm_bias (float32 [K]), x is first layer-normed (norm_eps), in
+// float32, and quantized from that: the norm's bf16 output is never stored.
 at::Tensor dense_int8(const at::Tensor& x_in, const at::Tensor& panels, const at::Tensor& scale,
                       const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
-                      const c10::optional<at::Tensor>& residual, bool gelu, bool fp32_out) {
+                      const c10::optional<at::Tensor>& residual, bool gelu, bool fp32_out,
+                      const c10::optional<at::Tensor>& norm_weight,
+                      const c10::optional<at::Tensor>& norm_bias, double norm_eps) {
   const at::Tensor x = checked_rows("dense_int8", x_in);
   const int64_t m = x.size(0), k = x.size(1);
   const int64_t n = checked_panels("dense_int8", panels, k, 4, at::kChar, "int8");
@@ -501,9 +555,28 @@ at::Tensor dense_int8(const at::Tensor& x_in, const at::Tensor& panels, const at
   const auto* rows = reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>());
   uint8_t* bytes = quantized.data_ptr<uint8_t>();
   float* scales = x_scale.data_ptr<float>();
-  at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) quantize_row(rows + r * k, k, bytes + r * k, scales + r);
-  });
+  TORCH_CHECK(norm_weight.has_value() == norm_bias.has_value(),
+              "dense_int8: norm_weight and norm_bias come together");
+  if (norm_weight.has_value()) {
+    check_vector("dense_int8", "norm_weight", *norm_weight, k, at::kFloat, "float32");
+    check_vector("dense_int8", "norm_bias", *norm_bias, k, at::kFloat, "float32");
+    const float* weight = norm_weight->data_ptr<float>();
+    const float* shift = norm_bias->data_ptr<float>();
+    const auto eps = static_cast<float>(norm_eps);
+    at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> normed(static_cast<size_t>(k));
+      for (int64_t r = begin; r < end; ++r) {
+        normalize_row(rows + r * k, k, weight, shift, eps, normed.data());
+        quantize_floats(normed.data(), k, bytes + r * k, scales + r);
+      }
+    });
+  } else {
+    at::parallel_for(0, m, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        quantize_row(rows + r * k, k, bytes + r * k, scales + r);
+      }
+    });
+  }
   const Quantized q{scales, scale.data_ptr<float>(), offsets.data_ptr<int32_t>()};
   const auto* weights = reinterpret_cast<const uint8_t*>(panels.data_ptr<int8_t>());
   if (amx_runs(k, 4 * TILE_ROWS)) {
@@ -539,7 +612,8 @@ TORCH_LIBRARY_FRAGMENT(kobot, m) {
       "-> Tensor");
   m.def(
       "dense_int8(Tensor x, Tensor panels, Tensor scale, Tensor offsets, Tensor? bias, "
-      "Tensor? residual, bool gelu, bool fp32_out) -> Tensor");
+      "Tensor? residual, bool gelu, bool fp32_out, Tensor? norm_weight=None, "
+      "Tensor? norm_bias=None, float norm_eps=1e-5) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kobot, CPU, m) {

@@ -1,7 +1,7 @@
 """The C++ int8 dense layers (`kobot::dense_int8`, KOBOT_ENGINE_QUANT=int8 on a bf16 model): the
 int8 panel layout, the kernel against a float64 replay of the same quantization (so a wrong
 layout, offset or scale cannot hide inside the quantization error), its distance to the exact
-product, argument checks, and where the forward uses it."""
+product, the layer norm it can apply first, argument checks, and where the forward uses it."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from core.generation.engine.kernels.dense import (
     int8_panels_of,
     load_dense_int8,
 )
-from core.generation.engine.linear import int8_panels, prepare_head, prepare_linear
+from core.generation.engine.linear import Norm, int8_panels, prepare_head, prepare_linear
 from tests.support.kernels import built_or_skip, dense_case
 
 REPLAY_RTOL = 1e-5
@@ -111,6 +111,30 @@ def test_a_zero_row_gives_the_bias_and_strided_or_empty_rows_are_taken(
     wide = torch.cat([x, x], dim=1)[:, :64]  # rows not contiguous
     torch.testing.assert_close(dense_int8(wide, *packed, bias, None, False, True), out)
     assert dense_int8(x[:0], *packed, bias, None, False, False).shape == (0, 64)
+
+
+@pytest.mark.parametrize("k", [64, 68])  # whole vectors, and a tail of 4
+def test_a_layer_norm_in_front_runs_inside_the_call(dense_int8: DenseInt8, k: int) -> None:
+    x, weight, bias, _ = dense_case(5, k, 64, seed=k)
+    generator = torch.Generator().manual_seed(k)
+    x = (x.float() * 3 + 1.5).bfloat16()  # off-centre, larger than unit variance
+    norm_weight = torch.rand(k, generator=generator) + 0.5
+    norm_bias = torch.randn(k, generator=generator) * 0.1
+    packed = int8_panels_of(weight)
+    fused = dense_int8(x, *packed, bias, None, False, True, norm_weight, norm_bias, 1e-5)
+    normed = F.layer_norm(x.float(), (k,), norm_weight, norm_bias, 1e-5)  # float32, unrounded
+    torch.testing.assert_close(fused.double(), replay(normed, packed, bias), atol=5e-3, rtol=1e-3)
+    exact = normed.double() @ weight.double() + bias.double()
+    assert float((fused.double() - exact).abs().max()) <= QUANTIZED_ATOL
+    kernel = int8_panels(dense_int8)
+    norm = Norm(norm_weight.bfloat16(), norm_bias.bfloat16(), 1e-5)
+    linear = prepare_linear("panels", weight, bias, panels=kernel, norm=norm)
+    composed = prepare_linear("panels", weight, bias, panels=kernel)(norm(x))
+    assert float((linear(x).double() - composed.double()).abs().max()) <= QUANTIZED_ATOL
+    with pytest.raises(RuntimeError, match="come together"):
+        dense_int8(x, *packed, bias, None, False, True, norm_weight, None, 1e-5)
+    with pytest.raises(RuntimeError, match="norm_bias must be"):
+        dense_int8(x, *packed, bias, None, False, True, norm_weight, norm_bias[:-4], 1e-5)
 
 
 @pytest.mark.parametrize(
