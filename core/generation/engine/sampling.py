@@ -388,7 +388,7 @@ def _choose_fused(
     seen = [
         s.seen_ids(logits.device) if s.params.repetition_penalty != 1.0 else NO_IDS for s in states
     ]
-    banned = [sorted(banned_ids(s)) for s in states]
+    banned = [list(banned_ids(s)) for s in states]
     modes = [_fused_top_k(s, vocab) for s in states]
     uniform = [
         torch.rand(1, generator=s.generator, dtype=torch.float64).item() if mode > 0 else 0.0

@@ -122,29 +122,42 @@ struct Quantized {
   const int32_t* offsets;   // [N]: 128 * column sums of the int8 weight
 };
 
+// The first `count` of 16 lanes (all 16 from 16 on).
+inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
+}
+
 // 16 bf16 values from p (only the first `count` read; the rest 0) as float32 lanes.
 inline __m512 bf16_lanes(const uint16_t* p, int64_t count) {
-  const __mmask16 mask = count >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-  const __m256i bits = _mm256_maskz_loadu_epi16(mask, p);
+  const __m256i bits = _mm256_maskz_loadu_epi16(first_lanes(count), p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// One row of x (bf16) to unsigned bytes and its scale: max |x| / 127 (1 for a zero row).
-void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* scale) {
+// A row of k values (`lanes(i, count)`: float32 lanes i.. of it) to unsigned bytes and its
+// scale: max |x| / 127 (1 for a zero row).
+template <class Lanes>
+void quantize_lanes(const Lanes& lanes, int64_t k, uint8_t* out, float* scale) {
   __m512 peak = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    peak = _mm512_max_ps(peak, _mm512_abs_ps(bf16_lanes(x + i, k - i)));
-  }
+  for (int64_t i = 0; i < k; i += 16) peak = _mm512_max_ps(peak, _mm512_abs_ps(lanes(i, k - i)));
   const float amax = _mm512_reduce_max_ps(peak);
   *scale = amax > 0.0f ? amax / 127.0f : 1.0f;
   const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
   const __m512i offset = _mm512_set1_epi32(128);
   for (int64_t i = 0; i < k; i += 16) {
-    const int64_t count = k - i < 16 ? k - i : 16;
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(bf16_lanes(x + i, count), inverse));
-    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    _mm512_mask_cvtusepi32_storeu_epi8(out + i, mask, _mm512_add_epi32(q, offset));
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(lanes(i, k - i), inverse));
+    _mm512_mask_cvtusepi32_storeu_epi8(out + i, first_lanes(k - i), _mm512_add_epi32(q, offset));
   }
+}
+
+void quantize_row(const uint16_t* x, int64_t k, uint8_t* out, float* scale) {
+  quantize_lanes([x](int64_t i, int64_t count) { return bf16_lanes(x + i, count); }, k, out,
+                 scale);
+}
+
+void quantize_floats(const float* x, int64_t k, uint8_t* out, float* scale) {
+  quantize_lanes(
+      [x](int64_t i, int64_t count) { return _mm512_maskz_loadu_ps(first_lanes(count), x + i); },
+      k, out, scale);
 }
 
 // The layer norm of a row of x (bf16), (x - mean) / sqrt(var + eps) * weight + bias, into
@@ -157,41 +170,17 @@ void normalize_row(const uint16_t* x, int64_t k, const float* weight, const floa
   const __m512 centre = _mm512_set1_ps(mean);
   __m512 squares = _mm512_setzero_ps();
   for (int64_t i = 0; i < k; i += 16) {
-    const int64_t count = k - i < 16 ? k - i : 16;
-    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    const __m512 d = _mm512_maskz_sub_ps(mask, bf16_lanes(x + i, count), centre);
+    const __m512 d = _mm512_maskz_sub_ps(first_lanes(k - i), bf16_lanes(x + i, k - i), centre);
     squares = _mm512_fmadd_ps(d, d, squares);
   }
   const float variance = _mm512_reduce_add_ps(squares) / static_cast<float>(k);
   const __m512 inverse = _mm512_set1_ps(1.0f / std::sqrt(variance + eps));
   for (int64_t i = 0; i < k; i += 16) {
-    const int64_t count = k - i < 16 ? k - i : 16;
-    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(bf16_lanes(x + i, count), centre), inverse);
+    const __mmask16 mask = first_lanes(k - i);
+    const __m512 d = _mm512_mul_ps(_mm512_sub_ps(bf16_lanes(x + i, k - i), centre), inverse);
     const __m512 y = _mm512_fmadd_ps(d, _mm512_maskz_loadu_ps(mask, weight + i),
                                      _mm512_maskz_loadu_ps(mask, bias + i));
     _mm512_mask_storeu_ps(out + i, mask, y);
-  }
-}
-
-// One row of float32 values to unsigned bytes and its scale, as quantize_row.
-void quantize_floats(const float* x, int64_t k, uint8_t* out, float* scale) {
-  __m512 peak = _mm512_setzero_ps();
-  for (int64_t i = 0; i < k; i += 16) {
-    const int64_t count = k - i < 16 ? k - i : 16;
-    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, x + i)));
-  }
-  const float amax = _mm512_reduce_max_ps(peak);
-  *scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-  const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
-  const __m512i offset = _mm512_set1_epi32(128);
-  for (int64_t i = 0; i < k; i += 16) {
-    const int64_t count = k - i < 16 ? k - i : 16;
-    const __mmask16 mask = count == 16 ? __mmask16(0xFFFF) : __mmask16((1u << count) - 1);
-    const __m512 v = _mm512_maskz_loadu_ps(mask, x + i);
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inverse));
-    _mm512_mask_cvtusepi32_storeu_epi8(out + i, mask, _mm512_add_epi32(q, offset));
   }
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,15 +36,16 @@ def torch_top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 
 def load_top_k(mode: KernelMode, directory: Path | None = None) -> TopK | None:
     """The kernel (`mode` `auto`), or None: `off`, or it cannot be built here (logged)."""
-    op: TopK | None = load_operator(
-        "top_k", mode, directory, "the sampler selects with torch.topk (slower on a CPU)"
-    )
+    op: TopK | None = _sampler_op("top_k", mode, directory)
     return op
 
 
 def load_fused_sample(mode: KernelMode, directory: Path | None = None) -> FusedSample | None:
     """`kobot::sample` (`mode` `auto`), or None: `off`, or it cannot be built here (logged)."""
-    op: FusedSample | None = load_operator(
-        "top_k", mode, directory, "the sampler selects with torch.topk (slower on a CPU)", "sample"
-    )
+    op: FusedSample | None = _sampler_op("sample", mode, directory)
     return op
+
+
+def _sampler_op(op: str, mode: KernelMode, directory: Path | None) -> Any:
+    instead = "the sampler runs on torch ops (torch.topk; slower on a CPU)"
+    return load_operator("top_k", mode, directory, instead, op)
