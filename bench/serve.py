@@ -652,7 +652,7 @@ def engine_figures(engine: Engine, wall_s: float) -> dict[str, str]:
 
 
 def attention_kind(forward: GPT2Forward) -> str:
-    if forward.decode_kernel is None:
+    if forward.attention_kernel is None:
         return "torch"
     storage = forward.kv_storage
     rows = "int8" if storage.dtype == torch.uint8 else str(storage.dtype).removeprefix("torch.")

@@ -121,7 +121,7 @@ class EngineDecoder:
         return await asyncio.wrap_future(self.engine.call(job))
 
     def stats(self) -> dict[str, float]:
-        """The engine's counters, its KV arena's use, whether the C++ decode attention and top-k
+        """The engine's counters, its KV arena's use, whether the C++ attention and top-k
         run (1) or torch's (0), and the static-shape decode steps (CUDA graphs)."""
         stats, arena = self.engine.stats, self.engine.arena
         graphs = self.engine.forward.decode_graphs
@@ -135,7 +135,7 @@ class EngineDecoder:
             "kv_cache_used_bytes": arena.used_bytes,
             "kv_cache_capacity_bytes": arena.budget_bytes,
             "kv_decode_pool_bytes": self.engine.forward.decode_slots.pool_bytes,
-            "decode_kernel": self.engine.forward.decode_kernel is not None,
+            "attention_kernel": self.engine.forward.attention_kernel is not None,
             "top_k_kernel": self.engine.forward.top_k is not torch_top_k,
             "decode_graphs_captured": graphs.captured if graphs is not None else 0,
             "decode_graph_steps_total": graphs.steps if graphs is not None else 0,

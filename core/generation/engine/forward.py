@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from core.generation.engine.graphs import DecodeGraphs, GraphMode, graph_capture
-from core.generation.engine.kernels.decode_attention import (
+from core.generation.engine.kernels.attention import (
     INT8_ROW_EXTRA,
-    DecodeAttention,
-    load_decode_attention,
+    AttentionKernel,
+    load_attention,
 )
 from core.generation.engine.kernels.loading import KernelMode
 from core.generation.engine.kernels.top_k import (
@@ -259,8 +259,8 @@ class GPT2Forward:
         final_norm = Norm(self.lnf_w, self.lnf_b, self.dims.eps)
         self._head = prepare_head(self.linear_kind, self.wte, panels, final_norm)
         d = self.dims
-        self.decode_kernel: DecodeAttention | None = None
-        """The C++ decode attention over the arena (CPU, fp32/bf16, where it builds)."""
+        self.attention_kernel: AttentionKernel | None = None
+        """The C++ attention over the arena (CPU, fp32/bf16, where it builds)."""
         self.top_k: TopK = torch_top_k
         """The sampler's candidate selection: the C++ kernel on a CPU (where it builds)."""
         self.fused_sample: FusedSample | None = None
@@ -269,7 +269,7 @@ class GPT2Forward:
             self.top_k = load_top_k(kernels, kernel_dir) or torch_top_k
             self.fused_sample = load_fused_sample(kernels, kernel_dir)
             if self.dtype in (torch.float32, torch.bfloat16):
-                self.decode_kernel = load_decode_attention(kernels, kernel_dir)
+                self.attention_kernel = load_attention(kernels, kernel_dir)
         self.decode_slots = DecodeSlots(d.n_layer, d.n_head, d.head_dim, self.dtype)
         """Batched decode attention's KV pool without the kernel; off (0 bytes) until the engine
         sizes it."""
@@ -277,7 +277,7 @@ class GPT2Forward:
         capture = graph_capture(graphs, self.device)
         self.decode_graphs: DecodeGraphs | None = None
         """Decode-only steps over the pool at static shapes (CUDA graphs on a GPU)."""
-        if capture is not None and self.decode_kernel is None:
+        if capture is not None and self.attention_kernel is None:
             self.decode_graphs = DecodeGraphs(self.static_decode, self.device, capture)
         self._pre: Dense = self._pre_attention
         self._post: Dense = self._post_attention
@@ -293,10 +293,10 @@ class GPT2Forward:
                 f"KOBOT_ENGINE_KV_DTYPE: must be auto, model or int8 (got {kv_dtype!r})"
             )
         head_dim = self.dims.head_dim
-        if kv_dtype == "auto" and self.decode_kernel is not None:
+        if kv_dtype == "auto" and self.attention_kernel is not None:
             return KVStorage(torch.uint8, head_dim + INT8_ROW_EXTRA)
         if kv_dtype == "int8":
-            if self.decode_kernel is not None:
+            if self.attention_kernel is not None:
                 return KVStorage(torch.uint8, head_dim + INT8_ROW_EXTRA)
             logger.warning(
                 "KOBOT_ENGINE_KV_DTYPE=int8 needs the C++ attention (a CPU where it builds); "
@@ -408,8 +408,8 @@ class GPT2Forward:
         them (`decode_slots.max_bytes`)."""
         if kv_buffer is None:
             return None
-        if self.decode_kernel is not None:
-            return ArenaAttention(self.decode_kernel, chunks, kv_buffer)
+        if self.attention_kernel is not None:
+            return ArenaAttention(self.attention_kernel, chunks, kv_buffer)
         rows = [i for i, chunk in enumerate(chunks) if len(chunk.ids) == 1]
         if self.decode_slots.max_bytes <= 0:
             return None
@@ -536,7 +536,7 @@ class ArenaAttention:
 
     def __init__(
         self,
-        kernel: DecodeAttention,
+        kernel: AttentionKernel,
         chunks: Sequence[SeqChunk],
         kv_buffer: torch.Tensor,
     ) -> None:

@@ -86,7 +86,7 @@ class EngineConfig:
     idle_poll_s: float = 0.5
     """How often an idle (or busy) scheduler looks for idle conversations to drop."""
     decode_pool: str = "auto"
-    """Where the C++ decode kernel does not run (`GPT2Forward.decode_kernel`: CUDA, or no
+    """Where the C++ attention kernel does not run (`GPT2Forward.attention_kernel`: CUDA, or no
     compiler): `auto`/`on`: decoding sequences attend in one batched call per layer over a dense
     KV pool (`engine.slots`, `DECODE_POOL_SHARE` of the KV budget; the arena gets the rest);
     `off`: one attention call per sequence. With the kernel the arena gets the whole budget."""
@@ -99,7 +99,7 @@ class EngineConfig:
     in int8 rows (about half the bytes: nearly twice the tokens in the budget); `model` in the
     model's dtype (the forward's option too)."""
     kernels: KernelMode = "auto"
-    """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ decode attention and top-k on
+    """KOBOT_ENGINE_KERNELS: `auto` builds (once) and runs the C++ attention and top-k on
     a CPU; `off` keeps torch's ops (the forward's option too)."""
     kernel_dir: Path | None = None
     """KOBOT_ENGINE_KERNEL_DIR: where the built kernels are kept (None: `~/.cache/kobot`)."""
@@ -118,9 +118,9 @@ MAX_BATCH = 256
 
 
 def use_decode_pool(mode: str, forward: GPT2Forward) -> bool:
-    """Unless `off`, wherever the decode kernel does not attend in the arena itself (CUDA, or a
+    """Unless `off`, wherever the attention kernel does not attend in the arena itself (CUDA, or a
     CPU where it could not be built)."""
-    return mode != "off" and forward.decode_kernel is None
+    return mode != "off" and forward.attention_kernel is None
 
 
 def auto_max_batch(capacity_tokens: int) -> int:

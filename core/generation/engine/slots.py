@@ -1,5 +1,5 @@
 """One batched attention per layer for the sequences decoding one token, without a gather,
-where the C++ decode kernel does not run (CUDA, or a CPU without a compiler: on a CPU with it,
+where the C++ attention kernel does not run (CUDA, or a CPU without a compiler: on a CPU with it,
 `forward.ArenaAttention` reads the arena blocks in place and no pool is kept).
 
 The KV of each decoding sequence is also kept in a dense working pool

@@ -61,19 +61,19 @@ async def test_the_engine_builds_its_kernels_into_the_configured_folder(
     backend = await asyncio.to_thread(build_backend, chosen)
     try:
         assert isinstance(backend.decoder, EngineDecoder)
-        assert backend.decoder.engine.forward.decode_kernel is not None
+        assert backend.decoder.engine.forward.attention_kernel is not None
         assert backend.decoder.engine.forward.top_k is not torch_top_k
         panels = "avx512_bf16" in cpu_flags()  # the dense kernel: bf16 on AVX-512 BF16 only
         assert (backend.decoder.engine.forward.linear_kind == "panels") is panels
         built = sorted(path.name.split("-")[0] for path in folder.iterdir())
-        assert built == ["decode_attention", *(["dense"] if panels else []), "top_k"]
+        assert built == ["attention", *(["dense"] if panels else []), "top_k"]
     finally:
         await backend.close()
     off = settings(model=str(tiny_model_dir), device="cpu", engine_kernels="off")
     backend = await asyncio.to_thread(build_backend, off)
     try:
         assert isinstance(backend.decoder, EngineDecoder)
-        assert backend.decoder.engine.forward.decode_kernel is None
+        assert backend.decoder.engine.forward.attention_kernel is None
         assert backend.decoder.engine.forward.top_k is torch_top_k
         assert backend.decoder.engine.forward.linear_kind != "panels"
     finally:

@@ -1,4 +1,4 @@
-"""The C++ attention (`kobot::decode_attention`): its writes of the decoding rows' new K/V, its
+"""The C++ attention (`kobot::attention`): its writes of the decoding rows' new K/V, its
 results against softmax attention (decoding rows, and a prompt chunk's rows causally over K/V
 already written), its argument checks, and how it is built, reused and done without."""
 
@@ -14,6 +14,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from core.generation.base import SamplingParams
 from core.generation.engine.forward import GPT2Forward
+from core.generation.engine.kernels.attention import (
+    AttentionKernel,
+    load_attention,
+)
 from core.generation.engine.kernels.build import (
     KernelBuildError,
     default_kernel_dir,
@@ -21,17 +25,13 @@ from core.generation.engine.kernels.build import (
     library_path,
     load_library,
 )
-from core.generation.engine.kernels.decode_attention import (
-    DecodeAttention,
-    load_decode_attention,
-)
 from core.generation.engine.scheduler import Engine, EngineConfig, EngineRequest
 from tests.support.kernels import built_or_skip, needs_compiler
 
 
 @pytest.fixture(scope="module")
-def kernel() -> DecodeAttention:
-    return built_or_skip(load_decode_attention("auto"))
+def kernel() -> AttentionKernel:
+    return built_or_skip(load_attention("auto"))
 
 
 def reference(
@@ -79,7 +79,7 @@ def random_case(dtype: torch.dtype, head_dim: int, seed: int) -> Case:
 @pytest.mark.parametrize("head_dim", [64, 40])  # GPT-2's (hand-vectorized) and any other
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_only(
-    kernel: DecodeAttention, head_dim: int, dtype: torch.dtype, tolerance: float
+    kernel: AttentionKernel, head_dim: int, dtype: torch.dtype, tolerance: float
 ) -> None:
     qkv, buffer, blocks, args, lengths = random_case(dtype, head_dim, seed=head_dim)
     before = buffer.clone()
@@ -106,7 +106,7 @@ def test_each_row_writes_its_new_kv_and_attends_over_its_own_block_and_length_on
      (0, 0, None, "one entry of key_offsets per query row")],
 )  # fmt: skip
 def test_bad_arguments_are_refused_before_anything_is_read(
-    kernel: DecodeAttention, which: int, row: int, value: int | None, message: str
+    kernel: AttentionKernel, which: int, row: int, value: int | None, message: str
 ) -> None:
     qkv, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
     args = list(layout)
@@ -121,7 +121,7 @@ def test_bad_arguments_are_refused_before_anything_is_read(
 
 
 def test_a_prompt_chunks_rows_write_first_then_each_attends_up_to_its_own_position(
-    kernel: DecodeAttention,
+    kernel: AttentionKernel,
 ) -> None:
     """A decoding row, then a 5-token prompt chunk of another sequence after 3 cached
     positions: every row's K/V is in place before any row reads, each attends causally."""
@@ -161,7 +161,7 @@ def dequantized(rows: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("head_dim", [64, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_rows_are_written_quantized_and_read_with_their_scales(
-    kernel: DecodeAttention, head_dim: int, dtype: torch.dtype
+    kernel: AttentionKernel, head_dim: int, dtype: torch.dtype
 ) -> None:
     """A uint8 arena of int8 rows: each new key and value is stored as int8 per row with its
     scale, and attention is exact over what is stored (and close to the float one)."""
@@ -199,7 +199,7 @@ def test_int8_rows_are_written_quantized_and_read_with_their_scales(
     torch.testing.assert_close(got.double(), close, atol=0.05, rtol=0.05)
 
 
-def test_an_arena_of_another_dtype_is_refused(kernel: DecodeAttention) -> None:
+def test_an_arena_of_another_dtype_is_refused(kernel: AttentionKernel) -> None:
     qkv, buffer, _, layout, _ = random_case(torch.float32, 64, seed=4)
     with pytest.raises(RuntimeError, match="qkv's dtype, or uint8"):
         kernel(qkv, buffer.to(torch.float16), *layout, 0.125)
@@ -209,22 +209,22 @@ def test_an_arena_of_another_dtype_is_refused(kernel: DecodeAttention) -> None:
 def test_the_forward_on_a_cpu_decodes_with_the_kernel_unless_told_not_to() -> None:
     config = GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
     model = GPT2LMHeadModel(config).eval()
-    assert GPT2Forward(model).decode_kernel is not None
-    assert GPT2Forward(model, kernels="off").decode_kernel is None
+    assert GPT2Forward(model).attention_kernel is not None
+    assert GPT2Forward(model, kernels="off").attention_kernel is None
 
 
 @needs_compiler
-def test_a_built_kernel_is_loaded_again_without_a_compiler(kernel: DecodeAttention) -> None:
-    built = library_path("decode_attention", default_kernel_dir(), isa_level())
+def test_a_built_kernel_is_loaded_again_without_a_compiler(kernel: AttentionKernel) -> None:
+    built = library_path("attention", default_kernel_dir(), isa_level())
     assert built.is_file()
     modified = built.stat().st_mtime_ns
-    assert load_library("decode_attention", compiler="no-such-c++") == built
+    assert load_library("attention", compiler="no-such-c++") == built
     assert built.stat().st_mtime_ns == modified
 
 
 def test_the_library_name_follows_the_instruction_set(tmp_path: Path) -> None:
     levels = ("x86-64-v4", "generic")
-    assert len({library_path("decode_attention", tmp_path, isa).name for isa in levels}) == 2
+    assert len({library_path("attention", tmp_path, isa).name for isa in levels}) == 2
     assert isa_level(frozenset({"avx2", "fma", "bmi2", "f16c", "movbe"}), "x86_64") == "x86-64-v3"
     assert isa_level(frozenset({"avx512f"}), "aarch64") == "generic"
 
@@ -233,14 +233,14 @@ def test_without_a_compiler_the_engine_keeps_torch_and_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(KernelBuildError, match="no C\\+\\+ compiler 'no-such-c\\+\\+'"):
-        load_library("decode_attention", tmp_path, compiler="no-such-c++")
+        load_library("attention", tmp_path, compiler="no-such-c++")
     monkeypatch.setenv("CXX", "no-such-c++")
     with caplog.at_level(logging.WARNING):
-        assert load_decode_attention("auto", tmp_path / "empty") is None
-    assert "decode_attention kernel unavailable" in caplog.text and "CXX" in caplog.text
+        assert load_attention("auto", tmp_path / "empty") is None
+    assert "attention kernel unavailable" in caplog.text and "CXX" in caplog.text
     assert list(tmp_path.iterdir()) == []  # nothing half-built left behind
     with pytest.raises(ValueError, match="KOBOT_ENGINE_KERNELS"):
-        load_decode_attention("fast", tmp_path)  # type: ignore[arg-type]
+        load_attention("fast", tmp_path)  # type: ignore[arg-type]
 
 
 @needs_compiler
@@ -253,7 +253,7 @@ async def test_the_engine_decodes_in_the_arena_with_the_whole_kv_budget() -> Non
         max_new_tokens=12, do_sample=False, repetition_penalty=1.0, no_repeat_ngram_size=0
     )
     try:
-        assert engine.forward.decode_kernel is not None
+        assert engine.forward.attention_kernel is not None
         assert engine.arena.budget_bytes == 4 * 1024 * 1024  # no decode pool taken from it
         requests = [EngineRequest(tuple(p), params) for p in prompts]
         outputs = await asyncio.gather(*(engine.generate(r) for r in requests))

@@ -27,7 +27,7 @@ GREEDY = SamplingParams(
 
 def int8_kv_forward(model: GPT2LMHeadModel) -> GPT2Forward:
     forward = GPT2Forward(model, kv_dtype="int8")
-    if forward.decode_kernel is None:
+    if forward.attention_kernel is None:
         pytest.skip("int8 KV rows need the C++ attention (a C++ compiler)")
     return forward
 

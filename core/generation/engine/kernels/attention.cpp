@@ -1,6 +1,6 @@
-// kobot::decode_attention: one query per (row, head) over that row's sequence's keys where
+// kobot::attention: one query per (row, head) over that row's sequence's keys where
 // they lie in the engine's KV arena, float32 accumulation. Registered as a torch operator
-// (torch.ops.kobot.decode_attention); built by kernels/build.py.
+// (torch.ops.kobot.attention); built by kernels/build.py.
 //
 // Attention is bound by reading the keys and values. Torch's bf16 batched matmuls read them at
 // a fraction of the memory bandwidth, and only from one dense padded tensor, which the engine
@@ -317,8 +317,8 @@ void attend_in(const at::Tensor& qkv, at::Tensor& buffer, const int64_t* key_off
 
 const int64_t* int64_data(const at::Tensor& t, int64_t rows, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 1,
-              "decode_attention: ", name, " must be a contiguous int64 vector");
-  TORCH_CHECK(t.numel() == rows, "decode_attention: one entry of ", name, " per query row");
+              "attention: ", name, " must be a contiguous int64 vector");
+  TORCH_CHECK(t.numel() == rows, "attention: one entry of ", name, " per query row");
   return t.data_ptr<int64_t>();
 }
 
@@ -329,16 +329,16 @@ const int64_t* int64_data(const at::Tensor& t, int64_t rows, const char* name) {
 // bytes: D int8 values and their float32 scale. Every row first writes its key and value at
 // position lengths[b] - 1, then attends over positions [0, lengths[b]). Returns [B, H, D] in
 // qkv's dtype.
-at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
+at::Tensor attention(const at::Tensor& qkv, at::Tensor buffer,
                             const at::Tensor& key_offsets, const at::Tensor& value_offsets,
                             const at::Tensor& head_strides, const at::Tensor& lengths,
                             double scale) {
   TORCH_CHECK(qkv.dim() == 4 && qkv.size(1) == 3 && qkv.stride(3) == 1,
-              "decode_attention: qkv must be [B, 3, H, D] with rows of D contiguous values");
-  TORCH_CHECK(buffer.is_contiguous(), "decode_attention: the KV buffer must be contiguous");
+              "attention: qkv must be [B, 3, H, D] with rows of D contiguous values");
+  TORCH_CHECK(buffer.is_contiguous(), "attention: the KV buffer must be contiguous");
   const bool int8_rows = buffer.scalar_type() == at::kByte;
   TORCH_CHECK(int8_rows || buffer.scalar_type() == qkv.scalar_type(),
-              "decode_attention: the KV buffer must be qkv's dtype, or uint8 (int8 rows)");
+              "attention: the KV buffer must be qkv's dtype, or uint8 (int8 rows)");
   const int64_t rows = qkv.size(0), heads = qkv.size(2), dim = qkv.size(3);
   const int64_t width = int8_rows ? Int8Rows::width(dim) : dim;
   const int64_t* k = int64_data(key_offsets, rows, "key_offsets");
@@ -347,10 +347,10 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
   const int64_t* n = int64_data(lengths, rows, "lengths");
   const int64_t size = buffer.numel();
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(n[b] >= 1 && stride[b] >= n[b] * width, "decode_attention: length out of range");
+    TORCH_CHECK(n[b] >= 1 && stride[b] >= n[b] * width, "attention: length out of range");
     const int64_t span = (heads - 1) * stride[b] + n[b] * width;
     TORCH_CHECK(k[b] >= 0 && v[b] >= 0 && k[b] + span <= size && v[b] + span <= size,
-                "decode_attention: keys or values outside the KV buffer");
+                "attention: keys or values outside the KV buffer");
   }
   at::Tensor out = at::empty({rows, heads, dim}, qkv.options());
   const float scale_f = static_cast<float>(scale);
@@ -359,7 +359,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
   } else if (qkv.scalar_type() == at::kBFloat16) {
     attend_in<c10::BFloat16>(qkv, buffer, k, v, stride, n, scale_f, out);
   } else {
-    TORCH_CHECK(false, "decode_attention: float32 or bfloat16 only");
+    TORCH_CHECK(false, "attention: float32 or bfloat16 only");
   }
   return out;
 }
@@ -368,8 +368,8 @@ at::Tensor decode_attention(const at::Tensor& qkv, at::Tensor buffer,
 
 TORCH_LIBRARY_FRAGMENT(kobot, m) {
   m.def(
-      "decode_attention(Tensor qkv, Tensor(a!) buffer, Tensor key_offsets, Tensor value_offsets, "
+      "attention(Tensor qkv, Tensor(a!) buffer, Tensor key_offsets, Tensor value_offsets, "
       "Tensor head_strides, Tensor lengths, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kobot, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(kobot, CPU, m) { m.impl("attention", &attention); }

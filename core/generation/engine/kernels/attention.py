@@ -1,10 +1,10 @@
-"""`kobot::decode_attention` (decode_attention.cpp): the engine's CPU attention, one call per
+"""`kobot::attention` (attention.cpp): the engine's CPU attention, one call per
 layer for every token of a step (decoding tokens and prompt chunks alike, each query over its
 own sequence's keys up to its position), read straight from the KV arena (no decode pool),
 which holds the model's dtype or int8 rows (`INT8_ROW_EXTRA`); it also writes every token's key
 and value there first.
 
-`load_decode_attention` builds or loads it once; where it cannot (no C++ compiler, say) the
+`load_attention` builds or loads it once; where it cannot (no C++ compiler, say) the
 engine keeps torch's matmuls and the log says why, once.
 """
 
@@ -17,12 +17,12 @@ import torch
 
 from core.generation.engine.kernels.loading import KernelMode, load_operator
 
-__all__ = ["INT8_ROW_EXTRA", "DecodeAttention", "load_decode_attention"]
+__all__ = ["INT8_ROW_EXTRA", "AttentionKernel", "load_attention"]
 
 INT8_ROW_EXTRA = 4
 """An int8 KV row holds `head_dim` int8 values, then their float32 scale: `head_dim + 4` bytes."""
 
-DecodeAttention = Callable[
+AttentionKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
     torch.Tensor,
 ]
@@ -35,12 +35,10 @@ KV arena's blocks, written and read in place; int64 vectors in buffer elements, 
 contiguous buffer; qkv's rows of D values contiguous, any other strides)."""
 
 
-def load_decode_attention(
-    mode: KernelMode, directory: Path | None = None
-) -> DecodeAttention | None:
+def load_attention(mode: KernelMode, directory: Path | None = None) -> AttentionKernel | None:
     """The kernel (`mode` `auto`), or None: `off`, or it cannot be built here (logged)."""
-    op: DecodeAttention | None = load_operator(
-        "decode_attention",
+    op: AttentionKernel | None = load_operator(
+        "attention",
         mode,
         directory,
         "the engine attends with torch matmuls (slower decoding on a CPU)",
